@@ -1,0 +1,118 @@
+"""Builds the aiohttp ``Application`` from a ``Config``: middleware, routes and resources."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from typing import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from . import endpoints, proxy, sessions
+from .auth import Authenticator
+from .config import Config
+from .errors import GatewayError, InternalError, InvalidRequest, MethodNotAllowed, NotFound, \
+    PayloadTooLarge
+from .keys import Keyring
+from .metrics import Metrics
+from .services import METRICS, REQUEST_ID, ROUTE_LABEL, SERVICES, Services
+from .tokens import TokenCodec
+from .wechat import WeChatClient
+
+log = logging.getLogger("gateway")
+CONFIG = web.AppKey("config", Config)
+_CATCH_ALL = "/{tail:.*}"
+_SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+_BY_STATUS: dict[int, type[GatewayError]] = {
+    404: NotFound, 405: MethodNotAllowed, 413: PayloadTooLarge}
+
+
+def create_app(config: Config) -> web.Application:
+    app = web.Application(middlewares=[_pipeline])
+    app[CONFIG] = config
+    app[METRICS] = Metrics()
+    app.cleanup_ctx.append(_services)
+    endpoints.add_routes(app, config)
+    app.router.add_route("*", _CATCH_ALL, proxy.handle)
+    return app
+
+
+async def _services(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    # No cookie jar: one client session serves every user, so it must never remember cookies.
+    http = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(),
+                                 connector=aiohttp.TCPConnector(limit=1024))
+    redis = sessions.connect(config.redis.url, config.redis.timeout)
+    keyring = Keyring(config.session.signing_keys)
+    store = sessions.SessionStore(redis, config.redis.key_prefix, keyring)
+    codec = TokenCodec(keyring, tuple(a.appid for a in config.apps))
+    app[SERVICES] = Services(
+        config=config, http=http,
+        wechat=WeChatClient(http, config.wechat.api_base, config.wechat.timeout),
+        sessions=store, tokens=codec, authenticator=Authenticator(codec, store),
+        metrics=app[METRICS])
+    try:
+        yield
+    finally:
+        await http.close()
+        await redis.aclose()
+
+
+def error_response(error: GatewayError) -> web.Response:
+    response = endpoints.json_response({"error": error.code, "message": error.message},
+                                       status=error.status)
+    response.headers.update(error.headers)
+    return response
+
+
+@web.middleware
+async def _pipeline(request: web.Request, handler: endpoints.Handler) -> web.StreamResponse:
+    """Request id, error mapping and metrics around every request, gateway's or proxied."""
+    started = time.perf_counter()
+    sent = request.headers.get("X-Request-ID", "")
+    request_id = sent if _SANE_REQUEST_ID.match(sent) else uuid.uuid4().hex
+    request[REQUEST_ID] = request_id
+    try:
+        response = await handler(request)
+    except GatewayError as exc:
+        response = error_response(exc)
+    except web.HTTPException as exc:  # raised by aiohttp itself (body too large, ...)
+        kind = _BY_STATUS.get(exc.status) or (InvalidRequest if exc.status < 500 else InternalError)
+        response = error_response(kind(exc.reason, headers=_allow(exc)))
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        response = error_response(InternalError("the gateway failed to handle this request"))
+    if not response.prepared:
+        response.headers["X-Request-ID"] = request_id
+    label = request.get(ROUTE_LABEL) or _resource_label(request)
+    metrics = request.app[METRICS]
+    metrics.requests.labels(label, str(response.status)).inc()
+    metrics.request_seconds.labels(label).observe(time.perf_counter() - started)
+    return response
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One line per request; the path only, never the query string (it may hold anything)."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        path = request.raw_path.partition("?")[0][:256]  # raw: percent-escapes stay escaped
+        self.logger.info("%s %s %s %d %.1fms rid=%s", request.remote, request.method, path,
+                         response.status, time * 1000, request.get(REQUEST_ID, "-"))
+
+
+def _resource_label(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    canonical = resource.canonical if resource is not None else _CATCH_ALL
+    return "none" if canonical == _CATCH_ALL else canonical
+
+
+def _allow(exc: web.HTTPException) -> dict[str, str]:
+    allow = exc.headers.get("Allow")
+    return {"Allow": allow} if allow else {}

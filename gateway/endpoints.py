@@ -1,0 +1,175 @@
+"""The gateway's own endpoints: ``/auth/*``, ``/healthz``, ``/readyz``, ``/metrics``."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+from .auth import Identity, bearer_token
+from .config import Config
+from .errors import (GatewayError, InvalidRequest, MethodNotAllowed, PayloadTooLarge,
+                     StoreUnavailable, Unauthorized, UnknownApp)
+from .metrics import CONTENT_TYPE
+from .services import METRICS, SERVICES, Services
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+MAX_BODY_BYTES = 16 * 1024
+MAX_CODE_LENGTH = 128
+
+
+def json_response(body: Any, status: int = 200) -> web.Response:
+    return web.Response(text=json.dumps(body, ensure_ascii=False), status=status,
+                        content_type="application/json", charset="utf-8")
+
+
+def add_routes(app: web.Application, config: Config) -> None:
+    p = config.auth_prefix
+    # Registered for every method so a wrong one gets 405 here instead of falling through
+    # to the proxy's catch-all route.
+    for path, methods, handler in (
+            (f"{p}/login", ("POST",), login), (f"{p}/logout", ("POST",), logout),
+            (f"{p}/refresh", ("POST",), refresh), (f"{p}/session", ("GET", "HEAD"), session),
+            ("/healthz", ("GET", "HEAD"), healthz), ("/readyz", ("GET", "HEAD"), readyz),
+            ("/metrics", ("GET", "HEAD"), metrics)):
+        app.router.add_route("*", path, _only(methods, handler))
+    # Forward-auth callers (nginx auth_request, Traefik, Caddy) may use the original method.
+    app.router.add_route("*", f"{p}/verify", verify)
+
+
+def _only(methods: tuple[str, ...], handler: Handler) -> Handler:
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        if request.method not in methods:
+            raise MethodNotAllowed(f"{request.path} accepts {', '.join(methods)}",
+                                   headers={"Allow": ", ".join(methods)})
+        return await handler(request)
+    return guarded
+
+
+async def login(request: web.Request) -> web.Response:
+    s = request.app[SERVICES]
+    try:
+        body = await _json_object(request)
+        code, appid = body.get("code"), body.get("appid")
+        if not isinstance(code, str) or not code:
+            raise InvalidRequest("code is required and must be a non-empty string")
+        if len(code) > MAX_CODE_LENGTH or not (code.isascii() and code.isprintable()):
+            raise InvalidRequest(f"code must be printable ASCII, at most {MAX_CODE_LENGTH} chars")
+        app = _app_for(s.config, appid)
+        started = time.perf_counter()
+        outcome = "ok"
+        try:
+            reply = await s.wechat.code2session(app, code)
+        except GatewayError as exc:
+            outcome = exc.code
+            raise
+        finally:
+            s.metrics.wechat_seconds.labels("jscode2session", outcome).observe(
+                time.perf_counter() - started)
+        new = await s.sessions.create(app.appid, reply.openid, reply.unionid, reply.session_key,
+                                      s.config.session.ttl)
+    except GatewayError as exc:
+        s.metrics.logins.labels(exc.code).inc()
+        raise
+    s.metrics.logins.labels("ok").inc()
+    return json_response(_token_body(s, new.sid, new.openid, new.unionid, new.appid,
+                                     new.created_at, new.expires_at))
+
+
+async def logout(request: web.Request) -> web.Response:
+    s = request.app[SERVICES]
+    identity = await _identity(request)
+    if not await s.sessions.delete(identity.session.sid):
+        raise Unauthorized("the session has ended (logged out or expired)")
+    return web.Response(status=204)
+
+
+async def refresh(request: web.Request) -> web.Response:
+    s = request.app[SERVICES]
+    identity = await _identity(request)
+    renewed = await s.sessions.renew(identity.session, s.config.session.ttl)
+    if renewed is None:
+        raise Unauthorized("the session has ended (logged out or expired)")
+    return json_response(_token_body(s, renewed.sid, renewed.openid, renewed.unionid,
+                                     renewed.appid, int(time.time()), renewed.expires_at))
+
+
+async def session(request: web.Request) -> web.Response:
+    return json_response(_session_body(await _identity(request)))
+
+
+async def verify(request: web.Request) -> web.Response:
+    identity = await _identity(request)
+    response = json_response(_session_body(identity))
+    names = request.app[SERVICES].config.identity_headers
+    response.headers[names.openid] = identity.session.openid
+    response.headers[names.appid] = identity.session.appid
+    if identity.session.unionid:
+        response.headers[names.unionid] = identity.session.unionid
+    return response
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    try:
+        await request.app[SERVICES].sessions.ping()
+    except StoreUnavailable:
+        raise StoreUnavailable("Redis does not answer") from None
+    return json_response({"status": "ready"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[METRICS].render(),
+                        headers={"Content-Type": CONTENT_TYPE})
+
+
+async def _identity(request: web.Request) -> Identity:
+    token = bearer_token(request.headers.getall("Authorization", []))
+    return await request.app[SERVICES].authenticator.authenticate(token)
+
+
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    if (request.content_length or 0) > MAX_BODY_BYTES:
+        raise PayloadTooLarge(f"the request body must be at most {MAX_BODY_BYTES} bytes")
+    raw = await request.content.read(MAX_BODY_BYTES + 1)
+    if len(raw) > MAX_BODY_BYTES:
+        raise PayloadTooLarge(f"the request body must be at most {MAX_BODY_BYTES} bytes")
+    try:
+        body = json.loads(raw)  # any Content-Type: wx.request's defaults vary by version
+    except ValueError:
+        raise InvalidRequest("the request body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    return body
+
+
+def _app_for(config: Config, appid: Any) -> Any:
+    if appid is None:
+        if len(config.apps) == 1:
+            return config.apps[0]
+        raise UnknownApp("appid is required: this gateway serves several mini-programs")
+    if not isinstance(appid, str):
+        raise InvalidRequest("appid must be a string")
+    app = config.app(appid)
+    if app is None:
+        raise UnknownApp(f"appid {appid[:64]!r} is not configured")
+    return app
+
+
+def _token_body(s: Services, sid: str, openid: str, unionid: str | None, appid: str,
+                issued_at: int, expires_at: int) -> dict[str, Any]:
+    token = s.tokens.mint(sid, openid, appid, issued_at, expires_at)
+    return {"token": token, "token_type": "Bearer",
+            "expires_in": max(0, expires_at - int(time.time())),
+            "openid": openid, "unionid": unionid}
+
+
+def _session_body(identity: Identity) -> dict[str, Any]:
+    s = identity.session
+    return {"openid": s.openid, "unionid": s.unionid, "appid": s.appid,
+            "expires_at": s.expires_at}

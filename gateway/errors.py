@@ -1,0 +1,100 @@
+"""Every error the gateway answers with, its status and its code, defined once.
+
+A handler raises one of these; the error middleware in ``app.py`` turns it into
+``{"error": code, "message": message}`` with the class's status.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Mapping
+
+
+class GatewayError(Exception):
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+    headers: ClassVar[Mapping[str, str]] = {}
+
+    def __init__(self, message: str, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if headers:
+            self.headers = {**type(self).headers, **headers}
+
+
+class InvalidRequest(GatewayError):
+    status, code = 400, "invalid_request"
+
+
+class InvalidPath(GatewayError):
+    status, code = 400, "invalid_path"
+
+
+class UnknownApp(GatewayError):
+    status, code = 400, "unknown_app"
+
+
+class Unauthorized(GatewayError):
+    status, code = 401, "unauthorized"
+    headers = {"WWW-Authenticate": "Bearer"}
+
+
+class InvalidCode(GatewayError):
+    status, code = 401, "invalid_code"
+
+
+class UserBlocked(GatewayError):
+    status, code = 403, "user_blocked"
+
+
+class NotFound(GatewayError):
+    status, code = 404, "not_found"
+
+
+class MethodNotAllowed(GatewayError):
+    status, code = 405, "method_not_allowed"
+
+
+class PayloadTooLarge(GatewayError):
+    status, code = 413, "payload_too_large"
+
+
+class RateLimited(GatewayError):
+    status, code = 429, "rate_limited"
+
+
+class InternalError(GatewayError):
+    status, code = 500, "internal_error"
+
+
+class WeChatError(GatewayError):
+    """WeChat answered something we cannot use (or could not be reached)."""
+
+    status, code = 502, "wechat_error"
+
+
+class UpstreamUnavailable(GatewayError):
+    status, code = 502, "upstream_unavailable"
+
+
+class WeChatUnavailable(GatewayError):
+    status, code = 503, "wechat_unavailable"
+
+
+class StoreUnavailable(GatewayError):
+    status, code = 503, "store_unavailable"
+
+
+class WeChatTimeout(GatewayError):
+    status, code = 504, "wechat_timeout"
+
+
+class UpstreamTimeout(GatewayError):
+    status, code = 504, "upstream_timeout"
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; ``problems`` holds one ``key: message`` line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems

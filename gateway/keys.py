@@ -1,0 +1,60 @@
+"""Keys derived from ``session.signing_keys``: JWT key ids and session_key encryption.
+
+Each signing key gets a key id (so a token names the key that signed it and verification
+never tries keys in turn) and its own AES-256-GCM key derived with HKDF, so rotating the
+signing keys rotates encryption at rest too, and sessions sealed under an older key stay
+readable while that key is still listed.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+
+def _derive(key: bytes, purpose: bytes, length: int) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None,
+                info=b"wx-gateway/" + purpose).derive(key)
+
+
+class Keyring:
+    def __init__(self, signing_keys: tuple[bytes, ...]) -> None:
+        if not signing_keys:
+            raise ValueError("at least one signing key is required")
+        self._signing: dict[str, bytes] = {}
+        self._aead: dict[str, AESGCM] = {}
+        for key in signing_keys:
+            kid = base64.urlsafe_b64encode(_derive(key, b"kid", 9)).decode()
+            self._signing[kid] = key
+            self._aead[kid] = AESGCM(_derive(key, b"session-key-encryption", 32))
+        self.current_kid = next(iter(self._signing))
+
+    @property
+    def current_key(self) -> bytes:
+        return self._signing[self.current_kid]
+
+    def signing_key(self, kid: str) -> bytes | None:
+        return self._signing.get(kid)
+
+    def seal(self, plaintext: bytes, context: bytes) -> str:
+        """Encrypt with the current key; ``context`` binds the ciphertext to its owner."""
+        nonce = os.urandom(12)
+        sealed = self._aead[self.current_kid].encrypt(nonce, plaintext, context)
+        return f"{self.current_kid}.{base64.urlsafe_b64encode(nonce + sealed).decode()}"
+
+    def open(self, token: str, context: bytes) -> bytes:
+        """Decrypt what ``seal`` produced; ValueError if the key is gone or data was altered."""
+        kid, _, data = token.partition(".")
+        aead = self._aead.get(kid)
+        if aead is None:
+            raise ValueError("sealed with a signing key that is no longer configured")
+        try:
+            raw = base64.urlsafe_b64decode(data)
+            return aead.decrypt(raw[:12], raw[12:], context)
+        except (InvalidTag, ValueError) as exc:
+            raise ValueError("sealed value is corrupt or belongs to another session") from exc

@@ -1,0 +1,33 @@
+"""Prometheus metrics, one registry per application so several gateways can share a process."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
+
+__all__ = ["CONTENT_TYPE", "Metrics"]
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "wxgw_requests", "Requests answered, by route (configured path or gateway endpoint) "
+            "and status", ["route", "status"], registry=self.registry)
+        self.request_seconds = Histogram(
+            "wxgw_request_duration_seconds", "Time to answer a request (proxied: body relayed), by route",
+            ["route"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.upstream_seconds = Histogram(
+            "wxgw_upstream_duration_seconds", "Time for an upstream to answer with headers",
+            ["route"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.logins = Counter(
+            "wxgw_logins", "Login attempts by outcome (ok or the error code)", ["outcome"],
+            registry=self.registry)
+        self.wechat_seconds = Histogram(
+            "wxgw_wechat_duration_seconds", "WeChat API calls by endpoint and outcome",
+            ["endpoint", "outcome"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

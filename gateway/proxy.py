@@ -1,0 +1,154 @@
+"""Reverse proxy: match route → authenticate → rewrite headers → forward → stream back."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from urllib.parse import unquote
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from .auth import Identity, bearer_token
+from .config import IdentityHeaders, Route
+from .errors import (InvalidPath, NotFound, StoreUnavailable, Unauthorized, UpstreamTimeout,
+                     UpstreamUnavailable)
+from .services import REQUEST_ID, ROUTE_LABEL, SERVICES
+
+log = logging.getLogger("gateway.proxy")
+
+# RFC 9110 §7.6.1 connection-specific fields, plus the legacy ones proxies still meet.
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "proxy-authenticate",
+                        "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade"})
+# Set by the gateway itself, so client copies must never pass.
+_REPLACED = frozenset({"host", "authorization", "forwarded", "x-forwarded-for",
+                       "x-forwarded-proto", "x-forwarded-host", "x-request-id", "expect"})
+_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+_CHUNK = 64 * 1024
+
+
+def request_path(raw_path: str) -> str:
+    """The decoded path to match routes on; ``InvalidPath`` for anything ambiguous.
+
+    The path is forwarded exactly as received, so rather than normalising it (and forwarding
+    something the client did not send), every form that different servers could resolve
+    differently is refused: dot segments, empty segments, encoded or back slashes, NUL and
+    control characters, invalid UTF-8 (overlong encodings), and double-encoded dots or slashes.
+    """
+    path = raw_path.partition("?")[0]
+    if not path.startswith("/"):
+        raise InvalidPath("the request path must start with '/'")
+    lowered = path.lower()
+    if "//" in path or "\\" in path or "%2f" in lowered or "%5c" in lowered:
+        raise InvalidPath("the request path contains an empty segment or an (encoded) slash")
+    try:
+        decoded = unquote(path, errors="strict")
+    except UnicodeDecodeError:
+        raise InvalidPath("the request path is not valid UTF-8 once decoded") from None
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in decoded):
+        raise InvalidPath("the request path contains a control character")
+    if any(seg in (".", "..") for seg in decoded.split("/")):
+        raise InvalidPath("the request path contains a '.' or '..' segment")
+    if any(enc in decoded.lower() for enc in ("%2e", "%2f", "%5c")):
+        raise InvalidPath("the request path contains a double-encoded dot or slash")
+    return decoded
+
+
+def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
+    return {t.strip().lower() for v in headers.getall("Connection", []) for t in v.split(",")}
+
+
+def forward_headers(request: web.Request, identity: Identity | None, names: IdentityHeaders,
+                    request_id: str) -> CIMultiDict[str]:
+    drop = HOP_BY_HOP | _REPLACED | _connection_tokens(request.headers)
+    spoofable = {n.lower() for n in names.names()}
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in request.headers.items():
+        lowered = name.lower()
+        # Clients (and some proxies) spell header names loosely; any spelling that an upstream
+        # framework could read as an identity header is a forgery attempt and goes.
+        if lowered in drop or lowered.strip().replace("_", "-") in spoofable:
+            continue
+        out.add(name, value)
+    if request.remote:
+        out["X-Forwarded-For"] = request.remote
+    out["X-Forwarded-Proto"] = request.scheme
+    if request.host:
+        out["X-Forwarded-Host"] = request.host
+    out["X-Request-ID"] = request_id
+    if identity is not None:
+        session = identity.session
+        out[names.openid] = session.openid
+        out[names.appid] = session.appid
+        if session.unionid:
+            out[names.unionid] = session.unionid
+    return out
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    services = request.app[SERVICES]
+    path = request_path(request.raw_path)
+    route = services.config.route_for(path)
+    if route is None:
+        raise NotFound(f"no route for {path}")
+    request[ROUTE_LABEL] = route.path
+    identity = await _authenticate(request, route)
+    headers = forward_headers(request, identity, services.config.identity_headers,
+                              request[REQUEST_ID])
+    url = URL(f"{route.origin}{route.base_path}{request.raw_path}", encoded=True)
+    skip = [h for h in _AUTO_HEADERS if h not in headers]
+    started = time.perf_counter()
+    try:
+        upstream = await services.http.request(
+            request.method, url, headers=headers, skip_auto_headers=skip,
+            data=request.content if request.body_exists else None, allow_redirects=False,
+            auto_decompress=False, timeout=aiohttp.ClientTimeout(total=route.timeout))
+    except asyncio.TimeoutError:
+        raise UpstreamTimeout(f"the upstream for {route.path} did not answer in time") from None
+    except aiohttp.ClientError as exc:
+        log.warning("upstream for %s unavailable: %s", route.path, type(exc).__name__)
+        raise UpstreamUnavailable(f"the upstream for {route.path} is unavailable") from None
+    services.metrics.upstream_seconds.labels(route.path).observe(time.perf_counter() - started)
+    async with upstream:
+        return await _relay(request, upstream)
+
+
+async def _authenticate(request: web.Request, route: Route) -> Identity | None:
+    if route.auth == "public":
+        return None
+    authenticator = request.app[SERVICES].authenticator
+    token = bearer_token(request.headers.getall("Authorization", []))
+    if route.auth == "required":
+        return await authenticator.authenticate(token)
+    if token is None:
+        return None
+    try:
+        return await authenticator.authenticate(token)
+    except Unauthorized:
+        return None  # optional: an invalid token just means anonymous
+    except StoreUnavailable:
+        raise  # a token was offered but cannot be checked: fail closed, never downgrade
+
+
+async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    drop = HOP_BY_HOP | _connection_tokens(upstream.headers)
+    for name, value in upstream.headers.items():
+        if name.lower() not in drop:
+            response.headers.add(name, value)
+    response.headers["X-Request-ID"] = request[REQUEST_ID]
+    await response.prepare(request)
+    try:
+        async for chunk in upstream.content.iter_chunked(_CHUNK):
+            await response.write(chunk)
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        # Headers are gone already: the only honest signal left is a broken connection.
+        log.warning("upstream body for %s failed: %s", request[ROUTE_LABEL], type(exc).__name__)
+        if request.transport is not None:
+            request.transport.abort()
+        return response
+    await response.write_eof()
+    return response

@@ -1,0 +1,33 @@
+"""Everything a request handler needs, built once per application in its ``cleanup_ctx``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from .auth import Authenticator
+from .config import Config
+from .metrics import Metrics
+from .sessions import SessionStore
+from .tokens import TokenCodec
+from .wechat import WeChatClient
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    config: Config
+    http: aiohttp.ClientSession
+    wechat: WeChatClient
+    sessions: SessionStore
+    tokens: TokenCodec
+    authenticator: Authenticator
+    metrics: Metrics
+
+
+SERVICES = web.AppKey("services", Services)
+METRICS = web.AppKey("metrics", Metrics)
+# Per-request facts the error/metrics middleware reports (set by the handlers).
+ROUTE_LABEL = "wxgw.route"
+REQUEST_ID = "wxgw.request_id"

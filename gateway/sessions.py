@@ -1,0 +1,121 @@
+"""Sessions in Redis: one hash per session, expiring with it, session_key sealed at rest."""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from .errors import StoreUnavailable
+from .keys import Keyring
+
+_T = TypeVar("_T")
+
+# Renew only a session that still exists: a logout racing a refresh must not resurrect it.
+_RENEW = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'expires_at', ARGV[1])
+redis.call('EXPIREAT', KEYS[1], ARGV[1])
+return 1
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    sid: str
+    openid: str
+    unionid: str | None
+    appid: str
+    created_at: int
+    expires_at: int
+
+
+class SessionStore:
+    def __init__(self, client: aioredis.Redis, key_prefix: str, keyring: Keyring) -> None:
+        self._redis = client
+        self._prefix = key_prefix
+        self._keyring = keyring
+        self._renew = client.register_script(_RENEW)
+
+    def key(self, sid: str) -> str:
+        return f"{self._prefix}session:{sid}"
+
+    async def create(self, appid: str, openid: str, unionid: str | None, session_key: str,
+                     ttl: float) -> Session:
+        now = int(time.time())
+        session = Session(secrets.token_urlsafe(24), openid, unionid, appid, now,
+                          now + math.ceil(ttl))
+        sealed = self._keyring.seal(session_key.encode(), self._context(session.sid, appid))
+        fields = {"openid": openid, "unionid": unionid or "", "appid": appid,
+                  "created_at": session.created_at, "expires_at": session.expires_at,
+                  "session_key": sealed}
+        key = self.key(session.sid)
+
+        async def write() -> None:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
+                pipe.expireat(key, session.expires_at)
+                await pipe.execute()
+
+        await self._call(write)
+        return session
+
+    async def get(self, sid: str) -> Session | None:
+        data: dict[bytes, bytes] = await self._call(lambda: self._redis.hgetall(self.key(sid)))
+        if not data or b"openid" not in data:
+            return None
+        expires_at = int(data[b"expires_at"])
+        if expires_at <= time.time():  # Redis expiry has a little lag; the contract has none.
+            return None
+        return Session(sid, data[b"openid"].decode(), data.get(b"unionid", b"").decode() or None,
+                       data[b"appid"].decode(), int(data[b"created_at"]), expires_at)
+
+    async def renew(self, session: Session, ttl: float) -> Session | None:
+        """Give the session a fresh lifetime; None if it no longer exists."""
+        expires_at = int(time.time()) + math.ceil(ttl)
+        done = await self._call(lambda: self._renew(keys=[self.key(session.sid)], args=[expires_at]))
+        if not done:
+            return None
+        return Session(session.sid, session.openid, session.unionid, session.appid,
+                       session.created_at, expires_at)
+
+    async def delete(self, sid: str) -> bool:
+        deleted: int = await self._call(lambda: self._redis.delete(self.key(sid)))
+        return deleted > 0
+
+    async def session_key(self, session: Session) -> bytes | None:
+        """The decrypted session_key, for features that call WeChat on the user's behalf."""
+        sealed = await self._call(lambda: self._redis.hget(self.key(session.sid), "session_key"))
+        if sealed is None:
+            return None
+        return self._keyring.open(sealed.decode(), self._context(session.sid, session.appid))
+
+    async def ping(self) -> None:
+        await self._call(self._redis.ping)
+
+    @staticmethod
+    def _context(sid: str, appid: str) -> bytes:
+        return f"{appid}/{sid}".encode()
+
+    @staticmethod
+    async def _call(operation: Callable[[], Awaitable[_T]]) -> _T:
+        try:
+            return await operation()
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"session store is unavailable ({type(exc).__name__})") from exc
+
+
+def connect(url: str, timeout: float) -> aioredis.Redis:
+    """A pooled client that fails fast: a down Redis must not stall requests (fail closed)."""
+    # One immediate retry covers a pooled connection that died with a Redis restart;
+    # more (with backoff) would only delay the 503 a client gets while Redis is down.
+    client: Any = aioredis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                                    retry=Retry(NoBackoff(), 1), health_check_interval=30)
+    return client  # type: ignore[no-any-return]
