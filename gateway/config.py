@@ -398,7 +398,7 @@ class _Reader:
             if path is None or url is None or auth is None or timeout is None:
                 continue
             origin = str(url.with_path("").with_query(None)).rstrip("/")
-            routes.append(Route(path, url, origin, url.path.rstrip("/"), auth, timeout))  # type: ignore[arg-type]
+            routes.append(Route(path, url, origin, url.path.rstrip("/"), auth, timeout))
         return tuple(sorted(routes, key=lambda r: len(r.path), reverse=True))
 
 

@@ -12,13 +12,12 @@ from typing import ClassVar, Mapping
 class GatewayError(Exception):
     status: ClassVar[int] = 500
     code: ClassVar[str] = "internal_error"
-    headers: ClassVar[Mapping[str, str]] = {}
+    default_headers: ClassVar[Mapping[str, str]] = {}
 
     def __init__(self, message: str, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
-        if headers:
-            self.headers = {**type(self).headers, **headers}
+        self.headers = {**self.default_headers, **(headers or {})}
 
 
 class InvalidRequest(GatewayError):
@@ -35,7 +34,7 @@ class UnknownApp(GatewayError):
 
 class Unauthorized(GatewayError):
     status, code = 401, "unauthorized"
-    headers = {"WWW-Authenticate": "Bearer"}
+    default_headers = {"WWW-Authenticate": "Bearer"}
 
 
 class InvalidCode(GatewayError):

@@ -29,5 +29,5 @@ class Services:
 SERVICES = web.AppKey("services", Services)
 METRICS = web.AppKey("metrics", Metrics)
 # Per-request facts the error/metrics middleware reports (set by the handlers).
-ROUTE_LABEL = "wxgw.route"
-REQUEST_ID = "wxgw.request_id"
+ROUTE_LABEL = web.RequestKey("route", str)
+REQUEST_ID = web.RequestKey("request_id", str)

@@ -68,7 +68,7 @@ class SessionStore:
         return session
 
     async def get(self, sid: str) -> Session | None:
-        data: dict[bytes, bytes] = await self._call(lambda: self._redis.hgetall(self.key(sid)))
+        data: dict[Any, Any] = await self._call(lambda: self._redis.hgetall(self.key(sid)))
         if not data or b"openid" not in data:
             return None
         expires_at = int(data[b"expires_at"])
@@ -92,7 +92,8 @@ class SessionStore:
 
     async def session_key(self, session: Session) -> bytes | None:
         """The decrypted session_key, for features that call WeChat on the user's behalf."""
-        sealed = await self._call(lambda: self._redis.hget(self.key(session.sid), "session_key"))
+        sealed: Any = await self._call(
+            lambda: self._redis.hget(self.key(session.sid), "session_key"))
         if sealed is None:
             return None
         return self._keyring.open(sealed.decode(), self._context(session.sid, session.appid))

@@ -1,0 +1,176 @@
+"""Shared fixtures: a real redis-server, the WeChat simulator, a recording upstream, gateways."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
+
+import pytest
+import redis.asyncio as aioredis
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from gateway import config as config_
+from gateway import simulator
+from gateway.app import create_app
+from gateway.embedded import EmbeddedRedis, free_port
+
+APPID = "wx1234567890abcdef"
+SECRET = "app-secret-1"
+APPID2 = "wxfedcba0987654321"
+SECRET2 = "app-secret-2"
+SIGNING_KEY = "test-signing-key-0123456789-abcdefghij"
+OLD_SIGNING_KEY = "old-signing-key-0123456789-abcdefghijk"
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[EmbeddedRedis]:
+    with EmbeddedRedis() as server:
+        yield server
+
+
+@pytest.fixture
+def key_prefix() -> str:
+    return f"wxgw-test-{uuid.uuid4().hex[:10]}:"
+
+
+@pytest.fixture
+async def redis(redis_server: EmbeddedRedis) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(redis_server.url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def wechat(aiohttp_server: Any) -> TestServer:
+    app = simulator.create_app({APPID: SECRET, APPID2: SECRET2}, single_use=True)
+    server: TestServer = await aiohttp_server(app)
+    return server
+
+
+@dataclass
+class Seen:
+    method: str
+    raw_path: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> list[str]:
+        return [v for k, v in self.headers if k.lower() == name.lower()]
+
+
+@dataclass
+class Upstream:
+    """A fake backend that records what reached it. Paths it treats specially:
+    ``/slow/<ms>`` waits, ``/status/<code>`` answers that status, ``/cookies`` sets two
+    cookies, ``/bytes/<n>`` streams n bytes. Anything else: 200 ``{"ok": true}``."""
+
+    server: TestServer | None = None
+    seen: list[Seen] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.port}"
+
+    @property
+    def last(self) -> Seen:
+        assert self.seen, "the upstream received no request"
+        return self.seen[-1]
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers]
+        self.seen.append(Seen(request.method, request.raw_path, headers, body))
+        parts = request.raw_path.partition("?")[0].strip("/").split("/")
+        if "slow" in parts:
+            await asyncio.sleep(int(parts[parts.index("slow") + 1]) / 1000)
+        if "status" in parts:
+            return web.Response(status=int(parts[parts.index("status") + 1]), text="upstream says")
+        if "cookies" in parts:
+            response = web.Response(text="cookies")
+            response.headers.add("Set-Cookie", "a=1; Path=/")
+            response.headers.add("Set-Cookie", "b=2; Path=/")
+            return response
+        if "bytes" in parts:
+            n = int(parts[parts.index("bytes") + 1])
+            response = web.StreamResponse()
+            await response.prepare(request)
+            chunk = b"x" * 65536
+            for _ in range(n // len(chunk)):
+                await response.write(chunk)
+            await response.write(b"x" * (n % len(chunk)))
+            await response.write_eof()
+            return response
+        return web.json_response({"ok": True, "body_bytes": len(body)})
+
+
+@pytest.fixture
+async def upstream(aiohttp_server: Any) -> Upstream:
+    up = Upstream()
+    app = web.Application(client_max_size=1 << 30)
+    app.router.add_route("*", "/{tail:.*}", up.handle)
+    up.server = await aiohttp_server(app)
+    return up
+
+
+def base_config(redis_url: str, key_prefix: str, wechat_url: str, upstream_url: str) -> dict[str, Any]:
+    return {
+        "listen": "127.0.0.1:8080",
+        "redis": {"url": redis_url, "key_prefix": key_prefix},
+        "wechat": {"api_base": wechat_url, "timeout": "1s"},
+        "apps": [{"appid": APPID, "secret": SECRET}],
+        "session": {"signing_keys": [SIGNING_KEY], "ttl": "1h"},
+        "routes": [
+            {"path": "/api/", "upstream": upstream_url, "auth": "required", "timeout": "2s"},
+            {"path": "/public/", "upstream": upstream_url, "auth": "public", "timeout": "2s"},
+            {"path": "/maybe/", "upstream": upstream_url, "auth": "optional", "timeout": "2s"},
+        ],
+    }
+
+
+@pytest.fixture
+def config_dict(redis_server: EmbeddedRedis, key_prefix: str, wechat: TestServer,
+                upstream: Upstream) -> dict[str, Any]:
+    return base_config(redis_server.url, key_prefix, f"http://127.0.0.1:{wechat.port}",
+                       upstream.url)
+
+
+GatewayFactory = Callable[..., Awaitable[TestClient]]
+
+
+@pytest.fixture
+def make_gateway(aiohttp_client: Any, config_dict: dict[str, Any]) -> GatewayFactory:
+    """``await make_gateway(**top_level_overrides)`` → a test client of a fresh gateway."""
+    async def make(**overrides: Any) -> TestClient:
+        data = copy.deepcopy(config_dict)
+        data.update(overrides)
+        client: TestClient = await aiohttp_client(create_app(config_.parse(data, environ={})))
+        return client
+    return make
+
+
+@pytest.fixture
+async def gw(make_gateway: GatewayFactory) -> TestClient:
+    return await make_gateway()
+
+
+async def login(client: TestClient, code: str | None = None, **extra: Any) -> dict[str, Any]:
+    """Log in with a fresh (single-use) code; returns the 200 body."""
+    body = {"code": code or f"user-{uuid.uuid4().hex[:12]}", **extra}
+    resp = await client.post("/auth/login", json=body)
+    assert resp.status == 200, await resp.text()
+    data: dict[str, Any] = await resp.json()
+    return data
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def closed_port_url() -> str:
+    """A Redis URL nobody listens on, for fail-closed tests."""
+    return f"redis://127.0.0.1:{free_port()}/0"
