@@ -101,6 +101,7 @@ _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0
 _HEADER_NAME_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _APPID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _T = TypeVar("_T")
+_MISSING: Any = object()  # an unset ${VAR}: already reported, not to be validated further
 
 
 def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
@@ -160,6 +161,8 @@ class _Reader:
         if not isinstance(value, str):
             return value
 
+        missing: list[str] = []
+
         def substitute(m: re.Match[str]) -> str:
             if m.group(0) == "$$":
                 return "$"
@@ -168,13 +171,18 @@ class _Reader:
                 return self.environ[name]
             if default is not None:
                 return default
-            self.fail(key, f"environment variable {name} is not set")
+            missing.append(name)
             return ""
 
-        return _ENV_RE.sub(substitute, value)
+        expanded = _ENV_RE.sub(substitute, value)
+        for name in missing:
+            self.fail(key, f"environment variable {name} is not set")
+        return _MISSING if missing else expanded
 
     def string(self, key: str, value: Any, *, allow_empty: bool = False) -> str | None:
         value = self.expand(key, value)
+        if value is _MISSING:
+            return None
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             self.fail(key, f"expected a string, got {_kind(value)}")
             return None
@@ -185,8 +193,11 @@ class _Reader:
         return text
 
     def duration(self, key: str, value: Any) -> float | None:
+        value = self.expand(key, value)
+        if value is _MISSING:
+            return None
         try:
-            return parse_duration(self.expand(key, value))
+            return parse_duration(value)
         except ValueError as exc:
             self.fail(key, str(exc))
             return None
