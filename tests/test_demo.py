@@ -1,0 +1,49 @@
+"""The README's demo command, run as a user would: real process, real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+
+import aiohttp
+
+from gateway.embedded import free_port
+
+
+async def test_demo_serves_login_and_protected_call_then_stops_cleanly() -> None:
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.demo", "--port", str(port),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        assert proc.stdout is not None
+        banner = b""
+        async with asyncio.timeout(20):
+            while b"Press Ctrl+C" not in banner:
+                line = await proc.stdout.readline()
+                assert line, f"demo exited early: {banner.decode()}"
+                banner += line
+        base = f"http://127.0.0.1:{port}"
+        assert f"curl -s -X POST {base}/auth/login".encode() in banner
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{base}/auth/login", json={"code": "alice"}) as resp:
+                assert resp.status == 200
+                login = await resp.json()
+            async with http.get(f"{base}/api/orders?page=1",
+                                headers={"Authorization": f"Bearer {login['token']}",
+                                         "X-WX-OpenID": "forged"}) as resp:
+                assert resp.status == 200
+                echoed = await resp.json()
+            async with http.get(f"{base}/api/orders") as resp:
+                assert resp.status == 401
+        assert echoed["path"] == "/api/orders" and echoed["query"] == "page=1"
+        assert echoed["headers"]["X-WX-OpenID"] == login["openid"]
+        assert "Authorization" not in echoed["headers"]
+        proc.send_signal(signal.SIGINT)
+        async with asyncio.timeout(15):
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
