@@ -171,7 +171,8 @@ class _Reader:
                 return self.environ[name]
             if default is not None:
                 return default
-            missing.append(name)
+            if name not in missing:
+                missing.append(name)
             return ""
 
         expanded = _ENV_RE.sub(substitute, value)
@@ -235,7 +236,7 @@ class _Reader:
                                       "identity_headers", "routes", "shutdown_grace"))
         if top is None:
             return None
-        listen = self.listen(top.get("listen", "0.0.0.0:8080"))
+        listen = self.listen("0.0.0.0:8080" if top.get("listen") is None else top["listen"])
         redis_ = self.redis(top.get("redis"))
         wechat = self.wechat(top.get("wechat"))
         apps = self.apps(top.get("apps"))
@@ -438,8 +439,10 @@ def _http_url(r: _Reader, key: str, text: str) -> URL | None:
         r.fail(key, "must not contain a query string or fragment")
     else:
         try:
-            url.port  # noqa: B018 - raises on an invalid port
+            port = url.port
         except ValueError:
+            port = None
+        if port is None or not 0 < port < 65536:
             r.fail(key, f"invalid port in {text!r}")
             return None
         return url
