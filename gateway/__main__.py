@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
 
-from aiohttp import web
+from typing import Any, Coroutine
 
 from . import config as config_
-from .app import AccessLogger, create_app
 from .errors import ConfigError
+from .server import serve
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,25 +35,23 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    _use_uvloop()
-    log = logging.getLogger("gateway")
-    log.info("wx-gateway listening on %s:%d (%d route(s), %d app(s))", config.listen_host,
-             config.listen_port, len(config.routes), len(config.apps))
-    # run_app turns SIGTERM/SIGINT into a graceful stop: close the listener, let in-flight
-    # requests finish within shutdown_timeout, run cleanup_ctx, return normally (exit 0).
-    web.run_app(create_app(config), host=config.listen_host, port=config.listen_port,
-                shutdown_timeout=config.shutdown_grace, access_log_class=AccessLogger,
-                print=None)
-    log.info("wx-gateway stopped")
+    try:
+        _run(serve(config))
+    except OSError as exc:  # e.g. the port is taken
+        print(f"listen: cannot listen on {config.listen_host}:{config.listen_port}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return 1
+    logging.getLogger("gateway").info("wx-gateway stopped")
     return 0
 
 
-def _use_uvloop() -> None:
+def _run(main: Coroutine[Any, Any, None]) -> None:
     try:
         import uvloop
     except ImportError:
+        asyncio.run(main)
         return
-    uvloop.install()
+    uvloop.run(main)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,10 @@ class PayloadTooLarge(GatewayError):
     status, code = 413, "payload_too_large"
 
 
+class HeadersTooLarge(GatewayError):
+    status, code = 431, "request_header_fields_too_large"
+
+
 class RateLimited(GatewayError):
     status, code = 429, "rate_limited"
 

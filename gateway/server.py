@@ -1,0 +1,76 @@
+"""Serving an application: the listener, signal handling and a graceful drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.web_protocol import RequestHandler
+
+from .app import AccessLogger, create_app
+from .config import Config
+from .errors import GatewayError, HeadersTooLarge, InvalidRequest
+from .endpoints import json_response
+
+log = logging.getLogger("gateway")
+
+
+class _Protocol(RequestHandler):
+    """aiohttp answers malformed requests itself, in plain text; ours answer in the contract's
+    JSON, and oversize headers get 431 instead of 400."""
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if status != 400 or not isinstance(exc, BadHttpMessage) or request.writer.output_size:
+            return super().handle_error(request, status, exc, message)
+        error: GatewayError
+        if isinstance(exc, LineTooLong) or "too many headers" in str(exc).lower():
+            error = HeadersTooLarge("the request line or headers are too large")
+        else:
+            error = InvalidRequest("the request is not valid HTTP")
+        self.logger.info("refused malformed request from %s: %s", request.remote, error.code)
+        response = json_response({"error": error.code, "message": error.message}, error.status)
+        response.force_close()
+        return response
+
+
+class _Server(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _Protocol(self, loop=asyncio.get_running_loop(), **self._kwargs)
+
+
+class Runner(web.AppRunner):
+    async def _make_server(self) -> web.Server:
+        base = await super()._make_server()
+        return _Server(base.request_handler, request_factory=base.request_factory,
+                       **self._kwargs)
+
+
+def runner(app: web.Application, shutdown_grace: float, **kwargs: Any) -> Runner:
+    # handler_cancellation: a client that goes away cancels its upstream request too.
+    return Runner(app, access_log_class=AccessLogger, handler_cancellation=True,
+                  shutdown_timeout=shutdown_grace, **kwargs)
+
+
+async def serve(config: Config) -> None:
+    """Serve until SIGTERM or SIGINT, then drain in-flight requests within shutdown_grace."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    app_runner = runner(create_app(config), config.shutdown_grace)
+    await app_runner.setup()
+    try:
+        await web.TCPSite(app_runner, config.listen_host, config.listen_port).start()
+        log.info("wx-gateway listening on %s:%d (%d route(s), %d app(s))", config.listen_host,
+                 config.listen_port, len(config.routes), len(config.apps))
+        await stop.wait()
+        log.info("stopping: draining in-flight requests (up to %gs)", config.shutdown_grace)
+    finally:
+        # Closes the listener first, waits for in-flight handlers, then runs cleanup_ctx.
+        await app_runner.cleanup()
