@@ -26,14 +26,16 @@ from .wechat import WeChatClient
 
 log = logging.getLogger("gateway")
 CONFIG = web.AppKey("config", Config)
-_CATCH_ALL = "/{tail:.*}"
+_CATCH_ALL = r"/{tail:[\s\S]*}"  # [\s\S]: also paths with (decoded) newlines, refused later
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 _BY_STATUS: dict[int, type[GatewayError]] = {
     404: NotFound, 405: MethodNotAllowed, 413: PayloadTooLarge}
 
 
 def create_app(config: Config) -> web.Application:
-    app = web.Application(middlewares=[_pipeline])
+    # client_max_size bounds what the gateway's own endpoints read; proxied bodies stream
+    # through request.content and are not limited by it.
+    app = web.Application(middlewares=[_pipeline], client_max_size=endpoints.MAX_BODY_BYTES)
     app[CONFIG] = config
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(_services)
@@ -108,9 +110,9 @@ class AccessLogger(AbstractAccessLogger):
 
 
 def _resource_label(request: web.Request) -> str:
+    """A gateway endpoint's path; proxied requests set their label themselves."""
     resource = request.match_info.route.resource
-    canonical = resource.canonical if resource is not None else _CATCH_ALL
-    return "none" if canonical == _CATCH_ALL else canonical
+    return resource.canonical if resource is not None else "none"
 
 
 def _allow(exc: web.HTTPException) -> dict[str, str]:

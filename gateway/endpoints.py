@@ -134,11 +134,10 @@ async def _identity(request: web.Request) -> Identity:
 
 
 async def _json_object(request: web.Request) -> dict[str, Any]:
-    if (request.content_length or 0) > MAX_BODY_BYTES:
-        raise PayloadTooLarge(f"the request body must be at most {MAX_BODY_BYTES} bytes")
-    raw = await request.content.read(MAX_BODY_BYTES + 1)
-    if len(raw) > MAX_BODY_BYTES:
-        raise PayloadTooLarge(f"the request body must be at most {MAX_BODY_BYTES} bytes")
+    try:
+        raw = await request.read()  # bounded by the app's client_max_size (MAX_BODY_BYTES)
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(f"the request body must be at most {MAX_BODY_BYTES} bytes") from None
     try:
         body = json.loads(raw)  # any Content-Type: wx.request's defaults vary by version
     except ValueError:

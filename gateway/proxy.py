@@ -90,6 +90,7 @@ def forward_headers(request: web.Request, identity: Identity | None, names: Iden
 
 async def handle(request: web.Request) -> web.StreamResponse:
     services = request.app[SERVICES]
+    request[ROUTE_LABEL] = "none"  # until a route matches: never the raw path (cardinality)
     path = request_path(request.raw_path)
     route = services.config.route_for(path)
     if route is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 
 import jwt
@@ -29,7 +30,9 @@ class TokenCodec:
         self._appids = list(appids)
 
     def mint(self, sid: str, openid: str, appid: str, issued_at: int, expires_at: int) -> str:
-        claims = {"sid": sid, "sub": openid, "aud": appid, "iat": issued_at, "exp": expires_at}
+        # jti: two tokens minted in the same second (login, then refresh) still differ.
+        claims = {"sid": sid, "sub": openid, "aud": appid, "iat": issued_at, "exp": expires_at,
+                  "jti": secrets.token_urlsafe(9)}
         return jwt.encode(claims, self._keyring.current_key, algorithm=ALGORITHM,
                           headers={"kid": self._keyring.current_kid})
 

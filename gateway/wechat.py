@@ -62,7 +62,11 @@ class WeChatClient:
         try:
             async with self._http.get(url.with_query(query), timeout=self._timeout,
                                       auto_decompress=True) as resp:
-                body = await resp.content.read(MAX_REPLY_BYTES + 1)
+                body = bytearray()
+                async for chunk in resp.content.iter_chunked(8192):
+                    body += chunk
+                    if len(body) > MAX_REPLY_BYTES:
+                        break
                 status = resp.status
         except asyncio.TimeoutError:
             log.warning("WeChat %s timed out", name)

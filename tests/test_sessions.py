@@ -1,0 +1,464 @@
+"""Sessions: what lands in Redis, /auth/session, /auth/logout, /auth/refresh, /auth/verify,
+expiry, and failing closed when Redis is gone."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import time
+import uuid
+from typing import Any
+
+import jwt
+import pytest
+from aiohttp.test_utils import TestClient
+
+from conftest import (APPID, SIGNING_KEY, GatewayFactory, Upstream, bearer, closed_port_url,
+                      login)
+from gateway import simulator
+from gateway.embedded import EmbeddedRedis
+from gateway.keys import Keyring
+from gateway.sessions import Session, SessionStore
+
+TTL = 3600  # conftest's session.ttl ("1h")
+KEYRING = Keyring((SIGNING_KEY.encode(),))
+
+
+def fresh(prefix: str = "user-") -> str:
+    return f"{prefix}{uuid.uuid4().hex[:12]}"
+
+
+def wechat_session_key(appid: str, code: str) -> str:
+    """What the simulator hands out as session_key for this app and code."""
+    return base64.b64encode(hashlib.sha256(f"sk/{appid}/{code}".encode()).digest()[:16]).decode()
+
+
+def claims_of(token: str) -> dict[str, Any]:
+    return jwt.decode(token, options={"verify_signature": False})  # type: ignore[no-any-return]
+
+
+def sid_of(token: str) -> str:
+    return str(claims_of(token)["sid"])
+
+
+async def expect_error(resp: Any, status: int, code: str) -> dict[str, Any]:
+    text = await resp.text()
+    assert resp.status == status, text
+    assert resp.content_type == "application/json"
+    body = json.loads(text)
+    assert set(body) == {"error", "message"} and body["error"] == code, body
+    assert isinstance(body["message"], str) and body["message"]
+    if status == 401:
+        assert resp.headers.get("WWW-Authenticate") == "Bearer"
+    return body  # type: ignore[no-any-return]
+
+
+# --- Redis contents -----------------------------------------------------------------------------
+
+async def test_session_hash_in_redis(gw: TestClient, redis: Any, key_prefix: str) -> None:
+    code = fresh()
+    before = int(time.time())
+    data = await login(gw, code)
+    after = int(time.time())
+    sid = sid_of(data["token"])
+    key = f"{key_prefix}session:{sid}"
+
+    assert [k.decode() for k in await redis.keys(f"{key_prefix}*")] == [key]
+    assert await redis.type(key) == b"hash"
+    fields = {k.decode(): v.decode() for k, v in (await redis.hgetall(key)).items()}
+    assert set(fields) == {"openid", "unionid", "appid", "created_at", "expires_at",
+                           "session_key"}
+    assert fields["openid"] == data["openid"] == simulator.openid_for(APPID, code)
+    assert fields["unionid"] == data["unionid"] == simulator.unionid_for(code)
+    assert fields["appid"] == APPID
+    assert before <= int(fields["created_at"]) <= after
+    assert int(fields["expires_at"]) == int(fields["created_at"]) + TTL
+    assert int(fields["expires_at"]) == claims_of(data["token"])["exp"]
+    assert TTL - 5 <= await redis.ttl(key) <= TTL
+    assert abs(time.time() + await redis.ttl(key) - int(fields["expires_at"])) <= 2
+
+
+async def test_every_key_written_starts_with_the_prefix(
+        make_gateway: GatewayFactory, redis: Any, redis_server: EmbeddedRedis) -> None:
+    prefix = f"custom-{uuid.uuid4().hex[:6]}|"
+    gw2 = await make_gateway(redis={"url": redis_server.url, "key_prefix": prefix})
+    before = {k for k in await redis.keys("*")}
+    data = await login(gw2)
+    written = {k for k in await redis.keys("*")} - before
+    assert written == {f"{prefix}session:{sid_of(data['token'])}".encode()}
+
+
+async def test_user_without_unionid_is_stored_without_one(
+        gw: TestClient, redis: Any, key_prefix: str) -> None:
+    data = await login(gw, fresh("nounionid-"))
+    key = f"{key_prefix}session:{sid_of(data['token'])}"
+    assert await redis.hget(key, "unionid") in (None, b"")
+    resp = await gw.get("/auth/session", headers=bearer(data["token"]))
+    assert (await resp.json())["unionid"] is None
+
+
+async def test_session_key_is_sealed_at_rest(gw: TestClient, redis: Any, key_prefix: str) -> None:
+    code = fresh()
+    data = await login(gw, code)
+    sid = sid_of(data["token"])
+    plain = wechat_session_key(APPID, code)
+    raw_plain = base64.b64decode(plain)
+
+    dump = await redis.hgetall(f"{key_prefix}session:{sid}")
+    sealed = dump[b"session_key"]
+    assert sealed != plain.encode()
+    for field_name, value in dump.items():  # in no field, in no common encoding
+        for needle in (plain.encode(), raw_plain, raw_plain.hex().encode(),
+                       base64.urlsafe_b64encode(raw_plain)):
+            assert needle not in value, field_name
+
+    store = SessionStore(redis, key_prefix, KEYRING)
+    session = await store.get(sid)
+    assert session is not None
+    assert await store.session_key(session) == plain.encode()
+
+
+async def test_two_sessions_seal_differently(gw: TestClient, redis: Any, key_prefix: str) -> None:
+    a, b = await login(gw), await login(gw)
+    sa = await redis.hget(f"{key_prefix}session:{sid_of(a['token'])}", "session_key")
+    sb = await redis.hget(f"{key_prefix}session:{sid_of(b['token'])}", "session_key")
+    assert sa != sb
+
+
+async def test_tampered_sealed_session_key_fails_to_decrypt(
+        gw: TestClient, redis: Any, key_prefix: str) -> None:
+    data = await login(gw)
+    sid = sid_of(data["token"])
+    key = f"{key_prefix}session:{sid}"
+    store = SessionStore(redis, key_prefix, KEYRING)
+    session = await store.get(sid)
+    assert session is not None
+    sealed = (await redis.hget(key, "session_key")).decode()
+    kid, _, blob = sealed.partition(".")
+    raw = bytearray(base64.urlsafe_b64decode(blob))
+
+    for i in (0, 12, len(raw) - 1):  # nonce, ciphertext, tag
+        altered = bytearray(raw)
+        altered[i] ^= 0x01
+        await redis.hset(key, "session_key", f"{kid}.{base64.urlsafe_b64encode(bytes(altered)).decode()}")
+        with pytest.raises(ValueError):
+            await store.session_key(session)
+    for bad in (f"{kid}.", f"{kid}.!!!not-base64", "unknownkid." + blob, blob, ""):
+        await redis.hset(key, "session_key", bad)
+        with pytest.raises(ValueError):
+            await store.session_key(session)
+
+    await redis.hset(key, "session_key", sealed)  # control: the original still opens
+    assert await store.session_key(session)
+
+
+async def test_sealed_session_key_is_bound_to_its_session(
+        gw: TestClient, redis: Any, key_prefix: str) -> None:
+    """A sealed value copied into another session's hash does not open there."""
+    a, b = await login(gw), await login(gw)
+    ka = f"{key_prefix}session:{sid_of(a['token'])}"
+    kb = f"{key_prefix}session:{sid_of(b['token'])}"
+    await redis.hset(kb, "session_key", await redis.hget(ka, "session_key"))
+    store = SessionStore(redis, key_prefix, KEYRING)
+    session_b = await store.get(sid_of(b["token"]))
+    assert session_b is not None
+    with pytest.raises(ValueError):
+        await store.session_key(session_b)
+
+
+# --- GET /auth/session --------------------------------------------------------------------------
+
+async def test_get_session(gw: TestClient) -> None:
+    code = fresh()
+    data = await login(gw, code)
+    resp = await gw.get("/auth/session", headers=bearer(data["token"]))
+    assert resp.status == 200
+    assert resp.content_type == "application/json" and resp.charset == "utf-8"
+    text = await resp.text()
+    body = json.loads(text)
+    assert set(body) == {"openid", "unionid", "appid", "expires_at"}
+    assert body["openid"] == data["openid"]
+    assert body["unionid"] == data["unionid"]
+    assert body["appid"] == APPID
+    assert body["expires_at"] == claims_of(data["token"])["exp"]
+    assert abs(body["expires_at"] - (time.time() + TTL)) <= 5
+    assert "session_key" not in text
+    assert wechat_session_key(APPID, code) not in text
+    assert "session_key" not in json.dumps(dict(resp.headers))
+    assert wechat_session_key(APPID, code) not in json.dumps(dict(resp.headers))
+
+
+async def test_session_wrong_method_is_405(gw: TestClient) -> None:
+    data = await login(gw)
+    resp = await gw.post("/auth/session", headers=bearer(data["token"]))
+    await expect_error(resp, 405, "method_not_allowed")
+    assert "GET" in resp.headers["Allow"]
+
+
+# --- POST /auth/logout --------------------------------------------------------------------------
+
+async def test_logout_ends_the_session_everywhere(
+        gw: TestClient, make_gateway: GatewayFactory, upstream: Upstream, redis: Any,
+        key_prefix: str) -> None:
+    replica = await make_gateway()  # another replica sharing Redis
+    data = await login(gw)
+    token = data["token"]
+    key = f"{key_prefix}session:{sid_of(token)}"
+    assert (await replica.get("/auth/session", headers=bearer(token))).status == 200
+    assert await redis.exists(key) == 1
+
+    resp = await gw.post("/auth/logout", headers=bearer(token))
+    assert resp.status == 204
+    assert await resp.read() == b""
+    assert await redis.exists(key) == 0
+
+    seen = len(upstream.seen)
+    await expect_error(await gw.get("/auth/session", headers=bearer(token)), 401, "unauthorized")
+    await expect_error(await gw.get("/api/orders", headers=bearer(token)), 401, "unauthorized")
+    await expect_error(await gw.get("/auth/verify", headers=bearer(token)), 401, "unauthorized")
+    await expect_error(await replica.get("/auth/session", headers=bearer(token)), 401,
+                       "unauthorized")
+    await expect_error(await replica.get("/api/orders", headers=bearer(token)), 401,
+                       "unauthorized")
+    assert len(upstream.seen) == seen
+    # optional routes forward it, but without identity
+    resp = await replica.get("/maybe/x", headers=bearer(token))
+    assert resp.status == 200
+    assert upstream.last.header("X-WX-OpenID") == []
+    # a second logout is refused too
+    await expect_error(await replica.post("/auth/logout", headers=bearer(token)), 401,
+                       "unauthorized")
+
+
+async def test_logout_ends_only_that_session(gw: TestClient) -> None:
+    a, b = await login(gw), await login(gw)
+    assert (await gw.post("/auth/logout", headers=bearer(a["token"]))).status == 204
+    assert (await gw.get("/auth/session", headers=bearer(b["token"]))).status == 200
+
+
+async def test_logout_also_ends_refreshed_tokens_of_the_session(gw: TestClient) -> None:
+    data = await login(gw)
+    resp = await gw.post("/auth/refresh", headers=bearer(data["token"]))
+    refreshed = (await resp.json())["token"]
+    assert (await gw.post("/auth/logout", headers=bearer(data["token"]))).status == 204
+    await expect_error(await gw.get("/auth/session", headers=bearer(refreshed)), 401,
+                       "unauthorized")
+
+
+async def test_logout_without_token_is_401(gw: TestClient) -> None:
+    await expect_error(await gw.post("/auth/logout"), 401, "unauthorized")
+    await expect_error(await gw.post("/auth/logout", headers=bearer("garbage")), 401,
+                       "unauthorized")
+
+
+async def test_logout_wrong_method_is_405(gw: TestClient) -> None:
+    data = await login(gw)
+    resp = await gw.get("/auth/logout", headers=bearer(data["token"]))
+    await expect_error(resp, 405, "method_not_allowed")
+    assert resp.headers["Allow"] == "POST"
+    assert (await gw.get("/auth/session", headers=bearer(data["token"]))).status == 200
+
+
+# --- POST /auth/refresh -------------------------------------------------------------------------
+
+async def test_refresh(gw: TestClient, redis: Any, key_prefix: str) -> None:
+    data = await login(gw)
+    old = data["token"]
+    sid = sid_of(old)
+    key = f"{key_prefix}session:{sid}"
+    await asyncio.sleep(1.1)  # token times are whole seconds: let one pass
+    # age the session: 100 s left
+    soon = int(time.time()) + 100
+    await redis.hset(key, "expires_at", soon)
+    await redis.expireat(key, soon)
+    resp = await gw.get("/auth/session", headers=bearer(old))
+    assert (await resp.json())["expires_at"] == soon
+
+    resp = await gw.post("/auth/refresh", headers=bearer(old))
+    assert resp.status == 200, await resp.text()
+    assert resp.content_type == "application/json"
+    body = await resp.json()
+    assert set(body) == {"token", "token_type", "expires_in", "openid", "unionid"}
+    assert body["token_type"] == "Bearer"
+    assert body["openid"] == data["openid"] and body["unionid"] == data["unionid"]
+    assert TTL - 5 <= body["expires_in"] <= TTL
+    new = body["token"]
+    assert new != old
+    assert sid_of(new) == sid
+    new_claims = claims_of(new)
+    assert new_claims["exp"] > claims_of(old)["exp"]
+    assert new_claims["sub"] == data["openid"] and new_claims["aud"] == APPID
+    assert abs(new_claims["exp"] - (time.time() + TTL)) <= 5
+
+    # the store was renewed: TTL and expires_at
+    assert TTL - 5 <= await redis.ttl(key) <= TTL
+    assert abs(int(await redis.hget(key, "expires_at")) - new_claims["exp"]) <= 1
+    resp = await gw.get("/auth/session", headers=bearer(new))
+    assert resp.status == 200
+    session = await resp.json()
+    assert session["openid"] == data["openid"]
+    assert session["expires_at"] == new_claims["exp"]
+    # the new token works on a protected route too
+    assert (await gw.get("/api/x", headers=bearer(new))).status == 200
+    assert [k.decode() for k in await redis.keys(f"{key_prefix}*")] == [key]
+
+
+async def test_refresh_keeps_the_session_key(gw: TestClient, redis: Any, key_prefix: str) -> None:
+    code = fresh()
+    data = await login(gw, code)
+    resp = await gw.post("/auth/refresh", headers=bearer(data["token"]))
+    assert resp.status == 200
+    store = SessionStore(redis, key_prefix, KEYRING)
+    session = await store.get(sid_of(data["token"]))
+    assert session is not None
+    assert await store.session_key(session) == wechat_session_key(APPID, code).encode()
+
+
+async def test_refresh_after_logout_is_401(gw: TestClient, redis: Any, key_prefix: str) -> None:
+    data = await login(gw)
+    assert (await gw.post("/auth/logout", headers=bearer(data["token"]))).status == 204
+    await expect_error(await gw.post("/auth/refresh", headers=bearer(data["token"])), 401,
+                       "unauthorized")
+    assert await redis.keys(f"{key_prefix}*") == []  # not resurrected
+
+
+async def test_refresh_without_token_is_401(gw: TestClient) -> None:
+    await expect_error(await gw.post("/auth/refresh"), 401, "unauthorized")
+
+
+# --- GET /auth/verify ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["GET", "POST", "HEAD", "PUT", "DELETE", "PATCH", "OPTIONS"])
+async def test_verify_sets_identity_headers(gw: TestClient, method: str) -> None:
+    code = fresh()
+    data = await login(gw, code)
+    resp = await gw.request(method, "/auth/verify", headers=bearer(data["token"]))
+    assert resp.status == 200, await resp.text()
+    assert resp.headers["X-WX-OpenID"] == data["openid"] == simulator.openid_for(APPID, code)
+    assert resp.headers["X-WX-AppID"] == APPID
+    assert resp.headers["X-WX-UnionID"] == data["unionid"] == simulator.unionid_for(code)
+    assert wechat_session_key(APPID, code) not in json.dumps(dict(resp.headers))
+    if method == "HEAD":
+        assert await resp.read() == b""
+    else:
+        assert "session_key" not in await resp.text()
+
+
+async def test_verify_omits_unionid_header_when_user_has_none(gw: TestClient) -> None:
+    data = await login(gw, fresh("nounionid-"))
+    resp = await gw.get("/auth/verify", headers=bearer(data["token"]))
+    assert resp.status == 200
+    assert resp.headers["X-WX-OpenID"] == data["openid"]
+    assert resp.headers["X-WX-AppID"] == APPID
+    assert "X-WX-UnionID" not in resp.headers
+
+
+@pytest.mark.parametrize("method", ["GET", "POST", "HEAD"])
+async def test_verify_without_valid_token_is_401(gw: TestClient, method: str) -> None:
+    data = await login(gw)
+    for headers in ({}, bearer("garbage"), bearer(data["token"] + "x"),
+                    {"Authorization": f"Basic {data['token']}"}):
+        resp = await gw.request(method, "/auth/verify", headers=headers)
+        assert resp.status == 401
+        assert resp.headers.get("WWW-Authenticate") == "Bearer"
+        assert "X-WX-OpenID" not in resp.headers and "X-WX-AppID" not in resp.headers
+        if method != "HEAD":
+            await expect_error(resp, 401, "unauthorized")
+
+
+async def test_verify_ignores_identity_headers_sent_by_the_client(gw: TestClient) -> None:
+    data = await login(gw)
+    resp = await gw.get("/auth/verify", headers={**bearer(data["token"]),
+                                                 "X-WX-OpenID": "o-spoofed",
+                                                 "X-WX-AppID": "wx-spoofed"})
+    assert resp.headers.getall("X-WX-OpenID") == [data["openid"]]
+    assert resp.headers.getall("X-WX-AppID") == [APPID]
+    resp = await gw.get("/auth/verify", headers={"X-WX-OpenID": "o-spoofed"})
+    await expect_error(resp, 401, "unauthorized")
+    assert "X-WX-OpenID" not in resp.headers
+
+
+async def test_verify_uses_custom_identity_header_names(make_gateway: GatewayFactory) -> None:
+    gw2 = await make_gateway(identity_headers={"openid": "X-User-Id", "unionid": "X-Union-Id",
+                                               "appid": "X-Mini-App"})
+    data = await login(gw2)
+    resp = await gw2.get("/auth/verify", headers=bearer(data["token"]))
+    assert resp.status == 200
+    assert resp.headers["X-User-Id"] == data["openid"]
+    assert resp.headers["X-Union-Id"] == data["unionid"]
+    assert resp.headers["X-Mini-App"] == APPID
+    for default in ("X-WX-OpenID", "X-WX-UnionID", "X-WX-AppID"):
+        assert default not in resp.headers
+
+
+# --- expiry -------------------------------------------------------------------------------------
+
+async def test_session_expires_with_its_ttl(make_gateway: GatewayFactory, redis: Any,
+                                            key_prefix: str) -> None:
+    gw2 = await make_gateway(session={"signing_keys": [SIGNING_KEY], "ttl": "1s"})
+    # start just after a second boundary: timestamps are whole seconds, so the session then
+    # lives close to its full second
+    await asyncio.sleep(1.02 - time.time() % 1)
+    data = await login(gw2)
+    token = data["token"]
+    key = f"{key_prefix}session:{sid_of(token)}"
+    assert 0 < data["expires_in"] <= 1
+    assert 0 < await redis.pttl(key) <= 1000
+    assert (await gw2.get("/auth/session", headers=bearer(token))).status == 200
+
+    await asyncio.sleep(2)
+    await expect_error(await gw2.get("/auth/session", headers=bearer(token)), 401,
+                       "unauthorized")
+    await expect_error(await gw2.get("/api/x", headers=bearer(token)), 401, "unauthorized")
+    await expect_error(await gw2.get("/auth/verify", headers=bearer(token)), 401,
+                       "unauthorized")
+    await expect_error(await gw2.post("/auth/refresh", headers=bearer(token)), 401,
+                       "unauthorized")
+    assert await redis.exists(key) == 0
+
+
+async def test_session_past_expires_at_is_refused_even_if_redis_key_lingers(
+        gw: TestClient, redis: Any, key_prefix: str) -> None:
+    """The contract has no grace: a session whose expires_at passed is over."""
+    data = await login(gw)
+    key = f"{key_prefix}session:{sid_of(data['token'])}"
+    await redis.hset(key, "expires_at", int(time.time()) - 1)  # Redis TTL still ~1 h
+    await expect_error(await gw.get("/auth/session", headers=bearer(data["token"])), 401,
+                       "unauthorized")
+
+
+# --- Redis unreachable --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method,path", [
+    ("GET", "/auth/session"), ("POST", "/auth/refresh"), ("POST", "/auth/logout"),
+    ("GET", "/auth/verify"), ("POST", "/auth/verify"), ("GET", "/api/x"),
+])
+async def test_redis_unreachable_is_store_unavailable(
+        gw: TestClient, make_gateway: GatewayFactory, upstream: Upstream, key_prefix: str,
+        method: str, path: str) -> None:
+    token = (await login(gw))["token"]  # a genuine token: only the store is missing
+    down = await make_gateway(redis={"url": closed_port_url(), "key_prefix": key_prefix})
+    started = time.monotonic()
+    resp = await down.request(method, path, headers=bearer(token))
+    await expect_error(resp, 503, "store_unavailable")
+    assert time.monotonic() - started < 3
+    assert "X-WX-OpenID" not in resp.headers
+    assert upstream.seen == []
+    # the session itself is untouched
+    assert (await gw.get("/auth/session", headers=bearer(token))).status == 200
+
+
+async def test_session_store_api_fails_closed_when_redis_is_down(key_prefix: str) -> None:
+    import redis.asyncio as aioredis
+    from gateway.errors import StoreUnavailable
+    client = aioredis.from_url(closed_port_url())
+    try:
+        store = SessionStore(client, key_prefix, KEYRING)
+        with pytest.raises(StoreUnavailable):
+            await store.get("anything")
+        with pytest.raises(StoreUnavailable):
+            await store.session_key(Session("s", "o", None, APPID, 0, 1))
+    finally:
+        await client.aclose()
