@@ -6,6 +6,7 @@ operator fixes a file in one pass. Nothing reads YAML or the environment after t
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from yarl import URL
 from .errors import ConfigError
 
 AuthMode = Literal["required", "optional", "public"]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 AUTH_MODES: tuple[AuthMode, ...] = ("required", "optional", "public")
 MIN_SIGNING_KEY_BYTES = 32
 GATEWAY_PATHS = ("/healthz", "/readyz", "/metrics")
@@ -67,6 +69,8 @@ class Route:
     base_path: str  # "" or "/base" (no trailing slash), prepended to the forwarded path
     auth: AuthMode = "required"
     timeout: float = 30.0
+    connect_timeout: float = 5.0
+    preserve_host: bool = False
 
     def matches(self, path: str) -> bool:
         return self.path == "/" or path == self.path or path.startswith(self.path + "/")
@@ -84,6 +88,16 @@ class Config:
     identity_headers: IdentityHeaders
     routes: tuple[Route, ...]
     shutdown_grace: float = 10.0
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+
+    def is_trusted_proxy(self, address: str | None) -> bool:
+        if not self.trusted_proxies or not address:
+            return False
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in net for net in self.trusted_proxies)
 
     def app(self, appid: str) -> App | None:
         return next((a for a in self.apps if a.appid == appid), None)
@@ -233,7 +247,8 @@ class _Reader:
 
     def config(self, data: Any) -> Config | None:
         top = self.section("", data, ("listen", "redis", "wechat", "apps", "session", "auth",
-                                      "identity_headers", "routes", "shutdown_grace"))
+                                      "identity_headers", "routes", "shutdown_grace",
+                                      "trusted_proxies"))
         if top is None:
             return None
         listen = self.listen("0.0.0.0:8080" if top.get("listen") is None else top["listen"])
@@ -245,12 +260,40 @@ class _Reader:
         headers = self.identity_headers(top.get("identity_headers"))
         routes = self.routes(top.get("routes"), prefix)
         grace = self.optional("", top, "shutdown_grace", self.duration, 10.0)
+        proxies = self.networks("trusted_proxies", top.get("trusted_proxies"))
         if (listen is None or redis_ is None or wechat is None or apps is None
                 or session is None or prefix is None or headers is None or routes is None
-                or grace is None or self.problems):
+                or grace is None or proxies is None or self.problems):
             return None
         return Config(listen[0], listen[1], redis_, wechat, apps, session, prefix, headers,
-                      routes, grace)
+                      routes, grace, proxies)
+
+    def networks(self, key: str, value: Any) -> tuple[IPNetwork, ...] | None:
+        items = self.items(key, value)
+        if items is None:
+            return None
+        networks: list[IPNetwork] = []
+        for i, item in enumerate(items):
+            text = self.string(f"{key}[{i}]", item)
+            if text is None:
+                continue
+            try:
+                networks.append(ipaddress.ip_network(text.strip(), strict=False))
+            except ValueError:
+                self.fail(f"{key}[{i}]", f"{text!r} is not an IP address or CIDR network "
+                                         "(e.g. 10.0.0.0/8, 127.0.0.1, fd00::/8)")
+        return tuple(networks)
+
+    def boolean(self, key: str, value: Any) -> bool | None:
+        value = self.expand(key, value)
+        if value is _MISSING:
+            return None
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        self.fail(key, f"expected true or false, got {value!r}")
+        return None
 
     def listen(self, value: Any) -> tuple[str, int] | None:
         text = self.string("listen", value)
@@ -386,7 +429,8 @@ class _Reader:
             reserved |= {f"{auth_prefix}/{name}" for name in AUTH_ENDPOINTS}
         for i, item in enumerate(items):
             key = f"routes[{i}]"
-            s = self.section(key, item, ("path", "upstream", "auth", "timeout"))
+            s = self.section(key, item, ("path", "upstream", "auth", "timeout",
+                                         "connect_timeout", "preserve_host"))
             if s is None:
                 continue
             raw_path = self.string(f"{key}.path", s.get("path"))
@@ -407,10 +451,14 @@ class _Reader:
                 self.fail(f"{key}.auth", f"must be one of {', '.join(AUTH_MODES)}, got {auth!r}")
                 auth = None
             timeout = self.optional(key, s, "timeout", self.duration, 30.0)
-            if path is None or url is None or auth is None or timeout is None:
+            connect = self.optional(key, s, "connect_timeout", self.duration, 5.0)
+            preserve_host = self.optional(key, s, "preserve_host", self.boolean, False)
+            if (path is None or url is None or auth is None or timeout is None
+                    or connect is None or preserve_host is None):
                 continue
             origin = str(url.with_path("").with_query(None)).rstrip("/")
-            routes.append(Route(path, url, origin, url.path.rstrip("/"), auth, timeout))
+            routes.append(Route(path, url, origin, url.path.rstrip("/"), auth, timeout,
+                                min(connect, timeout), preserve_host))
         return tuple(sorted(routes, key=lambda r: len(r.path), reverse=True))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from urllib.parse import unquote
 
@@ -12,8 +13,9 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from . import websocket
 from .auth import Identity, bearer_token
-from .config import IdentityHeaders, Route
+from .config import Config, Route
 from .errors import (InvalidPath, NotFound, StoreUnavailable, Unauthorized, UpstreamTimeout,
                      UpstreamUnavailable)
 from .services import REQUEST_ID, ROUTE_LABEL, SERVICES
@@ -28,6 +30,7 @@ _REPLACED = frozenset({"host", "authorization", "forwarded", "x-forwarded-for",
                        "x-forwarded-proto", "x-forwarded-host", "x-request-id", "expect"})
 _AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 _CHUNK = 64 * 1024
+_SANE_HOST = re.compile(r"^[A-Za-z0-9.\-_:\[\]]{1,255}$")
 
 
 def request_path(raw_path: str) -> str:
@@ -61,8 +64,9 @@ def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
     return {t.strip().lower() for v in headers.getall("Connection", []) for t in v.split(",")}
 
 
-def forward_headers(request: web.Request, identity: Identity | None, names: IdentityHeaders,
-                    request_id: str) -> CIMultiDict[str]:
+def forward_headers(request: web.Request, identity: Identity | None, config: Config,
+                    route: Route, request_id: str) -> CIMultiDict[str]:
+    names = config.identity_headers
     drop = HOP_BY_HOP | _REPLACED | _connection_tokens(request.headers)
     spoofable = {n.lower() for n in names.names()}
     out: CIMultiDict[str] = CIMultiDict()
@@ -73,12 +77,10 @@ def forward_headers(request: web.Request, identity: Identity | None, names: Iden
         if lowered in drop or lowered.strip().replace("_", "-") in spoofable:
             continue
         out.add(name, value)
-    if request.remote:
-        out["X-Forwarded-For"] = request.remote
-    out["X-Forwarded-Proto"] = request.scheme
-    if request.host:
-        out["X-Forwarded-Host"] = request.host
+    out.update(forwarded_for(request, config))
     out["X-Request-ID"] = request_id
+    if route.preserve_host and request.host:
+        out["Host"] = request.host
     if identity is not None:
         session = identity.session
         out[names.openid] = session.openid
@@ -86,6 +88,27 @@ def forward_headers(request: web.Request, identity: Identity | None, names: Iden
         if session.unionid:
             out[names.unionid] = session.unionid
     return out
+
+
+def forwarded_for(request: web.Request, config: Config) -> dict[str, str]:
+    """X-Forwarded-For/Proto/Host: appended to when the direct peer is a trusted proxy,
+    otherwise replaced, since anyone can send them."""
+    peer = request.remote or ""
+    proto, host = request.scheme, request.host
+    chain = peer
+    if config.is_trusted_proxy(peer):
+        sent = ", ".join(v.strip() for v in request.headers.getall("X-Forwarded-For", []))
+        chain = f"{sent}, {peer}" if sent and peer else (sent or peer)
+        sent_proto = request.headers.get("X-Forwarded-Proto", "").strip().lower()
+        proto = sent_proto if sent_proto in ("http", "https") else proto
+        sent_host = request.headers.get("X-Forwarded-Host", "").strip()
+        host = sent_host if _SANE_HOST.match(sent_host) else host
+    headers = {"X-Forwarded-Proto": proto}
+    if chain:
+        headers["X-Forwarded-For"] = chain
+    if host:
+        headers["X-Forwarded-Host"] = host
+    return headers
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
@@ -97,16 +120,18 @@ async def handle(request: web.Request) -> web.StreamResponse:
         raise NotFound(f"no route for {path}")
     request[ROUTE_LABEL] = route.path
     identity = await _authenticate(request, route)
-    headers = forward_headers(request, identity, services.config.identity_headers,
-                              request[REQUEST_ID])
+    headers = forward_headers(request, identity, services.config, route, request[REQUEST_ID])
     url = URL(f"{route.origin}{route.base_path}{request.raw_path}", encoded=True)
+    if websocket.is_upgrade(request):
+        return await websocket.relay(request, services.http, url, headers, route.timeout)
     skip = [h for h in _AUTO_HEADERS if h not in headers]
     started = time.perf_counter()
     try:
         upstream = await services.http.request(
             request.method, url, headers=headers, skip_auto_headers=skip,
             data=request.content if request.body_exists else None, allow_redirects=False,
-            auto_decompress=False, timeout=aiohttp.ClientTimeout(total=route.timeout))
+            auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(total=route.timeout, sock_connect=route.connect_timeout))
     except asyncio.TimeoutError:
         raise UpstreamTimeout(f"the upstream for {route.path} did not answer in time") from None
     except aiohttp.ClientError as exc:

@@ -1,0 +1,96 @@
+"""WebSocket relay: the upstream handshake first, then frames both ways until either side closes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import aiohttp
+from aiohttp import WSMsgType, web
+from multidict import CIMultiDict, MultiMapping
+from yarl import URL
+
+from .errors import UpstreamTimeout, UpstreamUnavailable
+
+log = logging.getLogger("gateway.websocket")
+
+# ws_connect makes its own handshake; the client's would clash with it.
+_HANDSHAKE = ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions",
+              "Sec-WebSocket-Protocol", "Sec-WebSocket-Accept")
+
+
+def is_upgrade(request: web.Request) -> bool:
+    connection = {t.strip().lower() for v in request.headers.getall("Connection", [])
+                  for t in v.split(",")}
+    return (request.method == "GET" and "upgrade" in connection
+            and request.headers.get("Upgrade", "").lower() == "websocket")
+
+
+async def relay(request: web.Request, http: aiohttp.ClientSession, url: URL,
+                headers: CIMultiDict[str], handshake_timeout: float) -> web.StreamResponse:
+    protocols = [p.strip() for v in request.headers.getall("Sec-WebSocket-Protocol", [])
+                 for p in v.split(",") if p.strip()]
+    for name in _HANDSHAKE:
+        headers.popall(name, None)
+    try:
+        # The route timeout bounds the handshake; a live socket may stay open for hours.
+        async with asyncio.timeout(handshake_timeout):
+            upstream = await http.ws_connect(
+                url.with_scheme("wss" if url.scheme == "https" else "ws"), headers=headers,
+                protocols=protocols, autoping=False, max_msg_size=0, compress=0,
+                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=handshake_timeout))
+    except aiohttp.WSServerHandshakeError as exc:
+        if exc.status == 101:  # upgraded, but not a valid WebSocket answer
+            raise UpstreamUnavailable("the upstream's WebSocket handshake was invalid") from None
+        # The upstream refused the upgrade: the client gets its answer, not ours.
+        return _refusal(exc.status, exc.message, exc.headers)
+    except asyncio.TimeoutError:
+        raise UpstreamTimeout("the upstream did not accept the WebSocket in time") from None
+    except aiohttp.ClientError as exc:
+        log.warning("websocket upstream unavailable: %s", type(exc).__name__)
+        raise UpstreamUnavailable("the upstream is unavailable") from None
+
+    client = web.WebSocketResponse(protocols=[upstream.protocol] if upstream.protocol else (),
+                                   autoping=False, max_msg_size=0)
+    await client.prepare(request)
+    async with upstream:
+        to_upstream = asyncio.create_task(_pump(client, upstream))
+        to_client = asyncio.create_task(_pump(upstream, client))
+        try:
+            await asyncio.wait({to_upstream, to_client}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (to_upstream, to_client):
+                task.cancel()
+            await asyncio.gather(to_upstream, to_client, return_exceptions=True)
+    return client
+
+
+async def _pump(source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+                sink: web.WebSocketResponse | aiohttp.ClientWebSocketResponse) -> None:
+    code, reason = None, ""
+    while True:
+        msg = await source.receive()
+        if msg.type == WSMsgType.TEXT:
+            await sink.send_str(msg.data)
+        elif msg.type == WSMsgType.BINARY:
+            await sink.send_bytes(msg.data)
+        elif msg.type == WSMsgType.PING:
+            await sink.ping(msg.data)
+        elif msg.type == WSMsgType.PONG:
+            await sink.pong(msg.data)
+        elif msg.type == WSMsgType.CLOSE:
+            code, reason = msg.data, msg.extra or ""
+            break
+        else:  # CLOSING, CLOSED, ERROR
+            break
+    # The source closed: pass its close code and reason on to the other side.
+    await sink.close(code=code or source.close_code or aiohttp.WSCloseCode.OK,
+                     message=reason.encode())
+
+
+def _refusal(status: int, reason: str, headers: MultiMapping[str] | None) -> web.Response:
+    response = web.Response(status=status, reason=reason or None)
+    for name, value in (headers or CIMultiDict()).items():
+        if name.lower() not in ("content-length", "transfer-encoding", "connection", "upgrade"):
+            response.headers.add(name, value)
+    return response
