@@ -11,6 +11,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from .errors import StoreUnavailable
@@ -115,8 +116,10 @@ class SessionStore:
 
 def connect(url: str, timeout: float) -> aioredis.Redis:
     """A pooled client that fails fast: a down Redis must not stall requests (fail closed)."""
-    # One immediate retry covers a pooled connection that died with a Redis restart;
-    # more (with backoff) would only delay the 503 a client gets while Redis is down.
+    # One immediate retry covers a pooled connection that died with a Redis restart. Timeouts
+    # are not retried: a slow Redis must cost a request redis.timeout, not a multiple of it.
+    retry = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
     client: Any = aioredis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
-                                    retry=Retry(NoBackoff(), 1), health_check_interval=30)
+                                    retry=retry, retry_on_timeout=False,
+                                    health_check_interval=30)
     return client  # type: ignore[no-any-return]
