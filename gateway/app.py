@@ -15,11 +15,13 @@ from aiohttp.abc import AbstractAccessLogger
 
 from . import endpoints, proxy, sessions
 from .auth import Authenticator
+from .credentials import AccessTokens
 from .config import Config
 from .errors import GatewayError, InternalError, InvalidRequest, MethodNotAllowed, NotFound, \
     PayloadTooLarge
 from .keys import Keyring
 from .metrics import Metrics
+from .ratelimit import LoginLimiter
 from .services import METRICS, REQUEST_ID, ROUTE_LABEL, SERVICES, Services
 from .tokens import TokenCodec
 from .wechat import WeChatClient
@@ -53,11 +55,13 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     keyring = Keyring(config.session.signing_keys)
     store = sessions.SessionStore(redis, config.redis.key_prefix, keyring)
     codec = TokenCodec(keyring, tuple(a.appid for a in config.apps))
+    wechat = WeChatClient(http, config.wechat.api_base, config.wechat.timeout, app[METRICS])
     app[SERVICES] = Services(
-        config=config, http=http,
-        wechat=WeChatClient(http, config.wechat.api_base, config.wechat.timeout),
-        sessions=store, tokens=codec, authenticator=Authenticator(codec, store),
-        metrics=app[METRICS])
+        config=config, http=http, wechat=wechat, sessions=store, tokens=codec,
+        authenticator=Authenticator(codec, store), metrics=app[METRICS],
+        access_tokens=AccessTokens(redis, config.redis.key_prefix, keyring, wechat,
+                                   lock_ttl=config.wechat.timeout + 1),
+        limiter=LoginLimiter(redis, config.redis.key_prefix, config.rate_limit))
     try:
         yield
     finally:

@@ -23,7 +23,8 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 AUTH_MODES: tuple[AuthMode, ...] = ("required", "optional", "public")
 MIN_SIGNING_KEY_BYTES = 32
 GATEWAY_PATHS = ("/healthz", "/readyz", "/metrics")
-AUTH_ENDPOINTS = ("login", "logout", "refresh", "session", "verify")
+AUTH_ENDPOINTS = ("login", "logout", "refresh", "session", "verify", "phone", "decrypt",
+                  "check-signature")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +50,20 @@ class App:
 class SessionConfig:
     signing_keys: tuple[bytes, ...] = field(repr=False)
     ttl: float = 7 * 86400.0
+    store_phone: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """Login abuse control; a limit of 0 turns that check off."""
+
+    ip_limit: int = 30
+    ip_window: float = 60.0
+    app_limit: int = 1200
+    app_window: float = 60.0
+    max_retries: int = 5  # consecutive invalid codes from one IP within find_time → ban
+    find_time: float = 600.0
+    ban_time: float = 900.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,9 +71,10 @@ class IdentityHeaders:
     openid: str = "X-WX-OpenID"
     unionid: str = "X-WX-UnionID"
     appid: str = "X-WX-AppID"
+    phone: str = "X-WX-Phone"
 
     def names(self) -> tuple[str, ...]:
-        return (self.openid, self.unionid, self.appid)
+        return (self.openid, self.unionid, self.appid, self.phone)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +87,7 @@ class Route:
     timeout: float = 30.0
     connect_timeout: float = 5.0
     preserve_host: bool = False
+    apps: tuple[str, ...] = ()  # when set, only tokens of these appids are accepted
 
     def matches(self, path: str) -> bool:
         return self.path == "/" or path == self.path or path.startswith(self.path + "/")
@@ -89,6 +106,7 @@ class Config:
     routes: tuple[Route, ...]
     shutdown_grace: float = 10.0
     trusted_proxies: tuple[IPNetwork, ...] = ()
+    rate_limit: RateLimit = RateLimit()
 
     def is_trusted_proxy(self, address: str | None) -> bool:
         if not self.trusted_proxies or not address:
@@ -256,17 +274,18 @@ class _Reader:
         wechat = self.wechat(top.get("wechat"))
         apps = self.apps(top.get("apps"))
         session = self.session(top.get("session"))
-        prefix = self.auth(top.get("auth"))
+        auth = self.auth(top.get("auth"))
+        prefix, rate_limit = auth if auth is not None else (None, None)
         headers = self.identity_headers(top.get("identity_headers"))
-        routes = self.routes(top.get("routes"), prefix)
+        routes = self.routes(top.get("routes"), prefix, apps)
         grace = self.optional("", top, "shutdown_grace", self.duration, 10.0)
         proxies = self.networks("trusted_proxies", top.get("trusted_proxies"))
         if (listen is None or redis_ is None or wechat is None or apps is None
                 or session is None or prefix is None or headers is None or routes is None
-                or grace is None or proxies is None or self.problems):
+                or grace is None or proxies is None or rate_limit is None or self.problems):
             return None
         return Config(listen[0], listen[1], redis_, wechat, apps, session, prefix, headers,
-                      routes, grace, proxies)
+                      routes, grace, proxies, rate_limit)
 
     def networks(self, key: str, value: Any) -> tuple[IPNetwork, ...] | None:
         items = self.items(key, value)
@@ -358,7 +377,7 @@ class _Reader:
         return tuple(apps)
 
     def session(self, value: Any) -> SessionConfig | None:
-        s = self.section("session", value, ("signing_keys", "ttl"))
+        s = self.section("session", value, ("signing_keys", "ttl", "store_phone"))
         if s is None:
             return None
         items = self.items("session.signing_keys", s.get("signing_keys"))
@@ -378,30 +397,58 @@ class _Reader:
             else:
                 keys.append(raw)
         ttl = self.optional("session", s, "ttl", self.duration, 7 * 86400.0)
-        if not keys or ttl is None:
+        store_phone = self.optional("session", s, "store_phone", self.boolean, False)
+        if not keys or ttl is None or store_phone is None:
             return None
-        return SessionConfig(tuple(keys), ttl)
+        return SessionConfig(tuple(keys), ttl, store_phone)
 
-    def auth(self, value: Any) -> str | None:
-        s = self.section("auth", value, ("prefix",))
+    def auth(self, value: Any) -> tuple[str, RateLimit] | None:
+        s = self.section("auth", value, ("prefix", "rate_limit"))
         if s is None:
             return None
         prefix = self.optional("auth", s, "prefix", self.string, "/auth")
-        if prefix is None:
+        rate_limit = self.rate_limit(s.get("rate_limit"))
+        if prefix is None or rate_limit is None:
             return None
         normal = _route_path(prefix)
         if normal is None or normal == "/":
             self.fail("auth.prefix", f"must be a path like /auth, got {prefix!r}")
             return None
-        return normal
+        return normal, rate_limit
+
+    def rate_limit(self, value: Any) -> RateLimit | None:
+        key = "auth.rate_limit"
+        s = self.section(key, value, ("ip_limit", "ip_window", "app_limit", "app_window",
+                                      "max_retries", "find_time", "ban_time"))
+        if s is None:
+            return None
+        d = RateLimit()
+        values = {name: self.optional(key, s, name, self.count, getattr(d, name))
+                  for name in ("ip_limit", "app_limit", "max_retries")}
+        values |= {name: self.optional(key, s, name, self.duration, getattr(d, name))
+                   for name in ("ip_window", "app_window", "find_time", "ban_time")}
+        if any(v is None for v in values.values()):
+            return None
+        return RateLimit(**values)  # type: ignore[arg-type]
+
+    def count(self, key: str, value: Any) -> int | None:
+        value = self.expand(key, value)
+        if value is _MISSING:
+            return None
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            self.fail(key, f"expected a whole number >= 0, got {value!r}")
+            return None
+        return value
 
     def identity_headers(self, value: Any) -> IdentityHeaders | None:
-        s = self.section("identity_headers", value, ("openid", "unionid", "appid"))
+        s = self.section("identity_headers", value, ("openid", "unionid", "appid", "phone"))
         if s is None:
             return None
         default = IdentityHeaders()
         names: dict[str, str] = {}
-        for name in ("openid", "unionid", "appid"):
+        for name in ("openid", "unionid", "appid", "phone"):
             key = f"identity_headers.{name}"
             text = self.optional("identity_headers", s, name, self.string, getattr(default, name))
             if text is None:
@@ -415,11 +462,12 @@ class _Reader:
                 self.fail(key, f"{text!r} is reserved")
             else:
                 names[name] = text
-        if len(names) != 3:
+        if len(names) != 4:
             return None
         return IdentityHeaders(**names)
 
-    def routes(self, value: Any, auth_prefix: str | None) -> tuple[Route, ...] | None:
+    def routes(self, value: Any, auth_prefix: str | None,
+               apps: tuple[App, ...] | None) -> tuple[Route, ...] | None:
         items = self.items("routes", value)
         if items is None:
             return None
@@ -430,7 +478,7 @@ class _Reader:
         for i, item in enumerate(items):
             key = f"routes[{i}]"
             s = self.section(key, item, ("path", "upstream", "auth", "timeout",
-                                         "connect_timeout", "preserve_host"))
+                                         "connect_timeout", "preserve_host", "apps"))
             if s is None:
                 continue
             raw_path = self.string(f"{key}.path", s.get("path"))
@@ -453,13 +501,28 @@ class _Reader:
             timeout = self.optional(key, s, "timeout", self.duration, 30.0)
             connect = self.optional(key, s, "connect_timeout", self.duration, 5.0)
             preserve_host = self.optional(key, s, "preserve_host", self.boolean, False)
+            only = self.route_apps(f"{key}.apps", s.get("apps"), apps)
             if (path is None or url is None or auth is None or timeout is None
-                    or connect is None or preserve_host is None):
+                    or connect is None or preserve_host is None or only is None):
                 continue
             origin = str(url.with_path("").with_query(None)).rstrip("/")
             routes.append(Route(path, url, origin, url.path.rstrip("/"), auth, timeout,
-                                min(connect, timeout), preserve_host))
+                                min(connect, timeout), preserve_host, only))
         return tuple(sorted(routes, key=lambda r: len(r.path), reverse=True))
+
+    def route_apps(self, key: str, value: Any, apps: tuple[App, ...] | None) -> tuple[str, ...] | None:
+        items = self.items(key, value)
+        if items is None:
+            return None
+        known = {a.appid for a in apps or ()}
+        only: list[str] = []
+        for i, item in enumerate(items):
+            appid = self.string(f"{key}[{i}]", item)
+            if appid is not None and apps is not None and appid not in known:
+                self.fail(f"{key}[{i}]", f"appid {appid!r} is not one of the configured apps")
+            elif appid is not None:
+                only.append(appid)
+        return tuple(only)
 
 
 def _route_path(text: str) -> str | None:

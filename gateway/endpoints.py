@@ -10,7 +10,8 @@ from aiohttp import web
 
 from .auth import Identity, bearer_token
 from .config import Config
-from .errors import (GatewayError, InvalidRequest, MethodNotAllowed, PayloadTooLarge,
+from .forwarded import client_address
+from .errors import (GatewayError, InvalidCode, InvalidRequest, MethodNotAllowed, PayloadTooLarge,
                      StoreUnavailable, Unauthorized, UnknownApp)
 from .metrics import CONTENT_TYPE
 from .services import METRICS, SERVICES, Services
@@ -58,18 +59,16 @@ async def login(request: web.Request) -> web.Response:
         if len(code) > MAX_CODE_LENGTH or not (code.isascii() and code.isprintable()):
             raise InvalidRequest(f"code must be printable ASCII, at most {MAX_CODE_LENGTH} chars")
         app = _app_for(s.config, appid)
-        started = time.perf_counter()
-        outcome = "ok"
+        ip = client_address(request, s.config)
+        await s.limiter.admit(ip, app.appid)
         try:
             reply = await s.wechat.code2session(app, code)
-        except GatewayError as exc:
-            outcome = exc.code
+        except InvalidCode:
+            await s.limiter.failed(ip)
             raise
-        finally:
-            s.metrics.wechat_seconds.labels("jscode2session", outcome).observe(
-                time.perf_counter() - started)
         new = await s.sessions.create(app.appid, reply.openid, reply.unionid, reply.session_key,
                                       s.config.session.ttl)
+        await s.limiter.succeeded(ip)
     except GatewayError as exc:
         s.metrics.logins.labels(exc.code).inc()
         raise
@@ -140,7 +139,7 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
         raise PayloadTooLarge(f"the request body must be at most {MAX_BODY_BYTES} bytes") from None
     try:
         body = json.loads(raw)  # any Content-Type: wx.request's defaults vary by version
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
         raise InvalidRequest("the request body must be a JSON object") from None
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")

@@ -32,6 +32,22 @@ class UnknownApp(GatewayError):
     status, code = 400, "unknown_app"
 
 
+class InvalidPhoneCode(GatewayError):
+    status, code = 400, "invalid_phone_code"
+
+
+class WatermarkMismatch(GatewayError):
+    status, code = 400, "watermark_mismatch"
+
+
+class DecryptFailed(GatewayError):
+    status, code = 400, "decrypt_failed"
+
+
+class InvalidSignature(GatewayError):
+    status, code = 400, "invalid_signature"
+
+
 class Unauthorized(GatewayError):
     status, code = 401, "unauthorized"
     default_headers = {"WWW-Authenticate": "Bearer"}
@@ -41,8 +57,18 @@ class InvalidCode(GatewayError):
     status, code = 401, "invalid_code"
 
 
+class SessionKeyExpired(GatewayError):
+    """WeChat no longer holds the session's session_key: the user must log in again."""
+
+    status, code = 401, "session_key_expired"
+
+
 class UserBlocked(GatewayError):
     status, code = 403, "user_blocked"
+
+
+class AppForbidden(GatewayError):
+    status, code = 403, "app_forbidden"
 
 
 class NotFound(GatewayError):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from urllib.parse import unquote
 
@@ -16,6 +15,7 @@ from yarl import URL
 from . import websocket
 from .auth import Identity, bearer_token
 from .config import Config, Route
+from .forwarded import forwarded_headers
 from .errors import (InvalidPath, NotFound, StoreUnavailable, Unauthorized, UpstreamTimeout,
                      UpstreamUnavailable)
 from .services import REQUEST_ID, ROUTE_LABEL, SERVICES
@@ -30,7 +30,6 @@ _REPLACED = frozenset({"host", "authorization", "forwarded", "x-forwarded-for",
                        "x-forwarded-proto", "x-forwarded-host", "x-request-id", "expect"})
 _AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 _CHUNK = 64 * 1024
-_SANE_HOST = re.compile(r"^[A-Za-z0-9.\-_:\[\]]{1,255}$")
 
 
 def request_path(raw_path: str) -> str:
@@ -77,7 +76,7 @@ def forward_headers(request: web.Request, identity: Identity | None, config: Con
         if lowered in drop or lowered.strip().replace("_", "-") in spoofable:
             continue
         out.add(name, value)
-    out.update(forwarded_for(request, config))
+    out.update(forwarded_headers(request, config))
     out["X-Request-ID"] = request_id
     if route.preserve_host and request.host:
         out["Host"] = request.host
@@ -88,27 +87,6 @@ def forward_headers(request: web.Request, identity: Identity | None, config: Con
         if session.unionid:
             out[names.unionid] = session.unionid
     return out
-
-
-def forwarded_for(request: web.Request, config: Config) -> dict[str, str]:
-    """X-Forwarded-For/Proto/Host: appended to when the direct peer is a trusted proxy,
-    otherwise replaced, since anyone can send them."""
-    peer = request.remote or ""
-    proto, host = request.scheme, request.host
-    chain = peer
-    if config.is_trusted_proxy(peer):
-        sent = ", ".join(v.strip() for v in request.headers.getall("X-Forwarded-For", []))
-        chain = f"{sent}, {peer}" if sent and peer else (sent or peer)
-        sent_proto = request.headers.get("X-Forwarded-Proto", "").strip().lower()
-        proto = sent_proto if sent_proto in ("http", "https") else proto
-        sent_host = request.headers.get("X-Forwarded-Host", "").strip()
-        host = sent_host if _SANE_HOST.match(sent_host) else host
-    headers = {"X-Forwarded-Proto": proto}
-    if chain:
-        headers["X-Forwarded-For"] = chain
-    if host:
-        headers["X-Forwarded-Host"] = host
-    return headers
 
 
 async def handle(request: web.Request) -> web.StreamResponse:

@@ -9,7 +9,9 @@ from aiohttp import web
 
 from .auth import Authenticator
 from .config import Config
+from .credentials import AccessTokens
 from .metrics import Metrics
+from .ratelimit import LoginLimiter
 from .sessions import SessionStore
 from .tokens import TokenCodec
 from .wechat import WeChatClient
@@ -24,6 +26,8 @@ class Services:
     tokens: TokenCodec
     authenticator: Authenticator
     metrics: Metrics
+    access_tokens: AccessTokens
+    limiter: LoginLimiter
 
 
 SERVICES = web.AppKey("services", Services)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import secrets
 import time
@@ -26,6 +27,11 @@ redis.call('HSET', KEYS[1], 'expires_at', ARGV[1])
 redis.call('EXPIREAT', KEYS[1], ARGV[1])
 return 1
 """
+_SET_FIELD = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +42,7 @@ class Session:
     appid: str
     created_at: int
     expires_at: int
+    phone: str | None = None
 
 
 class SessionStore:
@@ -44,6 +51,7 @@ class SessionStore:
         self._prefix = key_prefix
         self._keyring = keyring
         self._renew = client.register_script(_RENEW)
+        self._set_field = client.register_script(_SET_FIELD)
 
     def key(self, sid: str) -> str:
         return f"{self._prefix}session:{sid}"
@@ -65,53 +73,61 @@ class SessionStore:
                 pipe.expireat(key, session.expires_at)
                 await pipe.execute()
 
-        await self._call(write)
+        await guarded(write)
         return session
 
     async def get(self, sid: str) -> Session | None:
-        data: dict[Any, Any] = await self._call(lambda: self._redis.hgetall(self.key(sid)))
+        data: dict[Any, Any] = await guarded(lambda: self._redis.hgetall(self.key(sid)))
         if not data or b"openid" not in data:
             return None
         expires_at = int(data[b"expires_at"])
         if expires_at <= time.time():  # Redis expiry has a little lag; the contract has none.
             return None
         return Session(sid, data[b"openid"].decode(), data.get(b"unionid", b"").decode() or None,
-                       data[b"appid"].decode(), int(data[b"created_at"]), expires_at)
+                       data[b"appid"].decode(), int(data[b"created_at"]), expires_at,
+                       data.get(b"phone", b"").decode() or None)
 
     async def renew(self, session: Session, ttl: float) -> Session | None:
         """Give the session a fresh lifetime; None if it no longer exists."""
         expires_at = int(time.time()) + math.ceil(ttl)
-        done = await self._call(lambda: self._renew(keys=[self.key(session.sid)], args=[expires_at]))
+        done = await guarded(lambda: self._renew(keys=[self.key(session.sid)], args=[expires_at]))
         if not done:
             return None
-        return Session(session.sid, session.openid, session.unionid, session.appid,
-                       session.created_at, expires_at)
+        return dataclasses.replace(session, expires_at=expires_at)
+
+    async def set_phone(self, session: Session, phone: str) -> bool:
+        """Store the verified phone number with a session that still exists."""
+        done = await guarded(lambda: self._set_field(keys=[self.key(session.sid)],
+                                                     args=["phone", phone]))
+        return bool(done)
 
     async def delete(self, sid: str) -> bool:
-        deleted: int = await self._call(lambda: self._redis.delete(self.key(sid)))
+        deleted: int = await guarded(lambda: self._redis.delete(self.key(sid)))
         return deleted > 0
 
     async def session_key(self, session: Session) -> bytes | None:
         """The decrypted session_key, for features that call WeChat on the user's behalf."""
-        sealed: Any = await self._call(
+        sealed: Any = await guarded(
             lambda: self._redis.hget(self.key(session.sid), "session_key"))
         if sealed is None:
             return None
         return self._keyring.open(sealed.decode(), self._context(session.sid, session.appid))
 
     async def ping(self) -> None:
-        await self._call(self._redis.ping)
+        await guarded(self._redis.ping)
 
     @staticmethod
     def _context(sid: str, appid: str) -> bytes:
         return f"{appid}/{sid}".encode()
 
-    @staticmethod
-    async def _call(operation: Callable[[], Awaitable[_T]]) -> _T:
-        try:
-            return await operation()
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"session store is unavailable ({type(exc).__name__})") from exc
+
+
+async def guarded(operation: Callable[[], Awaitable[_T]]) -> _T:
+    """Run a Redis operation; any Redis failure becomes ``StoreUnavailable`` (fail closed)."""
+    try:
+        return await operation()
+    except (RedisError, OSError) as exc:
+        raise StoreUnavailable(f"Redis is unavailable ({type(exc).__name__})") from exc
 
 
 def connect(url: str, timeout: float) -> aioredis.Redis:

@@ -1,9 +1,19 @@
 """A WeChat API simulator for the demo, the test suite and users' own integration tests.
 
 Start it with ``simulator.create_app({"wx...": "secret"})`` and point ``wechat.api_base`` at it.
-``jscode2session`` answers any code with a stable fake openid (per app and code) and unionid
-(per code), so logging in twice with the same code gives the same user. A code can ask for a
-failure by its prefix:
+It answers, like WeChat (JSON labelled ``text/plain``):
+
+- ``GET /sns/jscode2session``: any code logs in as a stable fake user (openid per app and code,
+  unionid per code); session_key per app and code.
+- ``POST /cgi-bin/stable_token``: access tokens that expire after ``token_ttl`` seconds.
+- ``POST /wxa/business/getuserphonenumber``: a stable fake phone number per code.
+- ``GET /wxa/checksession``: errcode 87009 unless the signature matches the user's current
+  session_key (``SimulatorState.revoke_session_key`` makes it stale).
+- ``GET /_simulator/userdata?appid=&code=``: not WeChat's: what a mini-program would get from
+  ``wx.getUserInfo`` for that login code (``encrypted_data``, ``iv``, ``raw_data``,
+  ``signature``), to try ``/auth/decrypt`` and ``/auth/check-signature`` by hand.
+
+A code asks for a failure by its prefix (login and phone codes alike):
 
 =====================  ===================================================================
 ``errcode-<N>-...``    WeChat's error ``<N>`` (e.g. ``errcode-40029-x``, ``errcode--1-x``)
@@ -11,11 +21,12 @@ failure by its prefix:
 ``http-<status>-...``  an HTTP error status with an HTML page, as WeChat's front ends do
 ``garbage-...``        a 200 reply that is not JSON
 ``reset-...``          close the connection without answering
-``noopenid-...``       a 200 reply without openid and session_key
+``noopenid-...``       a 200 reply without openid and session_key (login)
 ``nounionid-...``      a normal reply without unionid (app not bound to an Open Platform)
+``otherapp-...``       a phone number whose watermark names another appid
 =====================  ===================================================================
 
-With ``single_use=True`` a code works once and then gets errcode 40163, as on WeChat.
+With ``single_use=True`` a login code works once and then gets errcode 40163, as on WeChat.
 """
 
 from __future__ import annotations
@@ -23,28 +34,55 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import hmac
 import json
+import os
 import re
+import time
 from collections import Counter
-from typing import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 from aiohttp import web
+from cryptography.hazmat.primitives import padding
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 CALLS = web.AppKey("calls", Counter[str])
-_APPS = web.AppKey("apps", dict[str, str])
-_USED = web.AppKey("used", set[str])
-_SINGLE_USE = web.AppKey("single_use", bool)
 _PREFIXED = re.compile(r"^(errcode|slow|http)-(-?\d+)-")
 
 
-def create_app(apps: Mapping[str, str], *, single_use: bool = False) -> web.Application:
+@dataclass
+class SimulatorState:
+    apps: dict[str, str]
+    single_use: bool = False
+    token_ttl: int = 7200
+    used: set[str] = field(default_factory=set)
+    tokens: dict[str, tuple[str, float]] = field(default_factory=dict)  # token → (appid, exp)
+    session_keys: dict[str, str] = field(default_factory=dict)  # openid → current session_key
+
+    def expire_access_tokens(self) -> None:
+        """Make every issued access_token invalid (WeChat then answers 40001)."""
+        self.tokens.clear()
+
+    def revoke_session_key(self, openid: str) -> None:
+        """The user logged in elsewhere: the session_key the gateway holds is now stale."""
+        self.session_keys[openid] = base64.b64encode(os.urandom(16)).decode()
+
+
+STATE = web.AppKey("state", SimulatorState)
+
+
+def create_app(apps: Mapping[str, str], *, single_use: bool = False,
+               token_ttl: int = 7200) -> web.Application:
     """A simulator that knows ``apps`` (appid → secret)."""
     app = web.Application()
-    app[_APPS] = dict(apps)
+    app[STATE] = SimulatorState(dict(apps), single_use, token_ttl)
     app[CALLS] = Counter()
-    app[_USED] = set()
-    app[_SINGLE_USE] = single_use
     app.router.add_get("/sns/jscode2session", jscode2session)
+    app.router.add_post("/cgi-bin/stable_token", stable_token)
+    app.router.add_post("/wxa/business/getuserphonenumber", phone_number)
+    app.router.add_get("/wxa/checksession", check_session)
+    app.router.add_get("/_simulator/userdata", userdata)
     return app
 
 
@@ -56,28 +94,35 @@ def unionid_for(code: str) -> str:
     return "u" + _digest(f"unionid/{code}")[:27]
 
 
+def session_key_for(appid: str, code: str) -> str:
+    return base64.b64encode(hashlib.sha256(f"sk/{appid}/{code}".encode()).digest()[:16]).decode()
+
+
+def phone_for(code: str) -> str:
+    return "138" + str(int(hashlib.sha256(f"phone/{code}".encode()).hexdigest(), 16))[:8]
+
+
+def encrypt_user_data(session_key: str, data: Mapping[str, Any]) -> tuple[str, str]:
+    """What WeChat gives a mini-program: AES-128-CBC/PKCS#7 under the session_key."""
+    iv = os.urandom(16)
+    padder = padding.PKCS7(128).padder()
+    plain = padder.update(json.dumps(data).encode()) + padder.finalize()
+    encryptor = Cipher(algorithms.AES(base64.b64decode(session_key)), modes.CBC(iv)).encryptor()
+    sealed = encryptor.update(plain) + encryptor.finalize()
+    return base64.b64encode(sealed).decode(), base64.b64encode(iv).decode()
+
+
 def _digest(text: str) -> str:
     return base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).decode()
 
 
-def _reply(body: dict[str, object]) -> web.Response:
+def _reply(body: Mapping[str, object]) -> web.Response:
     # WeChat labels its JSON replies text/plain; clients must parse them anyway.
     return web.Response(text=json.dumps(body), content_type="text/plain")
 
 
-async def jscode2session(request: web.Request) -> web.StreamResponse:
-    request.app[CALLS]["jscode2session"] += 1
-    q = request.query
-    appid, secret, code = q.get("appid", ""), q.get("secret", ""), q.get("js_code", "")
-    apps = request.app[_APPS]
-    if q.get("grant_type") != "authorization_code":
-        return _reply({"errcode": 40002, "errmsg": "invalid grant_type"})
-    if appid not in apps:
-        return _reply({"errcode": 40013, "errmsg": "invalid appid"})
-    if apps[appid] != secret:
-        return _reply({"errcode": 40125, "errmsg": "invalid appsecret"})
-    if not code:
-        return _reply({"errcode": 41008, "errmsg": "missing code"})
+async def _fault(request: web.Request, code: str) -> web.StreamResponse | None:
+    """The failure a prefixed code asks for, or None to answer normally."""
     match = _PREFIXED.match(code)
     if match and match.group(1) == "errcode":
         return _reply({"errcode": int(match.group(2)), "errmsg": "simulated error"})
@@ -92,16 +137,109 @@ async def jscode2session(request: web.Request) -> web.StreamResponse:
         assert request.transport is not None
         request.transport.abort()
         return web.Response()
+    return None
+
+
+def _token_app(request: web.Request) -> str | None:
+    state = request.app[STATE]
+    entry = state.tokens.get(request.query.get("access_token", ""))
+    if entry is None or entry[1] < time.time():
+        return None
+    return entry[0]
+
+
+async def jscode2session(request: web.Request) -> web.StreamResponse:
+    request.app[CALLS]["jscode2session"] += 1
+    state, q = request.app[STATE], request.query
+    appid, secret, code = q.get("appid", ""), q.get("secret", ""), q.get("js_code", "")
+    if q.get("grant_type") != "authorization_code":
+        return _reply({"errcode": 40002, "errmsg": "invalid grant_type"})
+    if appid not in state.apps:
+        return _reply({"errcode": 40013, "errmsg": "invalid appid"})
+    if state.apps[appid] != secret:
+        return _reply({"errcode": 40125, "errmsg": "invalid appsecret"})
+    if not code:
+        return _reply({"errcode": 41008, "errmsg": "missing code"})
+    fault = await _fault(request, code)
+    if fault is not None:
+        return fault
     if code.startswith("noopenid-"):
         return _reply({"errcode": 0, "errmsg": "ok"})
-    if request.app[_SINGLE_USE]:
-        if code in request.app[_USED]:
+    if state.single_use:
+        if code in state.used:
             return _reply({"errcode": 40163, "errmsg": "code been used"})
-        request.app[_USED].add(code)
-    body: dict[str, object] = {
-        "openid": openid_for(appid, code),
-        "session_key": base64.b64encode(hashlib.sha256(f"sk/{appid}/{code}".encode())
-                                        .digest()[:16]).decode()}
+        state.used.add(code)
+    openid = openid_for(appid, code)
+    state.session_keys[openid] = session_key_for(appid, code)
+    body: dict[str, object] = {"openid": openid, "session_key": state.session_keys[openid]}
     if not code.startswith("nounionid-"):
         body["unionid"] = unionid_for(code)
     return _reply(body)
+
+
+async def stable_token(request: web.Request) -> web.StreamResponse:
+    request.app[CALLS]["stable_token"] += 1
+    state = request.app[STATE]
+    try:
+        body = await request.json()
+    except ValueError:
+        return _reply({"errcode": 47001, "errmsg": "data format error"})
+    appid, secret = body.get("appid", ""), body.get("secret", "")
+    if body.get("grant_type") != "client_credential":
+        return _reply({"errcode": 40002, "errmsg": "invalid grant_type"})
+    if appid not in state.apps or state.apps[appid] != secret:
+        return _reply({"errcode": 40125, "errmsg": "invalid appsecret"})
+    current = [(t, e) for t, (a, e) in state.tokens.items() if a == appid and e > time.time()]
+    if current and not body.get("force_refresh"):
+        token, expires = max(current, key=lambda item: item[1])
+        return _reply({"access_token": token, "expires_in": int(expires - time.time())})
+    token = f"AT.{appid}.{base64.urlsafe_b64encode(os.urandom(12)).decode()}"
+    state.tokens[token] = (appid, time.time() + state.token_ttl)
+    return _reply({"access_token": token, "expires_in": state.token_ttl})
+
+
+async def phone_number(request: web.Request) -> web.StreamResponse:
+    request.app[CALLS]["getuserphonenumber"] += 1
+    appid = _token_app(request)
+    if appid is None:
+        return _reply({"errcode": 40001, "errmsg": "invalid credential, access_token is invalid"})
+    try:
+        code = str((await request.json()).get("code", ""))
+    except ValueError:
+        return _reply({"errcode": 47001, "errmsg": "data format error"})
+    fault = await _fault(request, code)
+    if fault is not None:
+        return fault
+    if not code:
+        return _reply({"errcode": 40029, "errmsg": "invalid code"})
+    pure = phone_for(code)
+    watermark = "wx0000000000000000" if code.startswith("otherapp-") else appid
+    return _reply({"errcode": 0, "errmsg": "ok", "phone_info": {
+        "phoneNumber": f"+86{pure}", "purePhoneNumber": pure, "countryCode": "86",
+        "watermark": {"timestamp": int(time.time()), "appid": watermark}}})
+
+
+async def check_session(request: web.Request) -> web.StreamResponse:
+    request.app[CALLS]["checksession"] += 1
+    if _token_app(request) is None:
+        return _reply({"errcode": 40001, "errmsg": "invalid credential, access_token is invalid"})
+    key = request.app[STATE].session_keys.get(request.query.get("openid", ""))
+    expected = hmac.new(key.encode(), b"", hashlib.sha256).hexdigest() if key else ""
+    if request.query.get("sig_method") != "hmac_sha256" or not key or not hmac.compare_digest(
+            expected, request.query.get("signature", "")):
+        return _reply({"errcode": 87009, "errmsg": "invalid signature"})
+    return _reply({"errcode": 0, "errmsg": "ok"})
+
+
+async def userdata(request: web.Request) -> web.StreamResponse:
+    appid, code = request.query.get("appid", ""), request.query.get("code", "")
+    if appid not in request.app[STATE].apps or not code:
+        raise web.HTTPBadRequest(text="appid (configured) and code are required")
+    key = session_key_for(appid, code)
+    user = {"openId": openid_for(appid, code), "nickName": "Demo User", "gender": 0,
+            "language": "zh_CN", "watermark": {"timestamp": int(time.time()), "appid": appid}}
+    encrypted, iv = encrypt_user_data(key, user)
+    raw_data = json.dumps({"nickName": "Demo User", "gender": 0})
+    signature = hashlib.sha1((raw_data + key).encode()).hexdigest()
+    return web.json_response({"encrypted_data": encrypted, "iv": iv, "raw_data": raw_data,
+                              "signature": signature})

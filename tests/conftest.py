@@ -124,6 +124,9 @@ def base_config(redis_url: str, key_prefix: str, wechat_url: str, upstream_url: 
         "wechat": {"api_base": wechat_url, "timeout": "1s"},
         "apps": [{"appid": APPID, "secret": SECRET}],
         "session": {"signing_keys": [SIGNING_KEY], "ttl": "1h"},
+        # Login limits are off here: tests log in many times from 127.0.0.1. The limits have
+        # tests of their own (test_ratelimit.py), with the defaults and with small values.
+        "auth": {"rate_limit": {"ip_limit": 0, "app_limit": 0, "max_retries": 0}},
         "routes": [
             {"path": "/api/", "upstream": upstream_url, "auth": "required", "timeout": "2s"},
             {"path": "/public/", "upstream": upstream_url, "auth": "public", "timeout": "2s"},

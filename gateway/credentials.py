@@ -1,0 +1,136 @@
+"""WeChat access tokens: cached in Redis (sealed), refreshed ahead of expiry, once for all replicas.
+
+Every replica reads the same cached token. When it is due (``REFRESH_AT`` of its lifetime),
+missing or rejected by WeChat, one caller takes a Redis lock (SET NX PX with a random owner,
+released only by that owner) and calls ``stable_token``; every other caller, in this process or
+another, keeps using the still-valid token or waits for the new one instead of calling WeChat.
+Within one process, concurrent callers share a single refresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, TypeVar
+
+import redis.asyncio as aioredis
+
+from .config import App
+from .errors import WeChatUnavailable
+from .keys import Keyring
+from .sessions import guarded
+from .wechat import AccessTokenRejected, WeChatClient
+
+log = logging.getLogger("gateway.credentials")
+REFRESH_AT = 0.8
+_POLL = 0.05
+_T = TypeVar("_T")
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class _Cached:
+    token: str
+    refresh_at: float
+    expires_at: float
+
+
+class AccessTokens:
+    def __init__(self, client: aioredis.Redis, key_prefix: str, keyring: Keyring,
+                 wechat: WeChatClient, lock_ttl: float) -> None:
+        self._redis = client
+        self._prefix = key_prefix
+        self._keyring = keyring
+        self._wechat = wechat
+        self._lock_ttl = lock_ttl
+        self._release = client.register_script(_RELEASE)
+        self._flights: dict[str, asyncio.Future[str]] = {}
+
+    async def call(self, app: App, operation: Callable[[str], Awaitable[_T]]) -> _T:
+        """Run ``operation(access_token)``; if WeChat rejects the token, refresh once and retry."""
+        token = await self.get(app)
+        try:
+            return await operation(token)
+        except AccessTokenRejected:
+            log.info("access_token for %s rejected by WeChat; refreshing", app.appid)
+            return await operation(await self.get(app, rejected=token))
+
+    async def get(self, app: App, rejected: str | None = None) -> str:
+        cached = await self._read(app)
+        if cached is not None and cached.token != rejected and time.time() < cached.refresh_at:
+            return cached.token
+        token = await self._join(app, rejected, start_new=False)
+        if rejected is not None and token == rejected:
+            # We joined a refresh that started before WeChat rejected this token.
+            token = await self._join(app, rejected, start_new=True)
+        return token
+
+    async def _join(self, app: App, rejected: str | None, start_new: bool) -> str:
+        flight = self._flights.get(app.appid)
+        if start_new or flight is None or flight.done():
+            flight = asyncio.ensure_future(self._refresh(app, rejected))
+            self._flights[app.appid] = flight
+        return await asyncio.shield(flight)
+
+    async def _refresh(self, app: App, rejected: str | None) -> str:
+        lock = f"{self._prefix}access_token_lock:{app.appid}"
+        owner = secrets.token_hex(16)
+        deadline = time.monotonic() + self._lock_ttl * 2
+        while True:
+            if await guarded(lambda: self._redis.set(lock, owner, nx=True,
+                                                         px=int(self._lock_ttl * 1000))):
+                try:
+                    return await self._fetch(app, rejected)
+                finally:
+                    await guarded(lambda: self._release(keys=[lock], args=[owner]))
+            # Another caller (maybe another replica) is refreshing: use what is still valid.
+            cached = await self._read(app)
+            if cached is not None and cached.token != rejected and time.time() < cached.expires_at:
+                return cached.token
+            if time.monotonic() > deadline:
+                raise WeChatUnavailable("timed out waiting for WeChat access_token refresh")
+            await asyncio.sleep(_POLL)
+
+    async def _fetch(self, app: App, rejected: str | None) -> str:
+        # Re-read under the lock: the previous holder may have just stored a fresh token.
+        cached = await self._read(app)
+        if cached is not None and cached.token != rejected and time.time() < cached.refresh_at:
+            return cached.token
+        force = rejected is not None and (cached is None or cached.token == rejected)
+        fresh = await self._wechat.stable_token(app, force_refresh=force)
+        now = time.time()
+        entry: dict[str, Any] = {"token": fresh.token, "refresh_at": now + fresh.expires_in * REFRESH_AT,
+                 "expires_at": now + fresh.expires_in}
+        sealed = self._keyring.seal(json.dumps(entry).encode(), self._context(app))
+        await guarded(lambda: self._redis.set(self._key(app), sealed,
+                                                  pxat=int(entry["expires_at"] * 1000)))
+        log.info("refreshed the WeChat access_token for %s (valid %ds)", app.appid,
+                 fresh.expires_in)
+        return fresh.token
+
+    async def _read(self, app: App) -> _Cached | None:
+        sealed: Any = await guarded(lambda: self._redis.get(self._key(app)))
+        if sealed is None:
+            return None
+        try:
+            entry = json.loads(self._keyring.open(sealed.decode(), self._context(app)))
+            cached = _Cached(entry["token"], float(entry["refresh_at"]), float(entry["expires_at"]))
+        except (ValueError, KeyError, TypeError):
+            return None  # sealed under a retired signing key, or damaged: fetch a new one
+        return cached if time.time() < cached.expires_at else None
+
+    def _key(self, app: App) -> str:
+        return f"{self._prefix}access_token:{app.appid}"
+
+    @staticmethod
+    def _context(app: App) -> bytes:
+        return f"access_token/{app.appid}".encode()
+
