@@ -8,9 +8,11 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
+from . import profile
 from .auth import Identity, bearer_token
 from .config import Config
 from .forwarded import client_address
+from .proxy import identity_headers
 from .errors import (GatewayError, InvalidCode, InvalidRequest, MethodNotAllowed, PayloadTooLarge,
                      StoreUnavailable, Unauthorized, UnknownApp)
 from .metrics import CONTENT_TYPE
@@ -33,6 +35,9 @@ def add_routes(app: web.Application, config: Config) -> None:
     for path, methods, handler in (
             (f"{p}/login", ("POST",), login), (f"{p}/logout", ("POST",), logout),
             (f"{p}/refresh", ("POST",), refresh), (f"{p}/session", ("GET", "HEAD"), session),
+            (f"{p}/phone", ("POST",), _with_body(profile.phone)),
+            (f"{p}/decrypt", ("POST",), _with_body(profile.decrypt)),
+            (f"{p}/check-signature", ("POST",), _with_body(profile.check_signature)),
             ("/healthz", ("GET", "HEAD"), healthz), ("/readyz", ("GET", "HEAD"), readyz),
             ("/metrics", ("GET", "HEAD"), metrics)):
         app.router.add_route("*", path, _only(methods, handler))
@@ -47,6 +52,16 @@ def _only(methods: tuple[str, ...], handler: Handler) -> Handler:
                                    headers={"Allow": ", ".join(methods)})
         return await handler(request)
     return guarded
+
+
+def _with_body(operation: Callable[[Services, Identity, dict[str, Any]],
+                                   Awaitable[dict[str, Any]]]) -> Handler:
+    """An endpoint that needs a live session and a JSON object body."""
+    async def handler(request: web.Request) -> web.StreamResponse:
+        identity = await _identity(request)
+        body = await _json_object(request)
+        return json_response(await operation(request.app[SERVICES], identity, body))
+    return handler
 
 
 async def login(request: web.Request) -> web.Response:
@@ -96,17 +111,19 @@ async def refresh(request: web.Request) -> web.Response:
 
 
 async def session(request: web.Request) -> web.Response:
-    return json_response(_session_body(await _identity(request)))
+    identity = await _identity(request)
+    check = request.query.get("check", "false").strip().lower()
+    if check not in ("true", "1", "false", "0"):
+        raise InvalidRequest("check must be true or false")
+    if check in ("true", "1"):  # ask WeChat whether the session_key is still current
+        await profile.check_session_key(request.app[SERVICES], identity)
+    return json_response(_session_body(identity))
 
 
 async def verify(request: web.Request) -> web.Response:
     identity = await _identity(request)
     response = json_response(_session_body(identity))
-    names = request.app[SERVICES].config.identity_headers
-    response.headers[names.openid] = identity.session.openid
-    response.headers[names.appid] = identity.session.appid
-    if identity.session.unionid:
-        response.headers[names.unionid] = identity.session.unionid
+    response.headers.update(identity_headers(identity, request.app[SERVICES].config))
     return response
 
 

@@ -16,7 +16,7 @@ from . import websocket
 from .auth import Identity, bearer_token
 from .config import Config, Route
 from .forwarded import forwarded_headers
-from .errors import (InvalidPath, NotFound, StoreUnavailable, Unauthorized, UpstreamTimeout,
+from .errors import (AppForbidden, InvalidPath, NotFound, Unauthorized, UpstreamTimeout,
                      UpstreamUnavailable)
 from .services import REQUEST_ID, ROUTE_LABEL, SERVICES
 
@@ -81,12 +81,19 @@ def forward_headers(request: web.Request, identity: Identity | None, config: Con
     if route.preserve_host and request.host:
         out["Host"] = request.host
     if identity is not None:
-        session = identity.session
-        out[names.openid] = session.openid
-        out[names.appid] = session.appid
-        if session.unionid:
-            out[names.unionid] = session.unionid
+        out.update(identity_headers(identity, config))
     return out
+
+
+def identity_headers(identity: Identity, config: Config) -> dict[str, str]:
+    """The verified identity, as upstreams (and forward-auth callers) receive it."""
+    names, session = config.identity_headers, identity.session
+    headers = {names.openid: session.openid, names.appid: session.appid}
+    if session.unionid:
+        headers[names.unionid] = session.unionid
+    if session.phone and config.session.store_phone:
+        headers[names.phone] = session.phone
+    return headers
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
@@ -126,15 +133,18 @@ async def _authenticate(request: web.Request, route: Route) -> Identity | None:
     authenticator = request.app[SERVICES].authenticator
     token = bearer_token(request.headers.getall("Authorization", []))
     if route.auth == "required":
-        return await authenticator.authenticate(token)
-    if token is None:
+        identity = await authenticator.authenticate(token)
+    elif token is None:
         return None
-    try:
-        return await authenticator.authenticate(token)
-    except Unauthorized:
-        return None  # optional: an invalid token just means anonymous
-    except StoreUnavailable:
-        raise  # a token was offered but cannot be checked: fail closed, never downgrade
+    else:
+        try:
+            identity = await authenticator.authenticate(token)
+        except Unauthorized:
+            return None  # optional: an invalid token just means anonymous
+        # StoreUnavailable propagates: a token that cannot be checked is never downgraded.
+    if route.apps and identity.session.appid not in route.apps:
+        raise AppForbidden(f"tokens of {identity.session.appid} are not accepted on {route.path}")
+    return identity
 
 
 async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
