@@ -17,8 +17,9 @@ from aiohttp import web
 
 from . import config as config_
 from . import simulator
-from .app import AccessLogger, create_app
+from .app import create_app
 from .embedded import EmbeddedRedis, free_port
+from .server import runner
 
 DEMO_APPID = "wxdemo0000000001"
 DEMO_SECRET = "demo-secret"
@@ -38,10 +39,10 @@ def echo_app() -> web.Application:
 
 
 async def _serve(app: web.Application, host: str, port: int) -> web.AppRunner:
-    runner = web.AppRunner(app, access_log_class=AccessLogger)
-    await runner.setup()
-    await web.TCPSite(runner, host, port).start()
-    return runner
+    app_runner = runner(app, shutdown_grace=2)
+    await app_runner.setup()
+    await web.TCPSite(app_runner, host, port).start()
+    return app_runner
 
 
 def demo_config(redis_url: str, api_base: str, upstream: str, listen: str) -> config_.Config:
@@ -50,7 +51,8 @@ def demo_config(redis_url: str, api_base: str, upstream: str, listen: str) -> co
         "redis": {"url": redis_url, "key_prefix": "wxgw-demo:"},
         "wechat": {"api_base": api_base, "timeout": "5s"},
         "apps": [{"appid": DEMO_APPID, "secret": DEMO_SECRET}],
-        "session": {"signing_keys": [secrets.token_urlsafe(32)], "ttl": "1h"},
+        "session": {"signing_keys": [secrets.token_urlsafe(32)], "ttl": "1h",
+                    "store_phone": True},
         "routes": [
             {"path": "/api/", "upstream": upstream, "auth": "required"},
             {"path": "/public/", "upstream": upstream, "auth": "public"},
@@ -71,14 +73,16 @@ async def run(host: str, port: int) -> None:
         config = demo_config(redis.url, f"http://127.0.0.1:{wechat_port}",
                              f"http://127.0.0.1:{upstream_port}", f"{host}:{port}")
         runners.append(await _serve(create_app(config), host, port))
-        print(_instructions(f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"),
+        shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        print(_instructions(f"http://{shown}:{port}", f"http://127.0.0.1:{wechat_port}"),
               flush=True)
         await stop.wait()
         for runner in reversed(runners):
             await runner.cleanup()
 
 
-def _instructions(base: str) -> str:
+def _instructions(base: str, wechat: str) -> str:
+    appid = DEMO_APPID
     return f"""
 wx-gateway demo is running on {base}
   Redis: embedded   WeChat: built-in simulator   upstream: echo server (shows what it receives)
@@ -100,6 +104,16 @@ wx-gateway demo is running on {base}
    curl -s -X POST {base}/auth/refresh -H "Authorization: Bearer $TOKEN"
    curl -s -i -X POST {base}/auth/logout -H "Authorization: Bearer $TOKEN"
 
+5. Phone number (the code a getPhoneNumber button gives; any code works here):
+   curl -s -X POST {base}/auth/phone -H "Authorization: Bearer $TOKEN" -d '{{"code": "phone-1"}}'
+
+6. Legacy user data: what wx.getUserInfo would hand the mini-program for login code "alice",
+   decrypted and signature-checked by the gateway with the session's session_key:
+   USERDATA=$(curl -s '{wechat}/_simulator/userdata?appid={appid}&code=alice')
+   curl -s -X POST {base}/auth/decrypt -H "Authorization: Bearer $TOKEN" -d "$USERDATA"
+   curl -s -X POST {base}/auth/check-signature -H "Authorization: Bearer $TOKEN" -d "$USERDATA"
+   curl -s '{base}/auth/session?check=true' -H "Authorization: Bearer $TOKEN"
+
 WeChat errors on request: code "errcode-40029-x" (invalid code), "errcode-40226-x" (blocked),
 "errcode-45011-x" (rate limited), "errcode--1-x" (busy), "slow-6000-x" (timeout).
 Press Ctrl+C to stop.
@@ -112,7 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8080)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(run(args.host, args.port))
+    try:
+        asyncio.run(run(args.host, args.port))
+    except OSError as exc:
+        print(f"cannot start the demo on {args.host}:{args.port}: {exc.strerror or exc} "
+              f"(try --port)", file=sys.stderr)
+        return 1
     return 0
 
 
