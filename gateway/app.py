@@ -28,6 +28,8 @@ from .wechat import WeChatClient
 
 log = logging.getLogger("gateway")
 CONFIG = web.AppKey("config", Config)
+# Tasks handling a request right now: a graceful stop cancels what outlives shutdown_grace.
+IN_FLIGHT = web.AppKey("in_flight", set[asyncio.Task[object]])
 _CATCH_ALL = r"/{tail:[\s\S]*}"  # [\s\S]: also paths with (decoded) newlines, refused later
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 _BY_STATUS: dict[int, type[GatewayError]] = {
@@ -40,6 +42,7 @@ def create_app(config: Config) -> web.Application:
     app = web.Application(middlewares=[_pipeline], client_max_size=endpoints.MAX_BODY_BYTES)
     app[CONFIG] = config
     app[METRICS] = Metrics()
+    app[IN_FLIGHT] = set()
     app.cleanup_ctx.append(_services)
     endpoints.add_routes(app, config)
     app.router.add_route("*", _CATCH_ALL, proxy.handle)
@@ -83,6 +86,10 @@ async def _pipeline(request: web.Request, handler: endpoints.Handler) -> web.Str
     sent = request.headers.get("X-Request-ID", "")
     request_id = sent if _SANE_REQUEST_ID.match(sent) else uuid.uuid4().hex
     request[REQUEST_ID] = request_id
+    task = asyncio.current_task()
+    in_flight = request.app[IN_FLIGHT]
+    if task is not None:
+        in_flight.add(task)
     try:
         response = await handler(request)
     except GatewayError as exc:
@@ -95,6 +102,9 @@ async def _pipeline(request: web.Request, handler: endpoints.Handler) -> web.Str
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         response = error_response(InternalError("the gateway failed to handle this request"))
+    finally:
+        if task is not None:
+            in_flight.discard(task)
     if not response.prepared:
         response.headers["X-Request-ID"] = request_id
     label = request.get(ROUTE_LABEL) or _resource_label(request)

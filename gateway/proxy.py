@@ -52,7 +52,8 @@ def request_path(raw_path: str) -> str:
         raise InvalidPath("the request path is not valid UTF-8 once decoded") from None
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in decoded):
         raise InvalidPath("the request path contains a control character")
-    if any(seg in (".", "..") for seg in decoded.split("/")):
+    # ";params" included: Tomcat, Jetty and Spring drop them before resolving "..;".
+    if any(seg.split(";", 1)[0] in (".", "..") for seg in decoded.split("/")):
         raise InvalidPath("the request path contains a '.' or '..' segment")
     if any(enc in decoded.lower() for enc in ("%2e", "%2f", "%5c")):
         raise InvalidPath("the request path contains a double-encoded dot or slash")

@@ -11,7 +11,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
-from .app import AccessLogger, create_app
+from .app import IN_FLIGHT, AccessLogger, create_app
 from .config import Config
 from .errors import GatewayError, HeadersTooLarge, InvalidRequest
 from .endpoints import json_response
@@ -67,10 +67,21 @@ async def serve(config: Config) -> None:
     await app_runner.setup()
     try:
         await web.TCPSite(app_runner, config.listen_host, config.listen_port).start()
-        log.info("wx-gateway listening on %s:%d (%d route(s), %d app(s))", config.listen_host,
-                 config.listen_port, len(config.routes), len(config.apps))
-        await stop.wait()
-        log.info("stopping: draining in-flight requests (up to %gs)", config.shutdown_grace)
-    finally:
-        # Closes the listener first, waits for in-flight handlers, then runs cleanup_ctx.
+    except BaseException:
         await app_runner.cleanup()
+        raise
+    log.info("wx-gateway listening on %s:%d (%d route(s), %d app(s))", config.listen_host,
+             config.listen_port, len(config.routes), len(config.apps))
+    await stop.wait()
+    log.info("stopping: draining in-flight requests (up to %gs)", config.shutdown_grace)
+    # cleanup() closes the listener, waits for in-flight handlers, then runs cleanup_ctx.
+    # aiohttp would wait up to twice shutdown_timeout for a handler that ignores its
+    # request's cancellation (one blocked on an upstream), so the grace is enforced here.
+    drain = asyncio.ensure_future(app_runner.cleanup())
+    if not (await asyncio.wait({drain}, timeout=config.shutdown_grace))[0]:
+        late = app_runner.app[IN_FLIGHT]
+        log.warning("cancelling %d request(s) still running after %gs", len(late),
+                    config.shutdown_grace)
+        for task in list(late):
+            task.cancel()
+    await drain

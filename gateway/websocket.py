@@ -37,7 +37,8 @@ async def relay(request: web.Request, http: aiohttp.ClientSession, url: URL,
         async with asyncio.timeout(handshake_timeout):
             upstream = await http.ws_connect(
                 url.with_scheme("wss" if url.scheme == "https" else "ws"), headers=headers,
-                protocols=protocols, autoping=False, max_msg_size=0, compress=0,
+                protocols=protocols, autoping=False, autoclose=False, max_msg_size=0,
+                compress=0,
                 timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=handshake_timeout))
     except aiohttp.WSServerHandshakeError as exc:
         if exc.status == 101:  # upgraded, but not a valid WebSocket answer
@@ -50,8 +51,10 @@ async def relay(request: web.Request, http: aiohttp.ClientSession, url: URL,
         log.warning("websocket upstream unavailable: %s", type(exc).__name__)
         raise UpstreamUnavailable("the upstream is unavailable") from None
 
+    # autoping/autoclose off: pings, pongs and close frames are relayed, not answered here,
+    # so each side sees the other's close code and reason.
     client = web.WebSocketResponse(protocols=[upstream.protocol] if upstream.protocol else (),
-                                   autoping=False, max_msg_size=0)
+                                   autoping=False, autoclose=False, max_msg_size=0)
     await client.prepare(request)
     async with upstream:
         to_upstream = asyncio.create_task(_pump(client, upstream))
@@ -67,7 +70,6 @@ async def relay(request: web.Request, http: aiohttp.ClientSession, url: URL,
 
 async def _pump(source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
                 sink: web.WebSocketResponse | aiohttp.ClientWebSocketResponse) -> None:
-    code, reason = None, ""
     while True:
         msg = await source.receive()
         if msg.type == WSMsgType.TEXT:
@@ -79,13 +81,16 @@ async def _pump(source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
         elif msg.type == WSMsgType.PONG:
             await sink.pong(msg.data)
         elif msg.type == WSMsgType.CLOSE:
-            code, reason = msg.data, msg.extra or ""
-            break
-        else:  # CLOSING, CLOSED, ERROR
-            break
-    # The source closed: pass its close code and reason on to the other side.
-    await sink.close(code=code or source.close_code or aiohttp.WSCloseCode.OK,
-                     message=reason.encode())
+            # The source closed: pass its code and reason on, then finish its handshake.
+            reason = (msg.extra or "").encode()
+            await sink.close(code=msg.data, message=reason)
+            await source.close(code=msg.data, message=reason)
+            return
+        elif msg.type == WSMsgType.CLOSING:
+            return  # the other pump is closing this socket on its peer's behalf
+        else:  # CLOSED or ERROR: the source vanished without a close frame
+            await sink.close(code=aiohttp.WSCloseCode.GOING_AWAY)
+            return
 
 
 def _refusal(status: int, reason: str, headers: MultiMapping[str] | None) -> web.Response:

@@ -1,0 +1,711 @@
+"""Security hardening and proxy completeness (issue 4): path normalisation, header spoofing in
+every spelling, malformed and oversize requests (answered by the real process), trusted
+proxies, Host handling, response headers, timeouts, cancellation and token hygiene."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Sequence
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from conftest import APPID, GatewayFactory, Upstream, base_config, login
+from gateway import config as config_
+from gateway.embedded import EmbeddedRedis, free_port
+from gateway.errors import ConfigError
+
+IDENTITY_NAMES = ("x-wx-openid", "x-wx-unionid", "x-wx-appid")
+SPOOF = "spoofed-identity-0000"
+WAIT = 10.0  # upper bound for any single network wait in this file
+
+
+# --- a raw HTTP/1.1 client: aiohttp's own client would normalise what these tests send ------
+
+
+@dataclass
+class RawResponse:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> list[str]:
+        return [v for k, v in self.headers if k.lower() == name.lower()]
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def _dechunk(data: bytes) -> bytes:
+    out = bytearray()
+    while True:
+        size_line, _, data = data.partition(b"\r\n")
+        size = int(size_line.split(b";")[0].strip(), 16)
+        if size == 0:
+            return bytes(out)
+        out += data[:size]
+        data = data[size + 2:]
+
+
+async def raw_exchange(host: str, port: int, payload: bytes) -> RawResponse:
+    """Send exactly ``payload`` and read the answer until the server closes."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(payload)
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), WAIT)
+    finally:
+        writer.close()
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert head, f"no answer to {payload[:120]!r}"
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    parsed = [(k.strip(), v.strip()) for k, _, v in (h.partition(":") for h in header_lines)]
+    response = RawResponse(int(status_line.split()[1]), parsed, rest)
+    if any("chunked" in v.lower() for v in response.header("Transfer-Encoding")):
+        response.body = _dechunk(rest)
+    return response
+
+
+def build_request(method: str, target: str, header_lines: Sequence[bytes] = (),
+                  host: str | None = "gateway.test", body: bytes = b"") -> bytes:
+    """A request with these header lines verbatim (plus Host and ``Connection: close``)."""
+    lines = [f"{method} {target} HTTP/1.1".encode("latin-1")]
+    if host is not None:
+        lines.append(f"Host: {host}".encode("latin-1"))
+    lines.extend(header_lines)
+    lines.append(b"Connection: close")
+    if body:
+        lines.append(f"Content-Length: {len(body)}".encode())
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+async def raw_request(client: TestClient, method: str, target: str,
+                      headers: Sequence[tuple[str, str]] = (),
+                      host: str | None = "gateway.test") -> RawResponse:
+    lines = [f"{k}: {v}".encode("latin-1") for k, v in headers]
+    return await raw_exchange(client.server.host, client.server.port,
+                              build_request(method, target, lines, host))
+
+
+def assert_json_error(resp: RawResponse | tuple[int, str, Any], status: int,
+                      code: str | None) -> dict[str, Any]:
+    if isinstance(resp, RawResponse):
+        got_status, content_type, body = resp.status, resp.header("Content-Type")[0], resp.json()
+    else:
+        got_status, content_type, body = resp
+    assert got_status == status, body
+    assert content_type.replace(" ", "").lower() == "application/json;charset=utf-8"
+    assert set(body) == {"error", "message"}, body
+    if code is not None:
+        assert body["error"] == code, body
+    assert isinstance(body["message"], str) and body["message"]
+    return dict(body)
+
+
+async def client_error(resp: aiohttp.ClientResponse, status: int, code: str) -> dict[str, Any]:
+    return assert_json_error((resp.status, resp.headers["Content-Type"], await resp.json()),
+                             status, code)
+
+
+def identity_headers_seen(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Every header an upstream framework could read as an identity header."""
+    return [(k, v) for k, v in headers if k.strip().lower().replace("_", "-") in IDENTITY_NAMES]
+
+
+# --- a real gateway process (the runner in gateway/server.py is only there) ------------------
+
+
+@dataclass
+class RealGateway:
+    port: int
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(encoding="utf-8", errors="replace")
+
+    async def raw(self, payload: bytes) -> RawResponse:
+        return await raw_exchange("127.0.0.1", self.port, payload)
+
+
+@contextlib.asynccontextmanager
+async def real_gateway(tmp_path: Path, data: dict[str, Any]) -> AsyncIterator[RealGateway]:
+    """``python -m gateway`` on a free port with this configuration; killed on exit."""
+    port = free_port()
+    data = {**data, "listen": f"127.0.0.1:{port}"}
+    name = f"gw-{uuid.uuid4().hex[:8]}"
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    log_path = tmp_path / f"{name}.log"
+    env = {k: v for k, v in os.environ.items() if k != "GATEWAY_CONFIG"}
+    with open(log_path, "wb") as log:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "--config", str(path), cwd=tmp_path, env=env,
+            stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        gateway = RealGateway(port, log_path)
+        try:
+            async with aiohttp.ClientSession() as http:
+                deadline = time.monotonic() + WAIT
+                while True:
+                    assert proc.returncode is None, f"gateway exited:\n{gateway.output()}"
+                    assert time.monotonic() < deadline, f"not healthy:\n{gateway.output()}"
+                    try:
+                        async with http.get(f"http://127.0.0.1:{port}/healthz",
+                                            timeout=aiohttp.ClientTimeout(total=1)) as resp:
+                            if resp.status == 200:
+                                break
+                    except (aiohttp.ClientError, asyncio.TimeoutError):
+                        pass
+                    await asyncio.sleep(0.05)
+            yield gateway
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(proc.wait(), WAIT)
+
+
+@pytest.fixture
+def real_config(redis_server: EmbeddedRedis, wechat: TestServer,
+                upstream: Upstream) -> dict[str, Any]:
+    return base_config(redis_server.url, f"wxgw-hard-{uuid.uuid4().hex[:8]}:",
+                       f"http://127.0.0.1:{wechat.port}", upstream.url)
+
+
+async def real_login(gw: RealGateway) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"http://127.0.0.1:{gw.port}/auth/login",
+                             json={"code": f"hard-{uuid.uuid4().hex[:12]}"}) as resp:
+            assert resp.status == 200, await resp.text()
+            body: dict[str, Any] = await resp.json()
+            return body
+
+
+# --- path normalisation ----------------------------------------------------------------------
+
+# Each one arrives on a public prefix and, resolved by some server or framework, would land
+# under /api/ (auth required) or on the gateway's own endpoints. The gateway's rule: 400
+# invalid_path, nothing forwarded. (test_proxy.py has its own, separate list.)
+ESCAPES = [
+    "/public/../api/orders",
+    "/public/../api/orders?page=1",
+    "/public/%2e%2e/api/orders",
+    "/public/%2E%2E/api/orders",
+    "/public/%2E%2e/api/orders",
+    "/public/%2e%2E/api/orders",
+    "/public/.%2E/api/orders",
+    "/public/%2e./api/orders",
+    "/public/%2E./api/orders",
+    "/public/%2e/../api/orders",
+    "/public/%2e/api/orders",
+    "/public/./../api/orders",
+    "/public/x/./y",
+    "/public//api/orders",
+    "/public/x//../../api/orders",
+    "/public/..%2fapi/orders",
+    "/public/..%2Fapi/orders",
+    "/public/%2e%2e%2fapi%2forders",
+    "/public/%2F%2E%2E%2Fapi",
+    "/public/..%5capi/orders",
+    "/public/..%5Capi/orders",
+    "/public/..%5C..%5Capi",
+    "/public/..\\api/orders",
+    "/public/x\\..\\..\\api\\orders",
+    "/public/%00/../api/orders",
+    "/public/orders%00.json",
+    "/public/.%00./api",
+    "/public/%c0%ae%c0%ae/api/orders",
+    "/public/..%c0%afapi/orders",
+    "/public/%c0%ae%c0%ae%c0%afapi",
+    "/public/%C0%AE%C0%AE/api/orders",
+    "/public/%e0%80%ae%e0%80%ae/api/orders",
+    "/public/..%e0%80%afapi/orders",
+    "/public/%c1%9c..%c1%9capi",
+    "/public/%f0%80%80%ae%f0%80%80%ae/api",
+    "/public/%ed%a0%80/api",
+    "/public/%252e%252e/api/orders",
+    "/public/..%252fapi/orders",
+    "/public/..%255capi/orders",
+    "/public/%25%32%65%25%32%65/api/orders",
+    "/public/..%25%32%66api/orders",
+    "/public;/../api/orders",
+    "/public/x;/../../api/orders",
+    "/public/x;a=b/../../api/orders",
+    "/public/..;/api/orders",
+    "/public/%2e%2e;/api/orders",
+    "/public/..;jsessionid=1/api/orders",
+    "/public/.;/x",
+    "/public/x/..",
+    "/public/x/%2e%2e",
+    "/public/x/.",
+    "/public/x/%2e",
+    "/public/a%09b",
+    "/public/a%0D%0AX-WX-OpenID:%20spoof",
+    "/public/a%0Ab",
+    "/public/a%7fb",
+    "/public/a%1bb",
+    "/public/a/b/c/../../../../api/orders",
+    "/public/%2e%2e/%2e%2e/%2e%2e/%2e%2e/api/orders",
+    "/public/" + "../" * 20 + "api/orders",
+    "/public/" + "%2e%2e/" * 20 + "healthz",
+    "/public/../auth/session",
+    "/public/%2e%2e/metrics",
+    "/public/.%2e/.%2E/%2E./readyz",
+]
+
+# Dots, escapes and tildes that are ordinary names: they must pass, byte for byte.
+LOOKALIKES = [
+    "/public/a..b",
+    "/public/...",
+    "/public/..../x",
+    "/public/%2e%2ex",
+    "/public/x%2e%2e",
+    "/public/..a/b..",
+    "/public/.hidden",
+    "/public/.well-known/security.txt",
+    "/public/a.b.",
+    "/public/file.tar.gz",
+    "/public/%41",
+    "/public/~user",
+    "/public/%7Euser/%7e",
+    "/public/a%20b",
+    "/public/caf%C3%A9/%E4%B8%AD%E6%96%87",
+    "/public/100%25",
+    "/public/a;b=c/d",
+    "/public/x?next=../../api/orders&enc=%2e%2e%2f%5c//x",
+]
+
+
+@pytest.mark.parametrize("target", ESCAPES)
+async def test_path_escapes_are_refused(gw: TestClient, upstream: Upstream, target: str) -> None:
+    resp = await raw_request(gw, "GET", target)
+    assert_json_error(resp, 400, "invalid_path")
+    assert upstream.seen == []
+
+
+async def test_path_escapes_are_refused_with_a_token_and_on_every_method(
+        gw: TestClient, upstream: Upstream) -> None:
+    session = await login(gw)
+    auth = ("Authorization", f"Bearer {session['token']}")
+    for method, target in [("POST", "/public/%2e%2e/api/orders"), ("DELETE", "/maybe/../api/x"),
+                           ("PUT", "/public/..%2fapi/x"), ("GET", "/api/x/../../public/y")]:
+        assert_json_error(await raw_request(gw, method, target, [auth]), 400, "invalid_path")
+    assert upstream.seen == []
+
+
+def test_path_tables_are_big_enough() -> None:
+    assert len(set(ESCAPES)) == len(ESCAPES) >= 40
+    assert len(set(LOOKALIKES)) == len(LOOKALIKES) >= 10
+
+
+@pytest.mark.parametrize("target", LOOKALIKES)
+async def test_path_lookalikes_pass_byte_for_byte(
+        gw: TestClient, upstream: Upstream, target: str) -> None:
+    resp = await raw_request(gw, "GET", target)
+    assert resp.status == 200, resp.body
+    assert [s.raw_path for s in upstream.seen] == [target]
+    assert identity_headers_seen(upstream.last.headers) == []
+
+
+# --- header spoofing against the real process ------------------------------------------------
+
+# Plain header names: valid HTTP, so the request is served, minus the forgery.
+PLAIN_SPELLINGS = [b"X-WX-OpenID", b"x-wx-openid", b"X-WX-OPENID", b"X_WX_OpenID",
+                   b"x_wx_unionid", b"X-Wx-AppId", b"X_WX_APPID", b"x-wx_openid",
+                   b"X_wx-UnionId", b"x-WX-aPpId"]
+# Whitespace around names: the parser may refuse them; whatever it does, no forgery passes.
+# Each is sent after an innocent header, so a leading space is also an obsolete line fold.
+ODD_LINES = [b"X-WX-OpenID : " + SPOOF.encode(), b"X-WX-OpenID\t: " + SPOOF.encode(),
+             b" X-WX-OpenID: " + SPOOF.encode(), b"\tX-WX-OpenID: " + SPOOF.encode(),
+             b"X_WX_AppID : " + SPOOF.encode(), b" x-wx-unionid : " + SPOOF.encode()]
+
+
+async def test_real_process_identity_spellings_never_reach_upstream(
+        tmp_path: Path, real_config: dict[str, Any], upstream: Upstream) -> None:
+    async with real_gateway(tmp_path, real_config) as gw:
+        session = await real_login(gw)
+        genuine = sorted([("x-wx-openid", session["openid"]), ("x-wx-appid", APPID),
+                          ("x-wx-unionid", session["unionid"])])
+        token_line = f"Authorization: Bearer {session['token']}".encode()
+        routes = {"required": ("/api/p", [token_line], genuine),
+                  "optional-token": ("/maybe/p", [token_line], genuine),
+                  "optional-anonymous": ("/maybe/p", [], []),
+                  "public": ("/public/p", [token_line], [])}
+        problems: list[str] = []
+        for case, (path, auth, expected) in routes.items():
+            for line in [n + b": " + SPOOF.encode() for n in PLAIN_SPELLINGS] + ODD_LINES:
+                before = len(upstream.seen)
+                payload = build_request("GET", path, [b"X-Other: kept", line, *auth])
+                resp = await gw.raw(payload)
+                label = f"{case} {line!r}"
+                if line in ODD_LINES and resp.status == 400:
+                    body = resp.json()  # refused by the gateway: in its JSON, nothing forwarded
+                    if resp.header("Content-Type")[0].split(";")[0] != "application/json" \
+                            or set(body) != {"error", "message"}:
+                        problems.append(f"{label}: 400 but not the JSON error: {resp.body!r}")
+                    if len(upstream.seen) != before:
+                        problems.append(f"{label}: refused yet forwarded")
+                    continue
+                if resp.status != 200 or len(upstream.seen) != before + 1:
+                    problems.append(f"{label}: {resp.status} {resp.body[:200]!r}")
+                    continue
+                seen = upstream.last
+                got = sorted((k.strip().lower().replace("_", "-"), v)
+                             for k, v in identity_headers_seen(seen.headers))
+                if got != expected:
+                    problems.append(f"{label}: upstream saw {identity_headers_seen(seen.headers)}")
+                if any(SPOOF in v for _, v in seen.headers):
+                    problems.append(f"{label}: the forged value reached the upstream: "
+                                    f"{[h for h in seen.headers if SPOOF in h[1]]}")
+                if seen.header("Authorization"):
+                    problems.append(f"{label}: Authorization was forwarded")
+        assert problems == []
+
+
+@pytest.mark.parametrize("path", ["/api/p", "/maybe/p"])
+@pytest.mark.parametrize("pair", ["same-bearer", "bearer-then-basic", "basic-then-bearer",
+                                  "bearer-then-junk", "differing-case"])
+async def test_duplicate_authorization_headers_are_refused(
+        gw: TestClient, upstream: Upstream, path: str, pair: str) -> None:
+    token = (await login(gw))["token"]
+    values = {"same-bearer": [f"Bearer {token}", f"Bearer {token}"],
+              "bearer-then-basic": [f"Bearer {token}", "Basic dXNlcjpwYXNz"],
+              "basic-then-bearer": ["Basic dXNlcjpwYXNz", f"Bearer {token}"],
+              "bearer-then-junk": [f"Bearer {token}", "Bearer junk.junk.junk"],
+              "differing-case": [f"Bearer {token}", f"bearer {token}"]}[pair]
+    names = ["Authorization", "authorization" if pair == "differing-case" else "Authorization"]
+    resp = await raw_request(gw, "GET", path, list(zip(names, values)))
+    assert_json_error(resp, 400, "invalid_request")
+    assert upstream.seen == []
+
+
+async def test_real_process_oversize_and_too_many_headers_are_431_json(
+        tmp_path: Path, real_config: dict[str, Any], upstream: Upstream) -> None:
+    async with real_gateway(tmp_path, real_config) as gw:
+        big = build_request("GET", "/public/x", [b"X-Big: " + b"a" * 20_000])
+        assert_json_error(await gw.raw(big), 431, "request_header_fields_too_large")
+        big_name = build_request("GET", "/public/x", [b"X-" + b"n" * 20_000 + b": v"])
+        assert_json_error(await gw.raw(big_name), 431, "request_header_fields_too_large")
+        many = build_request("GET", "/public/x", [f"X-H{i}: v".encode() for i in range(300)])
+        assert_json_error(await gw.raw(many), 431, "request_header_fields_too_large")
+        assert upstream.seen == []
+        # ...and the process still serves normal requests afterwards.
+        ok = await gw.raw(build_request("GET", "/public/x", [b"X-Fine: " + b"a" * 4000]))
+        assert ok.status == 200
+        assert upstream.last.header("X-Fine") == ["a" * 4000]
+
+
+@pytest.mark.parametrize("payload", [
+    b"GARBAGE\r\n\r\n",
+    b"this is not http at all\r\n\r\n",
+    b"GET\r\n\r\n",
+    b"GET /public/x HTTP/1.1\r\nHost: x\r\nNo colon here\r\n\r\n",
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40 + b"\r\n\r\n",  # TLS hello
+], ids=["word", "sentence", "no-target", "header-without-colon", "tls-hello"])
+async def test_real_process_garbage_is_400_json(
+        tmp_path: Path, real_config: dict[str, Any], upstream: Upstream, payload: bytes) -> None:
+    async with real_gateway(tmp_path, real_config) as gw:
+        assert_json_error(await gw.raw(payload), 400, "invalid_request")
+        assert upstream.seen == []
+
+
+# --- trusted proxies -------------------------------------------------------------------------
+
+
+async def test_trusted_peer_forwarded_headers_are_appended_to(
+        make_gateway: GatewayFactory, upstream: Upstream) -> None:
+    client = await make_gateway(trusted_proxies=["127.0.0.1/32"])
+    resp = await raw_request(client, "GET", "/public/fw", [
+        ("X-Forwarded-For", "203.0.113.7"), ("X-Forwarded-Proto", "https"),
+        ("X-Forwarded-Host", "example.com")], host="gateway.internal:8080")
+    assert resp.status == 200
+    seen = upstream.last
+    assert seen.header("X-Forwarded-For") == ["203.0.113.7, 127.0.0.1"]
+    assert seen.header("X-Forwarded-Proto") == ["https"]
+    assert seen.header("X-Forwarded-Host") == ["example.com"]
+
+    # Several client X-Forwarded-For lines are one list, in order.
+    resp = await raw_request(client, "GET", "/public/fw", [
+        ("X-Forwarded-For", "203.0.113.7"), ("X-Forwarded-For", "198.51.100.2, 10.1.2.3")])
+    assert resp.status == 200
+    assert upstream.last.header("X-Forwarded-For") == ["203.0.113.7, 198.51.100.2, 10.1.2.3, "
+                                                       "127.0.0.1"]
+    assert upstream.last.header("X-Forwarded-Proto") == ["http"]
+    assert upstream.last.header("X-Forwarded-Host") == ["gateway.test"]
+
+
+async def test_untrusted_peer_forwarded_headers_are_replaced(
+        make_gateway: GatewayFactory, upstream: Upstream) -> None:
+    client = await make_gateway(trusted_proxies=["10.0.0.0/8"])
+    resp = await raw_request(client, "GET", "/public/fw", [
+        ("X-Forwarded-For", "203.0.113.7"), ("X-Forwarded-Proto", "https"),
+        ("X-Forwarded-Host", "example.com")], host="mini.example.net:8443")
+    assert resp.status == 200
+    seen = upstream.last
+    assert seen.header("X-Forwarded-For") == ["127.0.0.1"]
+    assert seen.header("X-Forwarded-Proto") == ["http"]
+    assert seen.header("X-Forwarded-Host") == ["mini.example.net:8443"]
+
+
+@pytest.mark.parametrize("proto", ["javascript", "ftp", "https, http", "HTTPS://", ""])
+async def test_trusted_peer_invalid_proto_falls_back_to_real_scheme(
+        make_gateway: GatewayFactory, upstream: Upstream, proto: str) -> None:
+    client = await make_gateway(trusted_proxies=["127.0.0.1/32"])
+    resp = await raw_request(client, "GET", "/public/fw", [("X-Forwarded-Proto", proto)])
+    assert resp.status == 200
+    assert upstream.last.header("X-Forwarded-Proto") == ["http"]
+
+
+@pytest.mark.parametrize("host", ["evil.example/path", "a b", "x" * 300, "host\"quote", "@"])
+async def test_trusted_peer_insane_forwarded_host_falls_back_to_host(
+        make_gateway: GatewayFactory, upstream: Upstream, host: str) -> None:
+    client = await make_gateway(trusted_proxies=["127.0.0.0/8"])
+    resp = await raw_request(client, "GET", "/public/fw", [("X-Forwarded-Host", host)],
+                             host="real.example:9000")
+    assert resp.status == 200
+    assert upstream.last.header("X-Forwarded-Host") == ["real.example:9000"]
+
+
+def test_trusted_proxies_config_is_validated(config_dict: dict[str, Any]) -> None:
+    data = {**config_dict, "trusted_proxies": ["nonsense"]}
+    with pytest.raises(ConfigError) as bad:
+        config_.parse(data, environ={})
+    assert len(bad.value.problems) == 1
+    assert bad.value.problems[0].startswith("trusted_proxies[0]: ")
+    assert "nonsense" in bad.value.problems[0]
+
+    data = {**config_dict, "trusted_proxies": ["10.0.0.0/8", "fd00::/8", "300.1.1.1"]}
+    with pytest.raises(ConfigError) as bad:
+        config_.parse(data, environ={})
+    assert [p.split(":")[0] for p in bad.value.problems] == ["trusted_proxies[2]"]
+
+    good = config_.parse({**config_dict, "trusted_proxies": ["10.0.0.0/8", "127.0.0.1"]},
+                         environ={})
+    assert good.is_trusted_proxy("10.9.8.7") and good.is_trusted_proxy("127.0.0.1")
+    assert not good.is_trusted_proxy("127.0.0.2") and not good.is_trusted_proxy("11.0.0.1")
+    assert config_.parse(config_dict, environ={}).trusted_proxies == ()
+
+
+# --- Host ------------------------------------------------------------------------------------
+
+
+async def test_host_is_the_upstreams_by_default(gw: TestClient, upstream: Upstream) -> None:
+    resp = await raw_request(gw, "GET", "/public/h", host="mini.example.com:8443")
+    assert resp.status == 200
+    assert upstream.last.header("Host") == [f"127.0.0.1:{upstream.server.port}"]  # type: ignore[union-attr]
+    assert upstream.last.header("X-Forwarded-Host") == ["mini.example.com:8443"]
+
+
+async def test_preserve_host_sends_the_clients_host(
+        make_gateway: GatewayFactory, upstream: Upstream) -> None:
+    client = await make_gateway(routes=[
+        {"path": "/kept/", "upstream": upstream.url, "auth": "public", "preserve_host": True},
+        {"path": "/moved/", "upstream": upstream.url, "auth": "public", "preserve_host": False}])
+    resp = await raw_request(client, "GET", "/kept/h", host="mini.example.com:8443")
+    assert resp.status == 200
+    assert upstream.last.header("Host") == ["mini.example.com:8443"]
+    resp = await raw_request(client, "GET", "/moved/h", host="mini.example.com:8443")
+    assert resp.status == 200
+    assert upstream.last.header("Host") == [f"127.0.0.1:{upstream.server.port}"]  # type: ignore[union-attr]
+
+
+def test_preserve_host_config_is_validated(config_dict: dict[str, Any]) -> None:
+    routes = [{**config_dict["routes"][0], "preserve_host": "sometimes"}]
+    with pytest.raises(ConfigError) as bad:
+        config_.parse({**config_dict, "routes": routes}, environ={})
+    assert [p.split(":")[0] for p in bad.value.problems] == ["routes[0].preserve_host"]
+    parsed = config_.parse(config_dict, environ={})
+    assert all(r.preserve_host is False for r in parsed.routes)
+
+
+# --- response headers ------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def via_upstream(aiohttp_server: Any) -> Any:
+    """An upstream that answers with its own Via and two cookies, recording what it got."""
+    received: list[list[tuple[str, str]]] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        received.append([(k.decode("latin-1"), v.decode("latin-1"))
+                         for k, v in request.raw_headers])
+        resp = web.Response(text="with via", headers={"Via": "1.1 upstream-cache (Squid/6)"})
+        resp.headers.add("Set-Cookie", "sid=abc; Path=/; HttpOnly")
+        resp.headers.add("Set-Cookie", "theme=dark; Path=/; Expires=Wed, 21 Oct 2037 07:28:00 GMT")
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handle)
+    server = await aiohttp_server(app)
+    server.received = received
+    return server
+
+
+async def test_response_headers_pass_unchanged_and_no_via_is_added(
+        make_gateway: GatewayFactory, via_upstream: Any) -> None:
+    client = await make_gateway(routes=[
+        {"path": "/", "upstream": f"http://127.0.0.1:{via_upstream.port}", "auth": "public"}])
+    resp = await raw_request(client, "GET", "/v")
+    assert resp.status == 200 and resp.body == b"with via"
+    assert resp.header("Set-Cookie") == [
+        "sid=abc; Path=/; HttpOnly", "theme=dark; Path=/; Expires=Wed, 21 Oct 2037 07:28:00 GMT"]
+    assert resp.header("Via") == ["1.1 upstream-cache (Squid/6)"]
+    sent = via_upstream.received[-1]
+    assert [v for k, v in sent if k.lower() == "via"] == []  # nothing added towards upstream
+
+    resp = await raw_request(client, "GET", "/v", [("Via", "1.0 client-side-proxy")])
+    assert resp.status == 200
+    assert resp.header("Via") == ["1.1 upstream-cache (Squid/6)"]
+    sent = via_upstream.received[-1]
+    assert [v for k, v in sent if k.lower() == "via"] == ["1.0 client-side-proxy"]
+
+
+async def test_gateway_own_answers_carry_no_via(gw: TestClient) -> None:
+    for target in ("/healthz", "/api/x", "/nowhere", "/public/%2e%2e/api"):
+        resp = await raw_request(gw, "GET", target)
+        assert resp.status in (200, 400, 401, 404), target
+        assert resp.header("Via") == [], target
+
+
+# --- timeouts --------------------------------------------------------------------------------
+
+
+def test_connect_timeout_config(config_dict: dict[str, Any]) -> None:
+    def routes(**options: Any) -> list[dict[str, Any]]:
+        return [{"path": "/api/", "upstream": "http://127.0.0.1:9000", **options}]
+
+    default = config_.parse({**config_dict, "routes": routes()}, environ={}).routes[0]
+    assert (default.timeout, default.connect_timeout) == (30.0, 5.0)
+    short = config_.parse({**config_dict, "routes": routes(connect_timeout="250ms")},
+                          environ={}).routes[0]
+    assert short.connect_timeout == 0.25
+    capped = config_.parse({**config_dict, "routes": routes(timeout="2s", connect_timeout="10s")},
+                           environ={}).routes[0]
+    assert (capped.timeout, capped.connect_timeout) == (2.0, 2.0)
+    for bad in ("fast", 0, -1, "5 parsecs", True):
+        with pytest.raises(ConfigError) as err:
+            config_.parse({**config_dict, "routes": routes(connect_timeout=bad)}, environ={})
+        assert [p.split(":")[0] for p in err.value.problems] == ["routes[0].connect_timeout"], bad
+
+
+async def test_connect_timeout_is_applied(make_gateway: GatewayFactory) -> None:
+    # A listener whose accept queue is full: further SYNs are dropped, so connect() hangs.
+    listener = socket.socket()
+    fillers: list[socket.socket] = []
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        for _ in range(4):
+            filler = socket.socket()
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", port))
+            fillers.append(filler)
+        with pytest.raises(asyncio.TimeoutError):  # the trick works on this machine
+            await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 0.5)
+        client = await make_gateway(routes=[
+            {"path": "/slowconn/", "upstream": f"http://127.0.0.1:{port}", "auth": "public",
+             "timeout": "6s", "connect_timeout": "300ms"}])
+        started = time.monotonic()
+        resp = await client.get("/slowconn/x")
+        elapsed = time.monotonic() - started
+        await client_error(resp, 504, "upstream_timeout")
+        assert 0.25 <= elapsed < 2.5, elapsed  # the connect timeout, not the 6 s route timeout
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()
+
+
+async def test_real_process_client_disconnect_cancels_upstream_request(
+        tmp_path: Path, real_config: dict[str, Any], aiohttp_server: Any) -> None:
+    started = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()  # the gateway dropped its upstream connection
+            raise
+        return web.Response(text="too late")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", slow)
+    slow_server = await aiohttp_server(app)  # cancels handlers when their client goes away
+    real_config["routes"] = [{"path": "/public/", "auth": "public", "timeout": "20s",
+                              "upstream": f"http://127.0.0.1:{slow_server.port}"}]
+    async with real_gateway(tmp_path, real_config) as gw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        try:
+            writer.write(build_request("GET", "/public/slow"))
+            await writer.drain()
+            await asyncio.wait_for(started.wait(), 5)
+            await asyncio.sleep(0.2)
+            assert not cancelled.is_set()
+        finally:
+            writer.close()
+        closed_at = time.monotonic()
+        await asyncio.wait_for(cancelled.wait(), 3)
+        assert time.monotonic() - closed_at < 3
+        # The gateway is fine afterwards.
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{gw.port}/healthz") as resp:
+                assert resp.status == 200
+
+
+# --- token hygiene ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme", ["Basic", "Token", "JWT", "MAC", "Digest", "Bearer-Token",
+                                    "Bearerx", ""])
+async def test_non_bearer_schemes_are_ignored(
+        gw: TestClient, upstream: Upstream, scheme: str) -> None:
+    token = (await login(gw))["token"]
+    value = f"{scheme} {token}".strip()
+    resp = await gw.get("/api/orders", headers={"Authorization": value})
+    await client_error(resp, 401, "unauthorized")
+    assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+    assert upstream.seen == []
+    # On an optional route the same header means anonymous, never an identity.
+    resp = await gw.get("/maybe/orders", headers={"Authorization": value})
+    assert resp.status == 200
+    assert identity_headers_seen(upstream.last.headers) == []
+    assert upstream.last.header("Authorization") == []
+
+
+async def test_bearer_scheme_is_case_insensitive(gw: TestClient, upstream: Upstream) -> None:
+    session = await login(gw)
+    for scheme in ("bearer", "BEARER", "BeArEr"):
+        resp = await gw.get("/api/orders", headers={"Authorization": f"{scheme} {session['token']}"})
+        assert resp.status == 200, scheme
+        assert upstream.last.header("X-WX-OpenID") == [session["openid"]]
+
+
+@pytest.mark.parametrize("param", ["access_token", "token", "auth", "bearer", "jwt",
+                                   "Authorization"])
+async def test_token_in_query_string_is_not_accepted(
+        gw: TestClient, upstream: Upstream, param: str) -> None:
+    token = (await login(gw))["token"]
+    resp = await gw.get(f"/api/orders?{param}={token}")
+    await client_error(resp, 401, "unauthorized")
+    assert upstream.seen == []
+    resp = await gw.get(f"/maybe/orders?{param}={token}")
+    assert resp.status == 200
+    assert identity_headers_seen(upstream.last.headers) == []
+    resp = await gw.get(f"/auth/session?{param}={token}")
+    await client_error(resp, 401, "unauthorized")
