@@ -1,4 +1,4 @@
-"""YAML configuration → a typed, validated, frozen ``Config``.
+"""YAML configuration → a typed, validated, frozen ``Config`` (see ``settings.py``).
 
 Every problem is reported as one ``key.path: message`` line, all of them at once, so an
 operator fixes a file in one pass. Nothing reads YAML or the environment after this.
@@ -9,131 +9,24 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, TypeVar
+from typing import Any, Mapping
 
 import yaml
 from yarl import URL
 
 from .errors import ConfigError
+from .reader import Reader, parse_duration
+from .settings import (AUTH_ENDPOINTS, AUTH_MODES, GATEWAY_PATHS, MIN_SIGNING_KEY_BYTES, App,
+                       AuthMode, Config, IdentityHeaders, IPNetwork, RateLimit, RedisConfig,
+                       Route, SessionConfig, WeChatConfig)
 
-AuthMode = Literal["required", "optional", "public"]
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-AUTH_MODES: tuple[AuthMode, ...] = ("required", "optional", "public")
-MIN_SIGNING_KEY_BYTES = 32
-GATEWAY_PATHS = ("/healthz", "/readyz", "/metrics")
-AUTH_ENDPOINTS = ("login", "logout", "refresh", "session", "verify", "phone", "decrypt",
-                  "check-signature")
+__all__ = ["App", "AuthMode", "Config", "ConfigError", "IdentityHeaders", "IPNetwork", "RateLimit",
+           "RedisConfig", "Route", "SessionConfig", "WeChatConfig", "load", "parse",
+           "parse_duration"]
 
-
-@dataclass(frozen=True, slots=True)
-class RedisConfig:
-    url: str = field(repr=False)  # may carry a password
-    key_prefix: str = "wxgw:"
-    timeout: float = 1.0
-
-
-@dataclass(frozen=True, slots=True)
-class WeChatConfig:
-    api_base: URL = URL("https://api.weixin.qq.com")
-    timeout: float = 5.0
-
-
-@dataclass(frozen=True, slots=True)
-class App:
-    appid: str
-    secret: str = field(repr=False)
-
-
-@dataclass(frozen=True, slots=True)
-class SessionConfig:
-    signing_keys: tuple[bytes, ...] = field(repr=False)
-    ttl: float = 7 * 86400.0
-    store_phone: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class RateLimit:
-    """Login abuse control; a limit of 0 turns that check off."""
-
-    ip_limit: int = 30
-    ip_window: float = 60.0
-    app_limit: int = 1200
-    app_window: float = 60.0
-    max_retries: int = 5  # consecutive invalid codes from one IP within find_time → ban
-    find_time: float = 600.0
-    ban_time: float = 900.0
-
-
-@dataclass(frozen=True, slots=True)
-class IdentityHeaders:
-    openid: str = "X-WX-OpenID"
-    unionid: str = "X-WX-UnionID"
-    appid: str = "X-WX-AppID"
-    phone: str = "X-WX-Phone"
-
-    def names(self) -> tuple[str, ...]:
-        return (self.openid, self.unionid, self.appid, self.phone)
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    path: str  # normalised: starts with "/", no trailing "/" unless it is "/"
-    upstream: URL  # as configured
-    origin: str  # "http://host:port", what the forwarded path is appended to
-    base_path: str  # "" or "/base" (no trailing slash), prepended to the forwarded path
-    auth: AuthMode = "required"
-    timeout: float = 30.0
-    connect_timeout: float = 5.0
-    preserve_host: bool = False
-    apps: tuple[str, ...] = ()  # when set, only tokens of these appids are accepted
-
-    def matches(self, path: str) -> bool:
-        return self.path == "/" or path == self.path or path.startswith(self.path + "/")
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    listen_host: str
-    listen_port: int
-    redis: RedisConfig
-    wechat: WeChatConfig
-    apps: tuple[App, ...]
-    session: SessionConfig
-    auth_prefix: str
-    identity_headers: IdentityHeaders
-    routes: tuple[Route, ...]
-    shutdown_grace: float = 10.0
-    trusted_proxies: tuple[IPNetwork, ...] = ()
-    rate_limit: RateLimit = RateLimit()
-
-    def is_trusted_proxy(self, address: str | None) -> bool:
-        if not self.trusted_proxies or not address:
-            return False
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(ip in net for net in self.trusted_proxies)
-
-    def app(self, appid: str) -> App | None:
-        return next((a for a in self.apps if a.appid == appid), None)
-
-    def route_for(self, path: str) -> Route | None:
-        """The route with the longest prefix matching ``path`` (routes are kept longest first)."""
-        return next((r for r in self.routes if r.matches(path)), None)
-
-
-# --- loading -------------------------------------------------------------------------------
-
-_ENV_RE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 _HEADER_NAME_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _APPID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_T = TypeVar("_T")
-_MISSING: Any = object()  # an unset ${VAR}: already reported, not to be validated further
 
 
 def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
@@ -154,114 +47,15 @@ def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None)
 
 def parse(data: Any, environ: Mapping[str, str]) -> Config:
     """Validate already-parsed YAML data (a mapping); raise ``ConfigError`` on problems."""
-    r = _Reader(environ)
+    r = _ConfigReader(environ)
     config = r.config(data)
     if r.problems or config is None:
         raise ConfigError(r.problems or ["configuration is empty"])
     return config
 
 
-def parse_duration(value: Any) -> float:
-    """``250ms``, ``30s``, ``5m``, ``2h``, ``7d`` or a plain number of seconds."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as 30s, 5m or 250ms")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    else:
-        match = _DURATION_RE.match(str(value))
-        if not match:
-            raise ValueError(f"{value!r} is not a duration (use e.g. 250ms, 30s, 5m, 2h, 7d)")
-        seconds = float(match.group(1)) * _UNITS[match.group(2)]
-    if seconds <= 0:
-        raise ValueError("must be greater than zero")
-    return seconds
-
-
-class _Reader:
-    """Walks the YAML tree, recording problems under their key path instead of stopping."""
-
-    def __init__(self, environ: Mapping[str, str]) -> None:
-        self.environ = environ
-        self.problems: list[str] = []
-
-    def fail(self, key: str, message: str) -> None:
-        self.problems.append(f"{key or '(top level)'}: {message}")
-
-    # scalars
-
-    def expand(self, key: str, value: Any) -> Any:
-        if not isinstance(value, str):
-            return value
-
-        missing: list[str] = []
-
-        def substitute(m: re.Match[str]) -> str:
-            if m.group(0) == "$$":
-                return "$"
-            name, default = m.group(1), m.group(2)
-            if name in self.environ:
-                return self.environ[name]
-            if default is not None:
-                return default
-            if name not in missing:
-                missing.append(name)
-            return ""
-
-        expanded = _ENV_RE.sub(substitute, value)
-        for name in missing:
-            self.fail(key, f"environment variable {name} is not set")
-        return _MISSING if missing else expanded
-
-    def string(self, key: str, value: Any, *, allow_empty: bool = False) -> str | None:
-        value = self.expand(key, value)
-        if value is _MISSING:
-            return None
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            self.fail(key, f"expected a string, got {_kind(value)}")
-            return None
-        text = str(value)
-        if not text and not allow_empty:
-            self.fail(key, "must not be empty")
-            return None
-        return text
-
-    def duration(self, key: str, value: Any) -> float | None:
-        value = self.expand(key, value)
-        if value is _MISSING:
-            return None
-        try:
-            return parse_duration(value)
-        except ValueError as exc:
-            self.fail(key, str(exc))
-            return None
-
-    def section(self, key: str, value: Any, allowed: tuple[str, ...]) -> dict[str, Any] | None:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            self.fail(key, f"expected a mapping, got {_kind(value)}")
-            return None
-        for name in value:
-            if name not in allowed:
-                where = f"{key}.{name}" if key else str(name)
-                self.fail(where, f"unknown key (allowed: {', '.join(allowed)})")
-        return value
-
-    def items(self, key: str, value: Any) -> list[Any] | None:
-        if value is None:
-            return []
-        if not isinstance(value, list):
-            self.fail(key, f"expected a list, got {_kind(value)}")
-            return None
-        return value
-
-    def optional(self, key: str, section: dict[str, Any], name: str,
-                 read: Callable[[str, Any], _T | None], default: _T) -> _T | None:
-        if section.get(name) is None:
-            return default
-        return read(f"{key}.{name}" if key else name, section[name])
-
-    # sections
+class _ConfigReader(Reader):
+    """The gateway's sections, each validated with the generic readers."""
 
     def config(self, data: Any) -> Config | None:
         top = self.section("", data, ("listen", "redis", "wechat", "apps", "session", "auth",
@@ -286,33 +80,6 @@ class _Reader:
             return None
         return Config(listen[0], listen[1], redis_, wechat, apps, session, prefix, headers,
                       routes, grace, proxies, rate_limit)
-
-    def networks(self, key: str, value: Any) -> tuple[IPNetwork, ...] | None:
-        items = self.items(key, value)
-        if items is None:
-            return None
-        networks: list[IPNetwork] = []
-        for i, item in enumerate(items):
-            text = self.string(f"{key}[{i}]", item)
-            if text is None:
-                continue
-            try:
-                networks.append(ipaddress.ip_network(text.strip(), strict=False))
-            except ValueError:
-                self.fail(f"{key}[{i}]", f"{text!r} is not an IP address or CIDR network "
-                                         "(e.g. 10.0.0.0/8, 127.0.0.1, fd00::/8)")
-        return tuple(networks)
-
-    def boolean(self, key: str, value: Any) -> bool | None:
-        value = self.expand(key, value)
-        if value is _MISSING:
-            return None
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-            return value.strip().lower() == "true"
-        self.fail(key, f"expected true or false, got {value!r}")
-        return None
 
     def listen(self, value: Any) -> tuple[str, int] | None:
         text = self.string("listen", value)
@@ -431,17 +198,6 @@ class _Reader:
             return None
         return RateLimit(**values)  # type: ignore[arg-type]
 
-    def count(self, key: str, value: Any) -> int | None:
-        value = self.expand(key, value)
-        if value is _MISSING:
-            return None
-        if isinstance(value, str) and value.strip().isdigit():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            self.fail(key, f"expected a whole number >= 0, got {value!r}")
-            return None
-        return value
-
     def identity_headers(self, value: Any) -> IdentityHeaders | None:
         s = self.section("identity_headers", value, ("openid", "unionid", "appid", "phone"))
         if s is None:
@@ -536,7 +292,7 @@ def _route_path(text: str) -> str | None:
     return trimmed
 
 
-def _http_url(r: _Reader, key: str, text: str) -> URL | None:
+def _http_url(r: Reader, key: str, text: str) -> URL | None:
     try:
         url = URL(text)
     except ValueError as exc:
@@ -558,8 +314,3 @@ def _http_url(r: _Reader, key: str, text: str) -> URL | None:
             return None
         return url
     return None
-
-
-def _kind(value: Any) -> str:
-    return {dict: "a mapping", list: "a list", bool: "a boolean", type(None): "nothing"}.get(
-        type(value), type(value).__name__)

@@ -1,0 +1,115 @@
+"""The gateway's configuration as typed, frozen values (built by ``config.parse``)."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Literal
+
+from yarl import URL
+
+AuthMode = Literal["required", "optional", "public"]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+AUTH_MODES: tuple[AuthMode, ...] = ("required", "optional", "public")
+MIN_SIGNING_KEY_BYTES = 32
+GATEWAY_PATHS = ("/healthz", "/readyz", "/metrics")
+AUTH_ENDPOINTS = ("login", "logout", "refresh", "session", "verify", "phone", "decrypt",
+                  "check-signature")
+
+
+@dataclass(frozen=True, slots=True)
+class RedisConfig:
+    url: str = field(repr=False)  # may carry a password
+    key_prefix: str = "wxgw:"
+    timeout: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class WeChatConfig:
+    api_base: URL = URL("https://api.weixin.qq.com")
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class App:
+    appid: str
+    secret: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    signing_keys: tuple[bytes, ...] = field(repr=False)
+    ttl: float = 7 * 86400.0
+    store_phone: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """Login abuse control; a limit of 0 turns that check off."""
+
+    ip_limit: int = 30
+    ip_window: float = 60.0
+    app_limit: int = 1200
+    app_window: float = 60.0
+    max_retries: int = 5  # consecutive invalid codes from one IP within find_time → ban
+    find_time: float = 600.0
+    ban_time: float = 900.0
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityHeaders:
+    openid: str = "X-WX-OpenID"
+    unionid: str = "X-WX-UnionID"
+    appid: str = "X-WX-AppID"
+    phone: str = "X-WX-Phone"
+
+    def names(self) -> tuple[str, ...]:
+        return (self.openid, self.unionid, self.appid, self.phone)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    path: str  # normalised: starts with "/", no trailing "/" unless it is "/"
+    upstream: URL  # as configured
+    origin: str  # "http://host:port", what the forwarded path is appended to
+    base_path: str  # "" or "/base" (no trailing slash), prepended to the forwarded path
+    auth: AuthMode = "required"
+    timeout: float = 30.0
+    connect_timeout: float = 5.0
+    preserve_host: bool = False
+    apps: tuple[str, ...] = ()  # when set, only tokens of these appids are accepted
+
+    def matches(self, path: str) -> bool:
+        return self.path == "/" or path == self.path or path.startswith(self.path + "/")
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listen_host: str
+    listen_port: int
+    redis: RedisConfig
+    wechat: WeChatConfig
+    apps: tuple[App, ...]
+    session: SessionConfig
+    auth_prefix: str
+    identity_headers: IdentityHeaders
+    routes: tuple[Route, ...]
+    shutdown_grace: float = 10.0
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    rate_limit: RateLimit = RateLimit()
+
+    def is_trusted_proxy(self, address: str | None) -> bool:
+        if not self.trusted_proxies or not address:
+            return False
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in net for net in self.trusted_proxies)
+
+    def app(self, appid: str) -> App | None:
+        return next((a for a in self.apps if a.appid == appid), None)
+
+    def route_for(self, path: str) -> Route | None:
+        """The route with the longest prefix matching ``path`` (routes are kept longest first)."""
+        return next((r for r in self.routes if r.matches(path)), None)
