@@ -1,0 +1,252 @@
+"""Bodies stream through the real gateway process with bounded memory (SPEC.md, "Proxying";
+issue 4, "Streaming").
+
+A real ``python -m gateway`` process proxies a public route to an in-process upstream that
+never holds a body: downloads are generated 64 KiB at a time, uploads are counted and hashed as
+they arrive. Bodies far larger than the memory bound (256 MiB against 100 MB) go through in
+both directions, with Content-Length and chunked framing; the byte counts and SHA-256 digests
+must match end to end, and the gateway's peak RSS (``VmHWM`` in ``/proc/<pid>/status``, the
+kernel's high-water mark for the process's whole life) must stay under 100 MB.
+
+The 1 GiB figures, side by side with nginx, come from ``bench/stream.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from conftest import APPID, SECRET, SIGNING_KEY
+from gateway.embedded import EmbeddedRedis, free_port
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(),
+                                reason="peak RSS is read from /proc/<pid>/status (Linux)")
+
+MiB = 1 << 20
+BODY = 256 * MiB  # much larger than the bound, so buffering a body would break it
+RSS_LIMIT_MB = 100
+CHUNK = 64 * 1024
+TRANSFER_TIMEOUT = 120  # seconds, per transfer; a stall must fail the test, not hang it
+
+# A fixed pseudo-random block; chunk i is its index followed by the block's tail, so lost,
+# repeated or reordered chunks change the digest.
+_BLOCK = hashlib.shake_256(b"wx-gateway streaming test").digest(CHUNK)
+
+
+def chunk_at(i: int, size: int = CHUNK) -> bytes:
+    return (i.to_bytes(8, "big") + _BLOCK[8:])[:size]
+
+
+def chunks(n: int) -> list[int]:
+    """The sizes of the 64 KiB chunks that make up n bytes."""
+    return [CHUNK] * (n // CHUNK) + ([n % CHUNK] if n % CHUNK else [])
+
+
+def expected_sha256(n: int) -> str:
+    digest = hashlib.sha256()
+    for i, size in enumerate(chunks(n)):
+        digest.update(chunk_at(i, size))
+    return digest.hexdigest()
+
+
+# --- the upstream: generates and swallows bodies, never stores them -------------------------
+
+
+async def download(request: web.Request) -> web.StreamResponse:
+    n = int(request.match_info["n"])
+    response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+    if request.match_info["mode"] == "/chunked":
+        response.enable_chunked_encoding()
+    else:
+        response.content_length = n
+    await response.prepare(request)
+    for i, size in enumerate(chunks(n)):
+        await response.write(chunk_at(i, size))
+    await response.write_eof()
+    return response
+
+
+async def upload(request: web.Request) -> web.Response:
+    digest = hashlib.sha256()
+    count = 0
+    async for chunk in request.content.iter_chunked(CHUNK):
+        digest.update(chunk)
+        count += len(chunk)
+    return web.json_response({
+        "bytes": count, "sha256": digest.hexdigest(),
+        "content_length": request.headers.get("Content-Length"),
+        "transfer_encoding": request.headers.get("Transfer-Encoding")})
+
+
+@pytest.fixture
+async def stream_upstream(aiohttp_server: Any) -> TestServer:
+    app = web.Application()
+    app.router.add_get(r"/public/download/{n:\d+}{mode:(/chunked)?}", download)
+    app.router.add_post("/public/upload", upload)
+    server: TestServer = await aiohttp_server(app)
+    return server
+
+
+# --- the real gateway process ---------------------------------------------------------------
+
+
+class GatewayProcess:
+    def __init__(self, proc: asyncio.subprocess.Process, port: int, log: Path) -> None:
+        self.proc, self.port, self.log = proc, port, log
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def output(self) -> str:
+        return self.log.read_text(encoding="utf-8", errors="replace")
+
+    def memory_mb(self) -> dict[str, float]:
+        """VmRSS (now) and VmHWM (peak over the process's life), in MB (10^6 bytes)."""
+        fields: dict[str, float] = {}
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "VmHWM"):
+                kib = int(value.split()[0])
+                fields[name] = kib * 1024 / 1e6
+        return fields
+
+    async def wait_healthy(self, http: aiohttp.ClientSession, within: float = 15.0) -> None:
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            if self.proc.returncode is not None:
+                pytest.fail(f"gateway exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                async with http.get(f"{self.url}/healthz",
+                                    timeout=aiohttp.ClientTimeout(total=1)) as resp:
+                    if resp.status == 200:
+                        return
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                pass
+            await asyncio.sleep(0.05)
+        pytest.fail(f"gateway not healthy within {within}s:\n{self.output()}")
+
+
+@pytest.fixture
+async def gateway(tmp_path: Path, redis_server: EmbeddedRedis,
+                  stream_upstream: TestServer) -> AsyncIterator[GatewayProcess]:
+    port = free_port()
+    config = {
+        "listen": f"127.0.0.1:{port}",
+        "redis": {"url": redis_server.url, "key_prefix": f"wxgw-stream-{uuid.uuid4().hex[:8]}:"},
+        "wechat": {"api_base": "http://127.0.0.1:1", "timeout": "1s"},
+        "apps": [{"appid": APPID, "secret": SECRET}],
+        "session": {"signing_keys": [SIGNING_KEY], "ttl": "1h"},
+        # The route timeout bounds the whole exchange, body included.
+        "routes": [{"path": "/public/", "upstream": f"http://127.0.0.1:{stream_upstream.port}",
+                    "auth": "public", "timeout": f"{TRANSFER_TIMEOUT}s"}],
+    }
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    log_path = tmp_path / "gateway.log"
+    env = {k: v for k, v in os.environ.items() if k != "GATEWAY_CONFIG"}
+    with open(log_path, "wb") as log:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "--config", str(path), cwd=tmp_path, env=env,
+            stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    gw = GatewayProcess(proc, port, log_path)
+    try:
+        yield gw
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except asyncio.TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+# --- transfers ------------------------------------------------------------------------------
+
+
+async def body_stream(n: int) -> AsyncIterator[bytes]:
+    for i, size in enumerate(chunks(n)):
+        yield chunk_at(i, size)
+
+
+async def do_upload(http: aiohttp.ClientSession, url: str, n: int,
+                    with_length: bool) -> dict[str, Any]:
+    # aiohttp sends an async generator chunked, unless a Content-Length is given.
+    headers = {"Content-Type": "application/octet-stream"}
+    if with_length:
+        headers["Content-Length"] = str(n)
+    async with http.post(f"{url}/public/upload", data=body_stream(n), headers=headers) as resp:
+        assert resp.status == 200, (resp.status, await resp.text())
+        result: dict[str, Any] = await resp.json()
+        return result
+
+
+async def do_download(http: aiohttp.ClientSession, url: str, n: int,
+                      chunked: bool) -> tuple[int, str, aiohttp.ClientResponse]:
+    digest = hashlib.sha256()
+    count = 0
+    async with http.get(f"{url}/public/download/{n}{'/chunked' if chunked else ''}") as resp:
+        assert resp.status == 200, (resp.status, await resp.text())
+        async for chunk in resp.content.iter_chunked(CHUNK):
+            digest.update(chunk)
+            count += len(chunk)
+    return count, digest.hexdigest(), resp
+
+
+
+async def test_large_bodies_stream_both_ways_with_bounded_gateway_memory(
+        gateway: GatewayProcess) -> None:
+    want = expected_sha256(BODY)
+    timings: dict[str, float] = {}
+    timeout = aiohttp.ClientTimeout(total=TRANSFER_TIMEOUT, sock_read=30)
+    async with aiohttp.ClientSession(timeout=timeout, auto_decompress=False) as http:
+        await gateway.wait_healthy(http)
+        at_start = gateway.memory_mb()
+
+        for with_length in (True, False):
+            name = f"upload, {'Content-Length' if with_length else 'chunked'}"
+            started = time.monotonic()
+            got = await do_upload(http, gateway.url, BODY, with_length)
+            timings[name] = time.monotonic() - started
+            assert got["bytes"] == BODY, (name, got)
+            assert got["sha256"] == want, (name, got)
+            if with_length:  # the framing the client chose reaches the upstream
+                assert got["content_length"] == str(BODY), (name, got)
+
+        for chunked in (False, True):
+            name = f"download, {'chunked' if chunked else 'Content-Length'}"
+            started = time.monotonic()
+            count, digest, resp = await do_download(http, gateway.url, BODY, chunked)
+            timings[name] = time.monotonic() - started
+            assert count == BODY, (name, count)
+            assert digest == want, name
+            if chunked:
+                assert resp.headers.get("Transfer-Encoding") == "chunked", resp.headers
+            else:
+                assert resp.headers.get("Content-Length") == str(BODY), resp.headers
+
+        # Still alive and serving after all that.
+        async with http.get(f"{gateway.url}/healthz") as resp:
+            assert resp.status == 200
+
+    memory = gateway.memory_mb()
+    report = ", ".join(f"{k}: {BODY / MiB / v:.0f} MiB/s" for k, v in timings.items())
+    print(f"\n{BODY // MiB} MiB each way; gateway RSS at start {at_start['VmRSS']:.1f} MB, "
+          f"peak {memory['VmHWM']:.1f} MB; {report}")
+    assert memory["VmHWM"] < RSS_LIMIT_MB, (
+        f"gateway peak RSS {memory['VmHWM']:.1f} MB >= {RSS_LIMIT_MB} MB "
+        f"(at start {at_start['VmRSS']:.1f} MB) for {BODY // MiB} MiB bodies")
