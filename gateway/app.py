@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -51,25 +52,30 @@ def create_app(config: Config) -> web.Application:
 
 async def _services(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
-    # No cookie jar: one client session serves every user, so it must never remember cookies.
-    http = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(),
-                                 connector=aiohttp.TCPConnector(limit=1024))
-    redis = sessions.connect(config.redis.url, config.redis.timeout)
-    keyring = Keyring(config.session.signing_keys)
-    store = sessions.SessionStore(redis, config.redis.key_prefix, keyring)
-    codec = TokenCodec(keyring, tuple(a.appid for a in config.apps))
-    wechat = WeChatClient(http, config.wechat.api_base, config.wechat.timeout, app[METRICS])
-    app[SERVICES] = Services(
-        config=config, http=http, wechat=wechat, sessions=store, tokens=codec,
-        authenticator=Authenticator(codec, store), metrics=app[METRICS],
-        access_tokens=AccessTokens(redis, config.redis.key_prefix, keyring, wechat,
-                                   lock_ttl=config.wechat.timeout + 1),
-        limiter=LoginLimiter(redis, config.redis.key_prefix, config.rate_limit))
-    try:
+    async with contextlib.AsyncExitStack() as stack:
+        redis = sessions.connect(config.redis)
+        stack.push_async_callback(redis.aclose)
+        # No cookie jar: one client session serves every user, so it must never remember
+        # cookies. No connection cap: long-lived WebSockets and downloads must not starve
+        # other requests (as with nginx, the OS's file limit is the bound).
+        http = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(),
+                                     connector=aiohttp.TCPConnector(limit=0))
+        stack.push_async_callback(http.close)
+        # WeChat gets its own small pool, so busy upstreams can never delay a login.
+        wechat_http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64))
+        stack.push_async_callback(wechat_http.close)
+        keyring = Keyring(config.session.signing_keys)
+        store = sessions.SessionStore(redis, config.redis.key_prefix, keyring)
+        codec = TokenCodec(keyring, tuple(a.appid for a in config.apps))
+        wechat = WeChatClient(wechat_http, config.wechat.api_base, config.wechat.timeout,
+                              app[METRICS])
+        app[SERVICES] = Services(
+            config=config, http=http, wechat=wechat, sessions=store, tokens=codec,
+            authenticator=Authenticator(codec, store), metrics=app[METRICS],
+            access_tokens=AccessTokens(redis, config.redis.key_prefix, keyring, wechat,
+                                       lock_ttl=config.wechat.timeout + 1),
+            limiter=LoginLimiter(redis, config.redis.key_prefix, config.rate_limit))
         yield
-    finally:
-        await http.close()
-        await redis.aclose()
 
 
 def error_response(error: GatewayError) -> web.Response:
@@ -107,6 +113,7 @@ async def _pipeline(request: web.Request, handler: endpoints.Handler) -> web.Str
             in_flight.discard(task)
     if not response.prepared:
         response.headers["X-Request-ID"] = request_id
+        proxy.close_after_upgrade_attempt(request, response)
     label = request.get(ROUTE_LABEL) or _resource_label(request)
     metrics = request.app[METRICS]
     metrics.requests.labels(label, str(response.status)).inc()

@@ -10,9 +10,11 @@ import ipaddress
 import os
 import re
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any, Mapping
 
 import yaml
+from redis.connection import parse_url as redis_parse_url
 from yarl import URL
 
 from .errors import ConfigError
@@ -27,6 +29,14 @@ __all__ = ["App", "AuthMode", "Config", "ConfigError", "IdentityHeaders", "IPNet
 
 _HEADER_NAME_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _APPID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# Headers HTTP or the gateway itself controls: an identity header must not be one of them.
+_RESERVED_HEADERS = frozenset({
+    "authorization", "host", "cookie", "set-cookie", "content-length", "content-type",
+    "content-encoding", "transfer-encoding", "connection", "keep-alive", "proxy-connection",
+    "proxy-authenticate", "proxy-authorization", "te", "trailer", "upgrade", "expect",
+    "forwarded", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id",
+    "via", "sec-websocket-key", "sec-websocket-version", "sec-websocket-protocol",
+    "sec-websocket-extensions", "sec-websocket-accept", "www-authenticate"})
 
 
 def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
@@ -35,14 +45,30 @@ def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None)
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read configuration file: {exc.strerror}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start})"]) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" (line {where.line + 1})" if where is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([f"{path}{line}: not valid YAML: {problem}"]) from None
     return parse({} if data is None else data, os.environ if environ is None else environ)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (the later would silently win)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def parse(data: Any, environ: Mapping[str, str]) -> Config:
@@ -100,9 +126,15 @@ class _ConfigReader(Reader):
             self.fail("redis.url", "is required (redis://, rediss:// or unix://)")
             return None
         url = self.string("redis.url", s["url"])
-        if url is not None and URL(url).scheme not in ("redis", "rediss", "unix"):
+        if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
             self.fail("redis.url", "must start with redis://, rediss:// or unix://")
             url = None
+        elif url is not None:
+            try:
+                redis_parse_url(url)  # type: ignore[no-untyped-call]  # as at start-up
+            except (ValueError, TypeError) as exc:
+                self.fail("redis.url", f"not a usable Redis URL: {_without_secrets(str(exc))}")
+                url = None
         prefix = self.optional("redis", s, "key_prefix", self.string, "wxgw:")
         timeout = self.optional("redis", s, "timeout", self.duration, 1.0)
         if url is None or prefix is None or timeout is None:
@@ -213,9 +245,8 @@ class _ConfigReader(Reader):
                 self.fail(key, f"{text!r} is not a valid HTTP header name")
             elif text.lower() in {n.lower() for n in names.values()}:
                 self.fail(key, f"{text!r} is already used for another identity header")
-            elif text.lower() in ("authorization", "host", "cookie", "content-length",
-                                  "transfer-encoding", "connection"):
-                self.fail(key, f"{text!r} is reserved")
+            elif text.lower() in _RESERVED_HEADERS:
+                self.fail(key, f"{text!r} is a header the gateway or HTTP itself uses")
             else:
                 names[name] = text
         if len(names) != 4:
@@ -261,8 +292,11 @@ class _ConfigReader(Reader):
             if (path is None or url is None or auth is None or timeout is None
                     or connect is None or preserve_host is None or only is None):
                 continue
+            base = _base_path(self, f"{key}.upstream", url, upstream or "")
+            if base is None:
+                continue
             origin = str(url.with_path("").with_query(None)).rstrip("/")
-            routes.append(Route(path, url, origin, url.path.rstrip("/"), auth, timeout,
+            routes.append(Route(path, url, origin, base, auth, timeout,
                                 min(connect, timeout), preserve_host, only))
         return tuple(sorted(routes, key=lambda r: len(r.path), reverse=True))
 
@@ -292,14 +326,32 @@ def _route_path(text: str) -> str | None:
     return trimmed
 
 
+def _base_path(r: Reader, key: str, url: URL, text: str) -> str | None:
+    """The upstream's base path exactly as written (still percent-encoded), if it is plain."""
+    raw = url.raw_path.rstrip("/")
+    # yarl resolves "a/../b" itself; look at what was written too.
+    segments = raw.split("/")[1:] + urlsplit(text).path.rstrip("/").split("/")[1:]
+    if (not raw.isascii() or any(c in raw for c in " \\%")
+            or any(seg in ("", ".", "..") for seg in segments)):
+        r.fail(key, "the base path must be plain ASCII segments, without '.', '..', '//', "
+                    "'%' escapes or spaces")
+        return None
+    return raw
+
+
+def _without_secrets(text: str) -> str:
+    return re.sub(r"//[^/@\s]*@", "//***@", text)
+
+
 def _http_url(r: Reader, key: str, text: str) -> URL | None:
     try:
         url = URL(text)
     except ValueError as exc:
-        r.fail(key, f"not a valid URL: {exc}")
+        r.fail(key, f"not a valid URL: {_without_secrets(str(exc))}")
         return None
     if url.scheme not in ("http", "https") or not url.host:
-        r.fail(key, f"must be an http:// or https:// URL with a host, got {text!r}")
+        r.fail(key, "must be an http:// or https:// URL with a host, "
+                    f"got {_without_secrets(text)!r}")
     elif url.user is not None or url.password is not None:
         r.fail(key, "must not contain credentials")
     elif url.query_string or url.fragment:
@@ -310,7 +362,7 @@ def _http_url(r: Reader, key: str, text: str) -> URL | None:
         except ValueError:
             port = None
         if port is None or not 0 < port < 65536:
-            r.fail(key, f"invalid port in {text!r}")
+            r.fail(key, f"invalid port in {_without_secrets(text)!r}")
             return None
         return url
     return None

@@ -20,7 +20,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 import redis.asyncio as aioredis
 
 from .config import App
-from .errors import WeChatUnavailable
+from .errors import GatewayError, WeChatUnavailable
 from .keys import Keyring
 from .sessions import guarded
 from .wechat import AccessTokenRejected, WeChatClient
@@ -28,6 +28,7 @@ from .wechat import AccessTokenRejected, WeChatClient
 log = logging.getLogger("gateway.credentials")
 REFRESH_AT = 0.8
 _POLL = 0.05
+_RETRY_PAUSE = 1.0
 _T = TypeVar("_T")
 
 _RELEASE = """
@@ -53,6 +54,7 @@ class AccessTokens:
         self._lock_ttl = lock_ttl
         self._release = client.register_script(_RELEASE)
         self._flights: dict[str, asyncio.Future[str]] = {}
+        self._quiet_until: dict[str, float] = {}  # appid → no refresh attempt before this
 
     async def call(self, app: App, operation: Callable[[str], Awaitable[_T]]) -> _T:
         """Run ``operation(access_token)``; if WeChat rejects the token, refresh once and retry."""
@@ -65,9 +67,23 @@ class AccessTokens:
 
     async def get(self, app: App, rejected: str | None = None) -> str:
         cached = await self._read(app)
-        if cached is not None and cached.token != rejected and time.time() < cached.refresh_at:
+        if cached is not None and cached.token == rejected:
+            cached = None
+        now = time.time()
+        if cached is not None and (now < cached.refresh_at
+                                   or now < self._quiet_until.get(app.appid, 0)):
             return cached.token
-        token = await self._join(app, rejected, start_new=False)
+        try:
+            token = await self._join(app, rejected, start_new=False)
+        except GatewayError:
+            if cached is None or time.time() >= cached.expires_at:
+                raise
+            # An early refresh failed but the current token still works: keep using it,
+            # and give WeChat a moment before the next attempt.
+            log.warning("early access_token refresh for %s failed; using the current one",
+                        app.appid)
+            self._quiet_until[app.appid] = time.time() + _RETRY_PAUSE
+            return cached.token
         if rejected is not None and token == rejected:
             # We joined a refresh that started before WeChat rejected this token.
             token = await self._join(app, rejected, start_new=True)

@@ -60,21 +60,33 @@ def request_path(raw_path: str) -> str:
     return decoded
 
 
-def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
+def connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
     return {t.strip().lower() for v in headers.getall("Connection", []) for t in v.split(",")}
+
+
+def close_after_upgrade_attempt(request: web.Request, response: web.StreamResponse) -> None:
+    """aiohttp's parser treats a connection that asked for an upgrade as taken over, whatever
+    the answer, so it can carry no further request: close it after this response."""
+    if "upgrade" in connection_tokens(request.headers):
+        response.force_close()
+
+
+def _spelling(name: str) -> str:
+    """A header name as frameworks may read it: any case, '_' for '-', padding ignored."""
+    return name.strip().lower().replace("_", "-")
 
 
 def forward_headers(request: web.Request, identity: Identity | None, config: Config,
                     route: Route, request_id: str) -> CIMultiDict[str]:
     names = config.identity_headers
-    drop = HOP_BY_HOP | _REPLACED | _connection_tokens(request.headers)
-    spoofable = {n.lower() for n in names.names()}
+    drop = HOP_BY_HOP | _REPLACED | connection_tokens(request.headers)
+    spoofable = {_spelling(n) for n in names.names()}
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in request.headers.items():
         lowered = name.lower()
         # Clients (and some proxies) spell header names loosely; any spelling that an upstream
         # framework could read as an identity header is a forgery attempt and goes.
-        if lowered in drop or lowered.strip().replace("_", "-") in spoofable:
+        if lowered in drop or _spelling(name) in spoofable:
             continue
         out.add(name, value)
     out.update(forwarded_headers(request, config))
@@ -110,6 +122,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     url = URL(f"{route.origin}{route.base_path}{request.raw_path}", encoded=True)
     if websocket.is_upgrade(request):
         return await websocket.relay(request, services.http, url, headers, route.timeout)
+
     skip = [h for h in _AUTO_HEADERS if h not in headers]
     started = time.perf_counter()
     try:
@@ -119,6 +132,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
             auto_decompress=False,
             timeout=aiohttp.ClientTimeout(total=route.timeout, sock_connect=route.connect_timeout))
     except asyncio.TimeoutError:
+        log.warning("upstream for %s timed out after %gs", route.path, route.timeout)
         raise UpstreamTimeout(f"the upstream for {route.path} did not answer in time") from None
     except aiohttp.ClientError as exc:
         log.warning("upstream for %s unavailable: %s", route.path, type(exc).__name__)
@@ -150,11 +164,12 @@ async def _authenticate(request: web.Request, route: Route) -> Identity | None:
 
 async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-    drop = HOP_BY_HOP | _connection_tokens(upstream.headers)
+    drop = HOP_BY_HOP | connection_tokens(upstream.headers)
     for name, value in upstream.headers.items():
         if name.lower() not in drop:
             response.headers.add(name, value)
     response.headers["X-Request-ID"] = request[REQUEST_ID]
+    close_after_upgrade_attempt(request, response)
     await response.prepare(request)
     try:
         async for chunk in upstream.content.iter_chunked(_CHUNK):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from typing import Any, Callable, Mapping, TypeVar
 
@@ -12,6 +13,7 @@ _ENV_RE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 _T = TypeVar("_T")
+MAX_DURATION = 365 * 86400.0
 _MISSING: Any = object()  # an unset ${VAR}: already reported, not to be validated further
 
 
@@ -26,8 +28,8 @@ def parse_duration(value: Any) -> float:
         if not match:
             raise ValueError(f"{value!r} is not a duration (use e.g. 250ms, 30s, 5m, 2h, 7d)")
         seconds = float(match.group(1)) * _UNITS[match.group(2)]
-    if seconds <= 0:
-        raise ValueError("must be greater than zero")
+    if not math.isfinite(seconds) or seconds <= 0 or seconds > MAX_DURATION:
+        raise ValueError("must be greater than zero and at most 365d")
     return seconds
 
 

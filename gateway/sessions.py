@@ -16,6 +16,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from .errors import StoreUnavailable
+from .config import RedisConfig
 from .keys import Keyring
 
 _T = TypeVar("_T")
@@ -130,12 +131,12 @@ async def guarded(operation: Callable[[], Awaitable[_T]]) -> _T:
         raise StoreUnavailable(f"Redis is unavailable ({type(exc).__name__})") from exc
 
 
-def connect(url: str, timeout: float) -> aioredis.Redis:
+def connect(config: RedisConfig) -> aioredis.Redis:
     """A pooled client that fails fast: a down Redis must not stall requests (fail closed)."""
     # One immediate retry covers a pooled connection that died with a Redis restart. Timeouts
     # are not retried: a slow Redis must cost a request redis.timeout, not a multiple of it.
     retry = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
-    client: Any = aioredis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
-                                    retry=retry, retry_on_timeout=False,
-                                    health_check_interval=30)
+    client: Any = aioredis.from_url(config.url, socket_timeout=config.timeout,
+                                    socket_connect_timeout=config.timeout, retry=retry,
+                                    retry_on_timeout=False, health_check_interval=30)
     return client  # type: ignore[no-any-return]

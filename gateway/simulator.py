@@ -36,6 +36,7 @@ import base64
 import hashlib
 import hmac
 import json
+import math
 import os
 import re
 import time
@@ -189,10 +190,13 @@ async def stable_token(request: web.Request) -> web.StreamResponse:
         return _reply({"errcode": 40002, "errmsg": "invalid grant_type"})
     if appid not in state.apps or state.apps[appid] != secret:
         return _reply({"errcode": 40125, "errmsg": "invalid appsecret"})
-    current = [(t, e) for t, (a, e) in state.tokens.items() if a == appid and e > time.time()]
+    # Like WeChat, the current token is served until its last fifth of life, then renewed
+    # (the old one stays valid until it expires).
+    renew_after = time.time() + state.token_ttl / 5
+    current = [(t, e) for t, (a, e) in state.tokens.items() if a == appid and e > renew_after]
     if current and not body.get("force_refresh"):
         token, expires = max(current, key=lambda item: item[1])
-        return _reply({"access_token": token, "expires_in": int(expires - time.time())})
+        return _reply({"access_token": token, "expires_in": math.ceil(expires - time.time())})
     token = f"AT.{appid}.{base64.urlsafe_b64encode(os.urandom(12)).decode()}"
     state.tokens[token] = (appid, time.time() + state.token_ttl)
     return _reply({"access_token": token, "expires_in": state.token_ttl})

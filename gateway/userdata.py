@@ -42,7 +42,7 @@ def decrypt(session_key: bytes, encrypted_data: str, iv: str) -> dict[str, Any]:
         unpadder = padding.PKCS7(128).unpadder()
         plain = unpadder.update(padded) + unpadder.finalize()
         result = json.loads(plain)
-    except ValueError:  # bad padding, not UTF-8, not JSON, or an unusable key
+    except (ValueError, RecursionError):  # bad padding, not UTF-8 or JSON, an unusable key
         raise DecryptFailed("encrypted_data does not decrypt under this session's key") from None
     if not isinstance(result, dict):
         raise DecryptFailed("encrypted_data does not decrypt to a JSON object")

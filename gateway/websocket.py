@@ -10,9 +10,11 @@ from aiohttp import WSMsgType, web
 from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
-from .errors import UpstreamTimeout, UpstreamUnavailable
+from .errors import InvalidRequest, UpstreamTimeout, UpstreamUnavailable
 
 log = logging.getLogger("gateway.websocket")
+# aiohttp holds a whole message in memory: bound it, or one frame could exhaust the gateway.
+MAX_MESSAGE = 4 * 1024 * 1024
 
 # ws_connect makes its own handshake; the client's would clash with it.
 _HANDSHAKE = ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions",
@@ -32,12 +34,16 @@ async def relay(request: web.Request, http: aiohttp.ClientSession, url: URL,
                  for p in v.split(",") if p.strip()]
     for name in _HANDSHAKE:
         headers.popall(name, None)
+    # Refuse a broken client handshake before dialling the upstream.
+    client = web.WebSocketResponse(autoping=False, autoclose=False, max_msg_size=MAX_MESSAGE)
+    if not client.can_prepare(request).ok:
+        raise InvalidRequest("invalid WebSocket handshake (Sec-WebSocket-Key/Version)")
     try:
         # The route timeout bounds the handshake; a live socket may stay open for hours.
         async with asyncio.timeout(handshake_timeout):
             upstream = await http.ws_connect(
                 url.with_scheme("wss" if url.scheme == "https" else "ws"), headers=headers,
-                protocols=protocols, autoping=False, autoclose=False, max_msg_size=0,
+                protocols=protocols, autoping=False, autoclose=False, max_msg_size=MAX_MESSAGE,
                 compress=0,
                 timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=handshake_timeout))
     except aiohttp.WSServerHandshakeError as exc:
@@ -46,6 +52,7 @@ async def relay(request: web.Request, http: aiohttp.ClientSession, url: URL,
         # The upstream refused the upgrade: the client gets its answer, not ours.
         return _refusal(exc.status, exc.message, exc.headers)
     except asyncio.TimeoutError:
+        log.warning("websocket upstream handshake timed out after %gs", handshake_timeout)
         raise UpstreamTimeout("the upstream did not accept the WebSocket in time") from None
     except aiohttp.ClientError as exc:
         log.warning("websocket upstream unavailable: %s", type(exc).__name__)
@@ -54,8 +61,12 @@ async def relay(request: web.Request, http: aiohttp.ClientSession, url: URL,
     # autoping/autoclose off: pings, pongs and close frames are relayed, not answered here,
     # so each side sees the other's close code and reason.
     client = web.WebSocketResponse(protocols=[upstream.protocol] if upstream.protocol else (),
-                                   autoping=False, autoclose=False, max_msg_size=0)
-    await client.prepare(request)
+                                   autoping=False, autoclose=False, max_msg_size=MAX_MESSAGE)
+    try:
+        await client.prepare(request)
+    except BaseException:
+        await upstream.close(code=aiohttp.WSCloseCode.GOING_AWAY)
+        raise
     async with upstream:
         to_upstream = asyncio.create_task(_pump(client, upstream))
         to_client = asyncio.create_task(_pump(upstream, client))
@@ -88,7 +99,7 @@ async def _pump(source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
             return
         elif msg.type == WSMsgType.CLOSING:
             return  # the other pump is closing this socket on its peer's behalf
-        else:  # CLOSED or ERROR: the source vanished without a close frame
+        else:  # CLOSED or ERROR (e.g. a message over MAX_MESSAGE): aiohttp closed the source
             await sink.close(code=aiohttp.WSCloseCode.GOING_AWAY)
             return
 

@@ -24,6 +24,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from conftest import APPID, GatewayFactory, Upstream, base_config, login
+from rawhttp import RawResponse, build_request, raw_exchange, raw_request
 from gateway import config as config_
 from gateway.embedded import EmbeddedRedis, free_port
 from gateway.errors import ConfigError
@@ -34,70 +35,6 @@ WAIT = 10.0  # upper bound for any single network wait in this file
 
 
 # --- a raw HTTP/1.1 client: aiohttp's own client would normalise what these tests send ------
-
-
-@dataclass
-class RawResponse:
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes
-
-    def header(self, name: str) -> list[str]:
-        return [v for k, v in self.headers if k.lower() == name.lower()]
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-def _dechunk(data: bytes) -> bytes:
-    out = bytearray()
-    while True:
-        size_line, _, data = data.partition(b"\r\n")
-        size = int(size_line.split(b";")[0].strip(), 16)
-        if size == 0:
-            return bytes(out)
-        out += data[:size]
-        data = data[size + 2:]
-
-
-async def raw_exchange(host: str, port: int, payload: bytes) -> RawResponse:
-    """Send exactly ``payload`` and read the answer until the server closes."""
-    reader, writer = await asyncio.open_connection(host, port)
-    try:
-        writer.write(payload)
-        await writer.drain()
-        data = await asyncio.wait_for(reader.read(), WAIT)
-    finally:
-        writer.close()
-    head, _, rest = data.partition(b"\r\n\r\n")
-    assert head, f"no answer to {payload[:120]!r}"
-    status_line, *header_lines = head.decode("latin-1").split("\r\n")
-    parsed = [(k.strip(), v.strip()) for k, _, v in (h.partition(":") for h in header_lines)]
-    response = RawResponse(int(status_line.split()[1]), parsed, rest)
-    if any("chunked" in v.lower() for v in response.header("Transfer-Encoding")):
-        response.body = _dechunk(rest)
-    return response
-
-
-def build_request(method: str, target: str, header_lines: Sequence[bytes] = (),
-                  host: str | None = "gateway.test", body: bytes = b"") -> bytes:
-    """A request with these header lines verbatim (plus Host and ``Connection: close``)."""
-    lines = [f"{method} {target} HTTP/1.1".encode("latin-1")]
-    if host is not None:
-        lines.append(f"Host: {host}".encode("latin-1"))
-    lines.extend(header_lines)
-    lines.append(b"Connection: close")
-    if body:
-        lines.append(f"Content-Length: {len(body)}".encode())
-    return b"\r\n".join(lines) + b"\r\n\r\n" + body
-
-
-async def raw_request(client: TestClient, method: str, target: str,
-                      headers: Sequence[tuple[str, str]] = (),
-                      host: str | None = "gateway.test") -> RawResponse:
-    lines = [f"{k}: {v}".encode("latin-1") for k, v in headers]
-    return await raw_exchange(client.server.host, client.server.port,
-                              build_request(method, target, lines, host))
 
 
 def assert_json_error(resp: RawResponse | tuple[int, str, Any], status: int,

@@ -11,6 +11,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from rawhttp import raw_request
 from conftest import GatewayFactory, Upstream, bearer, closed_port_url, login
 from gateway.embedded import free_port
 
@@ -40,18 +41,8 @@ async def scrape(client: TestClient) -> dict[str, list[tuple[dict[str, str], flo
 
 
 async def raw_get(client: TestClient, target: str) -> tuple[int, dict[str, str], bytes]:
-    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
-    try:
-        writer.write(f"GET {target} HTTP/1.1\r\nHost: gw.test\r\nConnection: close\r\n\r\n"
-                     .encode("latin-1"))
-        await writer.drain()
-        data = await asyncio.wait_for(reader.read(), 10)
-    finally:
-        writer.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in lines)}
-    return int(status_line.split()[1]), headers, body
+    resp = await raw_request(client, "GET", target, host="gw.test")
+    return resp.status, {k.lower(): v for k, v in resp.headers}, resp.body
 
 
 def assert_json_error(status: int, content_type: str, body: bytes, want_status: int,

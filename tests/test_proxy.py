@@ -17,67 +17,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from conftest import APPID, GatewayFactory, Upstream, bearer, closed_port_url, login
+from rawhttp import RawResponse, raw_request
 from gateway.embedded import free_port
 
 IDENTITY_NAMES = ("x-wx-openid", "x-wx-unionid", "x-wx-appid")
 SPOOF = "spoofed-identity-0000"
-
-
-# --- a raw HTTP/1.1 client: aiohttp's own client would normalise what these tests send ------
-
-
-@dataclass
-class RawResponse:
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes
-
-    def header(self, name: str) -> list[str]:
-        return [v for k, v in self.headers if k.lower() == name.lower()]
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-def _dechunk(data: bytes) -> bytes:
-    out = bytearray()
-    while True:
-        size_line, _, data = data.partition(b"\r\n")
-        size = int(size_line.split(b";")[0].strip(), 16)
-        if size == 0:
-            return bytes(out)
-        out += data[:size]
-        data = data[size + 2:]
-
-
-async def raw_request(client: TestClient, method: str, target: str,
-                      headers: Sequence[tuple[str, str | bytes]] = (), body: bytes = b"",
-                      host: str | None = "gateway.test") -> RawResponse:
-    """Send exactly these bytes (plus ``Connection: close`` unless a Connection is given)."""
-    lines = [f"{method} {target} HTTP/1.1".encode("latin-1")]
-    if host is not None:
-        lines.append(f"Host: {host}".encode("latin-1"))
-    for name, value in headers:
-        raw_value = value if isinstance(value, bytes) else value.encode("latin-1")
-        lines.append(name.encode("latin-1") + b": " + raw_value)
-    if not any(name.lower() == "connection" for name, _ in headers):
-        lines.append(b"Connection: close")
-    if body:
-        lines.append(f"Content-Length: {len(body)}".encode())
-    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
-    try:
-        writer.write(b"\r\n".join(lines) + b"\r\n\r\n" + body)
-        await writer.drain()
-        data = await asyncio.wait_for(reader.read(), 10)
-    finally:
-        writer.close()
-    head, _, rest = data.partition(b"\r\n\r\n")
-    status_line, *header_lines = head.decode("latin-1").split("\r\n")
-    parsed = [(k.strip(), v.strip()) for k, _, v in (h.partition(":") for h in header_lines)]
-    response = RawResponse(int(status_line.split()[1]), parsed, rest)
-    if any("chunked" in v.lower() for v in response.header("Transfer-Encoding")):
-        response.body = _dechunk(rest)
-    return response
 
 
 async def assert_error(resp: Any, status: int, code: str) -> dict[str, Any]:

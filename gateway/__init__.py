@@ -1,0 +1,3 @@
+"""wx-gateway: an authentication gateway for WeChat Mini Program backends."""
+
+__version__ = "0.1.0"
