@@ -16,6 +16,7 @@ from aiohttp.abc import AbstractAccessLogger
 
 from . import endpoints, proxy, sessions
 from .auth import Authenticator
+from .cache import SessionCache, follow_invalidations
 from .credentials import AccessTokens
 from .config import Config
 from .errors import GatewayError, InternalError, InvalidRequest, MethodNotAllowed, NotFound, \
@@ -67,15 +68,26 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         keyring = Keyring(config.session.signing_keys)
         store = sessions.SessionStore(redis, config.redis.key_prefix, keyring)
         codec = TokenCodec(keyring, tuple(a.appid for a in config.apps))
+        cache = SessionCache(config.session.cache_size) if config.session.cache_size else None
+        if cache is not None:
+            follower = asyncio.ensure_future(follow_invalidations(
+                lambda: sessions.subscriber(config.redis, redis), store.channel, cache,
+                config.redis.timeout))
+            stack.push_async_callback(_cancel, follower)
         wechat = WeChatClient(wechat_http, config.wechat.api_base, config.wechat.timeout,
                               app[METRICS])
         app[SERVICES] = Services(
             config=config, http=http, wechat=wechat, sessions=store, tokens=codec,
-            authenticator=Authenticator(codec, store), metrics=app[METRICS],
+            authenticator=Authenticator(codec, store, cache), metrics=app[METRICS],
             access_tokens=AccessTokens(redis, config.redis.key_prefix, keyring, wechat,
                                        lock_ttl=config.wechat.timeout + 1),
             limiter=LoginLimiter(redis, config.redis.key_prefix, config.rate_limit))
         yield
+
+
+async def _cancel(task: asyncio.Future[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 def error_response(error: GatewayError) -> web.Response:

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 from .errors import InvalidRequest, Unauthorized
 from .sessions import Session, SessionStore
 from .tokens import Claims, TokenCodec
+
+if TYPE_CHECKING:
+    from .cache import SessionCache
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,21 +42,33 @@ def bearer_token(authorization: list[str]) -> str | None:
 
 
 class Authenticator:
-    def __init__(self, codec: TokenCodec, store: SessionStore) -> None:
+    def __init__(self, codec: TokenCodec, store: SessionStore,
+                 cache: SessionCache | None = None) -> None:
         self.codec = codec
         self.store = store
+        self.cache = cache
 
-    async def authenticate(self, token: str | None) -> Identity:
+    async def authenticate(self, token: str | None, *, fresh: bool = False) -> Identity:
         """Raise ``Unauthorized`` unless the token is genuine and its session is live.
 
-        Raises ``StoreUnavailable`` when Redis cannot say: callers fail closed.
+        Raises ``StoreUnavailable`` when Redis cannot say: callers fail closed. ``fresh``
+        skips the cache, for callers about to change the session.
         """
         if token is None:
             raise Unauthorized("a Bearer token is required")
+        cache = self.cache
+        if cache is not None and not fresh:
+            hit = cache.get(token)
+            if hit is not None:
+                return hit
+        epoch = cache.epoch if cache is not None else 0
         claims = self.codec.verify(token)
         session = await self.store.get(claims.sid)
         if session is None:
             raise Unauthorized("the session has ended (logged out or expired)")
         if session.openid != claims.openid or session.appid != claims.appid:
             raise Unauthorized("token does not match its session")
-        return Identity(claims, session)
+        identity = Identity(claims, session)
+        if cache is not None:
+            cache.put(token, identity, epoch)
+        return identity

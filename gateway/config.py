@@ -86,7 +86,7 @@ class _ConfigReader(Reader):
     def config(self, data: Any) -> Config | None:
         top = self.section("", data, ("listen", "redis", "wechat", "apps", "session", "auth",
                                       "identity_headers", "routes", "shutdown_grace",
-                                      "trusted_proxies"))
+                                      "trusted_proxies", "workers"))
         if top is None:
             return None
         listen = self.listen("0.0.0.0:8080" if top.get("listen") is None else top["listen"])
@@ -100,12 +100,25 @@ class _ConfigReader(Reader):
         routes = self.routes(top.get("routes"), prefix, apps)
         grace = self.optional("", top, "shutdown_grace", self.duration, 10.0)
         proxies = self.networks("trusted_proxies", top.get("trusted_proxies"))
+        workers = self.workers(top.get("workers"))
         if (listen is None or redis_ is None or wechat is None or apps is None
                 or session is None or prefix is None or headers is None or routes is None
-                or grace is None or proxies is None or rate_limit is None or self.problems):
+                or grace is None or proxies is None or rate_limit is None or workers is None
+                or self.problems):
             return None
         return Config(listen[0], listen[1], redis_, wechat, apps, session, prefix, headers,
-                      routes, grace, proxies, rate_limit)
+                      routes, grace, proxies, rate_limit, workers)
+
+    def workers(self, value: Any) -> int | None:
+        if value is None:
+            return 1
+        if isinstance(value, str) and self.expand("workers", value) == "auto":
+            return os.cpu_count() or 1
+        count = self.count("workers", value)
+        if count is not None and not 1 <= count <= 256:
+            self.fail("workers", f"expected auto or a number from 1 to 256, got {count}")
+            return None
+        return count
 
     def listen(self, value: Any) -> tuple[str, int] | None:
         text = self.string("listen", value)
@@ -119,11 +132,21 @@ class _ConfigReader(Reader):
         return host, int(port)
 
     def redis(self, value: Any) -> RedisConfig | None:
-        s = self.section("redis", value, ("url", "key_prefix", "timeout"))
+        s = self.section("redis", value, ("url", "key_prefix", "timeout", "sentinels",
+                                          "service_name", "cluster"))
         if s is None:
             return None
+        sentinels = self.addresses("redis.sentinels", s.get("sentinels"))
+        cluster = self.optional("redis", s, "cluster", self.boolean, False)
+        service = self.optional("redis", s, "service_name", self.string, "mymaster")
+        if sentinels and cluster:
+            self.fail("redis.cluster", "cannot be combined with redis.sentinels")
+            return None
+        if s.get("url") is None and sentinels:
+            s = {**s, "url": "redis://"}  # sentinels name the servers; no db or password
         if s.get("url") is None:
-            self.fail("redis.url", "is required (redis://, rediss:// or unix://)")
+            self.fail("redis.url", "is required (redis://, rediss:// or unix://), "
+                                   "unless redis.sentinels is given")
             return None
         url = self.string("redis.url", s["url"])
         if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
@@ -137,9 +160,25 @@ class _ConfigReader(Reader):
                 url = None
         prefix = self.optional("redis", s, "key_prefix", self.string, "wxgw:")
         timeout = self.optional("redis", s, "timeout", self.duration, 1.0)
-        if url is None or prefix is None or timeout is None:
+        if (url is None or prefix is None or timeout is None or sentinels is None
+                or cluster is None or service is None):
             return None
-        return RedisConfig(url, prefix, timeout)
+        return RedisConfig(url, prefix, timeout, sentinels, service, cluster)
+
+    def addresses(self, key: str, value: Any) -> tuple[tuple[str, int], ...] | None:
+        items = self.items(key, value)
+        if items is None:
+            return None
+        found: list[tuple[str, int]] = []
+        for i, item in enumerate(items):
+            text = self.string(f"{key}[{i}]", item)
+            host, _, port = (text or "").rpartition(":")
+            if text is not None and (not host or not port.isdigit()
+                                     or not 0 < int(port) < 65536):
+                self.fail(f"{key}[{i}]", f"expected host:port, got {text!r}")
+            elif text is not None:
+                found.append((host.strip("[]"), int(port)))
+        return tuple(found)
 
     def wechat(self, value: Any) -> WeChatConfig | None:
         s = self.section("wechat", value, ("api_base", "timeout"))
@@ -176,7 +215,8 @@ class _ConfigReader(Reader):
         return tuple(apps)
 
     def session(self, value: Any) -> SessionConfig | None:
-        s = self.section("session", value, ("signing_keys", "ttl", "store_phone"))
+        s = self.section("session", value, ("signing_keys", "ttl", "store_phone",
+                                            "cache_size"))
         if s is None:
             return None
         items = self.items("session.signing_keys", s.get("signing_keys"))
@@ -197,9 +237,10 @@ class _ConfigReader(Reader):
                 keys.append(raw)
         ttl = self.optional("session", s, "ttl", self.duration, 7 * 86400.0)
         store_phone = self.optional("session", s, "store_phone", self.boolean, False)
-        if not keys or ttl is None or store_phone is None:
+        cache_size = self.optional("session", s, "cache_size", self.count, 100_000)
+        if not keys or ttl is None or store_phone is None or cache_size is None:
             return None
-        return SessionConfig(tuple(keys), ttl, store_phone)
+        return SessionConfig(tuple(keys), ttl, store_phone, cache_size)
 
     def auth(self, value: Any) -> tuple[str, RateLimit] | None:
         s = self.section("auth", value, ("prefix", "rate_limit"))

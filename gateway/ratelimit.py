@@ -74,7 +74,7 @@ class LoginLimiter:
         """An invalid code came from ``ip``."""
         if self._limits.max_retries:
             await guarded(lambda: self._failure(
-                keys=[self._key("fail", ip), self._key("ban", ip)],
+                keys=[self._key("fail", ip), self._key("ban", ip)],  # one slot: {ip}
                 args=[int(self._limits.find_time * 1000), self._limits.max_retries,
                       int(self._limits.ban_time * 1000)]))
 
@@ -83,7 +83,8 @@ class LoginLimiter:
             await guarded(lambda: self._redis.delete(self._key("fail", ip)))
 
     def _key(self, kind: str, subject: str) -> str:
-        return f"{self._prefix}{kind}:{subject}"
+        # The subject is a hash tag: a script's keys must share a Redis Cluster slot.
+        return f"{self._prefix}{kind}:{{{subject}}}"
 
 
 def _limited(message: str, wait_ms: int) -> RateLimited:

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.sentinel import Sentinel
+from redis.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -31,6 +34,18 @@ return 1
 _SET_FIELD = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return 1
+"""
+# Deleting and announcing in one script: no replica can miss a logout that happened.
+_DELETE = """
+local n = redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', ARGV[1], ARGV[2])
+return n
+"""
+_CREATE = """
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('EXPIREAT', KEYS[1], ARGV[1])
 return 1
 """
 
@@ -53,6 +68,9 @@ class SessionStore:
         self._keyring = keyring
         self._renew = client.register_script(_RENEW)
         self._set_field = client.register_script(_SET_FIELD)
+        self._delete = client.register_script(_DELETE)
+        self._create = client.register_script(_CREATE)
+        self.channel = f"{key_prefix}invalidate"
 
     def key(self, sid: str) -> str:
         return f"{self._prefix}session:{sid}"
@@ -63,18 +81,13 @@ class SessionStore:
         session = Session(secrets.token_urlsafe(24), openid, unionid, appid, now,
                           now + math.ceil(ttl))
         sealed = self._keyring.seal(session_key.encode(), self._context(session.sid, appid))
-        fields = {"openid": openid, "unionid": unionid or "", "appid": appid,
+        fields: dict[str, str | int] = {"openid": openid, "unionid": unionid or "", "appid": appid,
                   "created_at": session.created_at, "expires_at": session.expires_at,
                   "session_key": sealed}
-        key = self.key(session.sid)
-
-        async def write() -> None:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
-                pipe.expireat(key, session.expires_at)
-                await pipe.execute()
-
-        await guarded(write)
+        args: list[str | int] = [session.expires_at]
+        args += [item for pair in fields.items() for item in pair]
+        # One script, one key: atomic on a single Redis and in a cluster alike.
+        await guarded(lambda: self._create(keys=[self.key(session.sid)], args=args))
         return session
 
     async def get(self, sid: str) -> Session | None:
@@ -98,12 +111,13 @@ class SessionStore:
 
     async def set_phone(self, session: Session, phone: str) -> bool:
         """Store the verified phone number with a session that still exists."""
-        done = await guarded(lambda: self._set_field(keys=[self.key(session.sid)],
-                                                     args=["phone", phone]))
+        done = await guarded(lambda: self._set_field(
+            keys=[self.key(session.sid)], args=["phone", phone, self.channel, session.sid]))
         return bool(done)
 
     async def delete(self, sid: str) -> bool:
-        deleted: int = await guarded(lambda: self._redis.delete(self.key(sid)))
+        deleted: int = await guarded(lambda: self._delete(keys=[self.key(sid)],
+                                                          args=[self.channel, sid]))
         return deleted > 0
 
     async def session_key(self, session: Session) -> bytes | None:
@@ -131,12 +145,43 @@ async def guarded(operation: Callable[[], Awaitable[_T]]) -> _T:
         raise StoreUnavailable(f"Redis is unavailable ({type(exc).__name__})") from exc
 
 
-def connect(config: RedisConfig) -> aioredis.Redis:
-    """A pooled client that fails fast: a down Redis must not stall requests (fail closed)."""
+def connect(config: RedisConfig, retries: int = 1) -> aioredis.Redis:
+    """A pooled client that fails fast: a down Redis must not stall requests (fail closed).
+
+    One Redis (``redis.url``), a Sentinel-managed primary (``redis.sentinels``) or a Cluster
+    (``redis.cluster``): every key the gateway touches in one operation shares a slot.
+    """
+    client: Any
+    options = _options(config, retries)
+    if config.sentinels:
+        sentinel = Sentinel(list(config.sentinels), sentinel_kwargs={  # type: ignore[no-untyped-call]
+            "socket_timeout": config.timeout, "socket_connect_timeout": config.timeout})
+        url = parse_url(config.url)  # type: ignore[no-untyped-call]
+        extra = {k: url[k] for k in ("db", "username", "password") if k in url}
+        client = sentinel.master_for(config.service_name, **options, **extra)
+    elif config.cluster:
+        client = RedisCluster.from_url(config.url, socket_timeout=config.timeout,
+                                       socket_connect_timeout=config.timeout)
+    else:
+        client = aioredis.from_url(config.url, **options)
+    return client  # type: ignore[no-any-return]
+
+
+async def subscriber(config: RedisConfig, client: aioredis.Redis) -> aioredis.Redis:
+    """A client of its own for the invalidation subscription, without retries: its follower
+    handles every failure itself (and redis-py's retry can swallow a cancellation). In a
+    cluster, PUBLISH reaches every node, so one node's connection hears it all."""
+    if not config.cluster:
+        return connect(config, retries=0)
+    cluster: Any = client
+    await cluster.initialize()
+    node = cluster.get_random_node()
+    return aioredis.Redis(host=node.host, port=node.port, **_options(config, retries=0))
+
+
+def _options(config: RedisConfig, retries: int) -> dict[str, Any]:
     # One immediate retry covers a pooled connection that died with a Redis restart. Timeouts
     # are not retried: a slow Redis must cost a request redis.timeout, not a multiple of it.
-    retry = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
-    client: Any = aioredis.from_url(config.url, socket_timeout=config.timeout,
-                                    socket_connect_timeout=config.timeout, retry=retry,
-                                    retry_on_timeout=False, health_check_interval=30)
-    return client  # type: ignore[no-any-return]
+    return {"socket_timeout": config.timeout, "socket_connect_timeout": config.timeout,
+            "retry": Retry(NoBackoff(), retries, supported_errors=(RedisConnectionError,)),
+            "retry_on_timeout": False, "health_check_interval": 30}

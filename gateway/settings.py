@@ -19,9 +19,12 @@ AUTH_ENDPOINTS = ("login", "logout", "refresh", "session", "verify", "phone", "d
 
 @dataclass(frozen=True, slots=True)
 class RedisConfig:
-    url: str = field(repr=False)  # may carry a password
+    url: str = field(repr=False)  # may carry a password; with sentinels: db and password only
     key_prefix: str = "wxgw:"
     timeout: float = 1.0
+    sentinels: tuple[tuple[str, int], ...] = ()
+    service_name: str = "mymaster"
+    cluster: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +44,7 @@ class SessionConfig:
     signing_keys: tuple[bytes, ...] = field(repr=False)
     ttl: float = 7 * 86400.0
     store_phone: bool = False
+    cache_size: int = 100_000  # verified sessions kept in each process; 0 turns the cache off
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +101,7 @@ class Config:
     shutdown_grace: float = 10.0
     trusted_proxies: tuple[IPNetwork, ...] = ()
     rate_limit: RateLimit = RateLimit()
+    workers: int = 1
 
     def is_trusted_proxy(self, address: str | None) -> bool:
         if not self.trusted_proxies or not address:
