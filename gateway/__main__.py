@@ -7,11 +7,11 @@ import asyncio
 import logging
 import os
 import sys
-
 from typing import Any, Coroutine
 
 from . import config as config_
 from .errors import ConfigError
+from . import supervisor
 from .server import serve
 
 
@@ -35,8 +35,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if config.workers > 1 and not supervisor.is_worker():
+        return supervisor.supervise(path, config.workers, config.shutdown_grace)
     try:
-        _run(serve(config))
+        _run(serve(config, reuse_port=supervisor.is_worker()))
     except OSError as exc:  # e.g. the port is taken
         print(f"listen: cannot listen on {config.listen_host}:{config.listen_port}: "
               f"{exc.strerror or exc}", file=sys.stderr)

@@ -57,7 +57,7 @@ def runner(app: web.Application, shutdown_grace: float, **kwargs: Any) -> Runner
                   shutdown_timeout=shutdown_grace, **kwargs)
 
 
-async def serve(config: Config) -> None:
+async def serve(config: Config, reuse_port: bool = False) -> None:
     """Serve until SIGTERM or SIGINT, then drain in-flight requests within shutdown_grace."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -66,7 +66,8 @@ async def serve(config: Config) -> None:
     app_runner = runner(create_app(config), config.shutdown_grace)
     await app_runner.setup()
     try:
-        await web.TCPSite(app_runner, config.listen_host, config.listen_port).start()
+        await web.TCPSite(app_runner, config.listen_host, config.listen_port,
+                          reuse_port=reuse_port or None).start()
     except BaseException:
         await app_runner.cleanup()
         raise
