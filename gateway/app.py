@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import contextlib
 import logging
 import re
 import time
-import uuid
 from typing import AsyncIterator
 
 import aiohttp
@@ -102,7 +102,7 @@ async def _pipeline(request: web.Request, handler: endpoints.Handler) -> web.Str
     """Request id, error mapping and metrics around every request, gateway's or proxied."""
     started = time.perf_counter()
     sent = request.headers.get("X-Request-ID", "")
-    request_id = sent if _SANE_REQUEST_ID.match(sent) else uuid.uuid4().hex
+    request_id = sent if _SANE_REQUEST_ID.match(sent) else os.urandom(16).hex()
     request[REQUEST_ID] = request_id
     task = asyncio.current_task()
     in_flight = request.app[IN_FLIGHT]

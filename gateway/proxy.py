@@ -30,6 +30,7 @@ _REPLACED = frozenset({"host", "authorization", "forwarded", "x-forwarded-for",
                        "x-forwarded-proto", "x-forwarded-host", "x-request-id", "expect"})
 _AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 _CHUNK = 64 * 1024
+_SMALL_BODY = 64 * 1024
 
 
 def request_path(raw_path: str) -> str:
@@ -129,8 +130,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         upstream = await services.http.request(
             request.method, url, headers=headers, skip_auto_headers=skip,
             data=request.content if request.body_exists else None, allow_redirects=False,
-            auto_decompress=False,
-            timeout=aiohttp.ClientTimeout(total=route.timeout, sock_connect=route.connect_timeout))
+            auto_decompress=False, timeout=route.client_timeout)
     except asyncio.TimeoutError:
         log.warning("upstream for %s timed out after %gs", route.path, route.timeout)
         raise UpstreamTimeout(f"the upstream for {route.path} did not answer in time") from None
@@ -163,12 +163,23 @@ async def _authenticate(request: web.Request, route: Route) -> Identity | None:
 
 
 async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
     drop = HOP_BY_HOP | connection_tokens(upstream.headers)
-    for name, value in upstream.headers.items():
-        if name.lower() not in drop:
-            response.headers.add(name, value)
-    response.headers["X-Request-ID"] = request[REQUEST_ID]
+    headers = CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in drop)
+    headers["X-Request-ID"] = request[REQUEST_ID]
+    length = upstream.content_length
+    if length is not None and length <= _SMALL_BODY and request.method != "HEAD":
+        # A small body is read whole (bounded by its Content-Length) and sent with the
+        # headers in one write; an upstream failing mid-body still gets an honest 502.
+        try:
+            body = await upstream.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            raise UpstreamUnavailable("the upstream broke off its response") from None
+        small = web.Response(status=upstream.status, reason=upstream.reason, body=body,
+                             headers=headers)
+        close_after_upgrade_attempt(request, small)
+        return small
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
+                                  headers=headers)
     close_after_upgrade_attempt(request, response)
     await response.prepare(request)
     try:

@@ -6,6 +6,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Literal
 
+from aiohttp import ClientTimeout
 from yarl import URL
 
 AuthMode = Literal["required", "optional", "public"]
@@ -82,6 +83,10 @@ class Route:
     connect_timeout: float = 5.0
     preserve_host: bool = False
     apps: tuple[str, ...] = ()  # when set, only tokens of these appids are accepted
+
+    @property
+    def client_timeout(self) -> ClientTimeout:
+        return ClientTimeout(total=self.timeout, sock_connect=self.connect_timeout)
 
     def matches(self, path: str) -> bool:
         return self.path == "/" or path == self.path or path.startswith(self.path + "/")
