@@ -11,7 +11,7 @@ from typing import Any, Coroutine
 
 from . import config as config_
 from .errors import ConfigError
-from . import supervisor
+from . import logs, supervisor
 from .server import serve
 
 
@@ -33,8 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         print(f"{path}: configuration is valid")
         return 0
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup(config.logging)
     if config.workers > 1 and not supervisor.is_worker():
         return supervisor.supervise(path, config.workers, config.shutdown_grace)
     try:

@@ -12,21 +12,14 @@ from typing import AsyncIterator
 
 import aiohttp
 from aiohttp import web
-from aiohttp.abc import AbstractAccessLogger
 
 from . import endpoints, proxy, sessions
-from .auth import Authenticator
 from .cache import SessionCache, follow_invalidations
-from .credentials import AccessTokens
 from .config import Config
 from .errors import GatewayError, InternalError, InvalidRequest, MethodNotAllowed, NotFound, \
     PayloadTooLarge
-from .keys import Keyring
 from .metrics import Metrics
-from .ratelimit import LoginLimiter
-from .services import METRICS, REQUEST_ID, ROUTE_LABEL, SERVICES, Services
-from .tokens import TokenCodec
-from .wechat import WeChatClient
+from .services import METRICS, REQUEST_ID, ROUTE_LABEL, SERVICES, Connections, Live, Services
 
 log = logging.getLogger("gateway")
 CONFIG = web.AppKey("config", Config)
@@ -65,23 +58,14 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         # WeChat gets its own small pool, so busy upstreams can never delay a login.
         wechat_http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64))
         stack.push_async_callback(wechat_http.close)
-        keyring = Keyring(config.session.signing_keys)
-        store = sessions.SessionStore(redis, config.redis.key_prefix, keyring)
-        codec = TokenCodec(keyring, tuple(a.appid for a in config.apps))
         cache = SessionCache(config.session.cache_size) if config.session.cache_size else None
         if cache is not None:
             follower = asyncio.ensure_future(follow_invalidations(
-                lambda: sessions.subscriber(config.redis, redis), store.channel, cache,
-                config.redis.timeout))
+                lambda: sessions.subscriber(config.redis, redis),
+                f"{config.redis.key_prefix}invalidate", cache, config.redis.timeout))
             stack.push_async_callback(_cancel, follower)
-        wechat = WeChatClient(wechat_http, config.wechat.api_base, config.wechat.timeout,
-                              app[METRICS])
-        app[SERVICES] = Services(
-            config=config, http=http, wechat=wechat, sessions=store, tokens=codec,
-            authenticator=Authenticator(codec, store, cache), metrics=app[METRICS],
-            access_tokens=AccessTokens(redis, config.redis.key_prefix, keyring, wechat,
-                                       lock_ttl=config.wechat.timeout + 1),
-            limiter=LoginLimiter(redis, config.redis.key_prefix, config.rate_limit))
+        connections = Connections(redis, http, wechat_http, cache, app[METRICS])
+        app[SERVICES] = Live(Services.build(config, connections), connections)
         yield
 
 
@@ -131,15 +115,6 @@ async def _pipeline(request: web.Request, handler: endpoints.Handler) -> web.Str
     metrics.requests.labels(label, str(response.status)).inc()
     metrics.request_seconds.labels(label).observe(time.perf_counter() - started)
     return response
-
-
-class AccessLogger(AbstractAccessLogger):
-    """One line per request; the path only, never the query string (it may hold anything)."""
-
-    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        path = request.raw_path.partition("?")[0][:256]  # raw: percent-escapes stay escaped
-        self.logger.info("%s %s %s %d %.1fms rid=%s", request.remote, request.method, path,
-                         response.status, time * 1000, request.get(REQUEST_ID, "-"))
 
 
 def _resource_label(request: web.Request) -> str:

@@ -20,8 +20,8 @@ from yarl import URL
 from .errors import ConfigError
 from .reader import Reader, parse_duration
 from .settings import (AUTH_ENDPOINTS, AUTH_MODES, GATEWAY_PATHS, MIN_SIGNING_KEY_BYTES, App,
-                       AuthMode, Config, IdentityHeaders, IPNetwork, RateLimit, RedisConfig,
-                       Route, SessionConfig, WeChatConfig)
+                       AuthMode, Config, IdentityHeaders, IPNetwork, LoggingConfig, RateLimit,
+                       RedisConfig, Route, SessionConfig, WeChatConfig)
 
 __all__ = ["App", "AuthMode", "Config", "ConfigError", "IdentityHeaders", "IPNetwork", "RateLimit",
            "RedisConfig", "Route", "SessionConfig", "WeChatConfig", "load", "parse",
@@ -29,6 +29,7 @@ __all__ = ["App", "AuthMode", "Config", "ConfigError", "IdentityHeaders", "IPNet
 
 _HEADER_NAME_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _APPID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_LEVELS = ("debug", "info", "warning", "error")
 # Headers HTTP or the gateway itself controls: an identity header must not be one of them.
 _RESERVED_HEADERS = frozenset({
     "authorization", "host", "cookie", "set-cookie", "content-length", "content-type",
@@ -86,7 +87,7 @@ class _ConfigReader(Reader):
     def config(self, data: Any) -> Config | None:
         top = self.section("", data, ("listen", "redis", "wechat", "apps", "session", "auth",
                                       "identity_headers", "routes", "shutdown_grace",
-                                      "trusted_proxies", "workers"))
+                                      "trusted_proxies", "workers", "logging"))
         if top is None:
             return None
         listen = self.listen("0.0.0.0:8080" if top.get("listen") is None else top["listen"])
@@ -101,13 +102,31 @@ class _ConfigReader(Reader):
         grace = self.optional("", top, "shutdown_grace", self.duration, 10.0)
         proxies = self.networks("trusted_proxies", top.get("trusted_proxies"))
         workers = self.workers(top.get("workers"))
+        logging_ = self.logging(top.get("logging"))
         if (listen is None or redis_ is None or wechat is None or apps is None
                 or session is None or prefix is None or headers is None or routes is None
                 or grace is None or proxies is None or rate_limit is None or workers is None
-                or self.problems):
+                or logging_ is None or self.problems):
             return None
         return Config(listen[0], listen[1], redis_, wechat, apps, session, prefix, headers,
-                      routes, grace, proxies, rate_limit, workers)
+                      routes, grace, proxies, rate_limit, workers, logging_)
+
+    def logging(self, value: Any) -> LoggingConfig | None:
+        s = self.section("logging", value, ("format", "level", "log_openid"))
+        if s is None:
+            return None
+        fmt = self.optional("logging", s, "format", self.string, "text")
+        level = self.optional("logging", s, "level", self.string, "info")
+        log_openid = self.optional("logging", s, "log_openid", self.boolean, False)
+        if fmt is not None and fmt not in ("text", "json"):
+            self.fail("logging.format", f"must be text or json, got {fmt!r}")
+            fmt = None
+        if level is not None and level.lower() not in _LEVELS:
+            self.fail("logging.level", f"must be one of {', '.join(_LEVELS)}, got {level!r}")
+            level = None
+        if fmt is None or level is None or log_openid is None:
+            return None
+        return LoggingConfig(fmt, level.lower(), log_openid)  # type: ignore[arg-type]
 
     def workers(self, value: Any) -> int | None:
         if value is None:

@@ -16,7 +16,7 @@ from .proxy import identity_headers
 from .errors import (GatewayError, InvalidCode, InvalidRequest, MethodNotAllowed, PayloadTooLarge,
                      StoreUnavailable, Unauthorized, UnknownApp)
 from .metrics import CONTENT_TYPE
-from .services import METRICS, SERVICES, Services
+from .services import IDENTITY, METRICS, SERVICES, Services
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_BODY_BYTES = 16 * 1024
@@ -60,12 +60,12 @@ def _with_body(operation: Callable[[Services, Identity, dict[str, Any]],
     async def handler(request: web.Request) -> web.StreamResponse:
         identity = await _identity(request)
         body = await _json_object(request)
-        return json_response(await operation(request.app[SERVICES], identity, body))
+        return json_response(await operation(request.app[SERVICES].current, identity, body))
     return handler
 
 
 async def login(request: web.Request) -> web.Response:
-    s = request.app[SERVICES]
+    s = request.app[SERVICES].current
     try:
         body = await _json_object(request)
         code, appid = body.get("code"), body.get("appid")
@@ -93,7 +93,7 @@ async def login(request: web.Request) -> web.Response:
 
 
 async def logout(request: web.Request) -> web.Response:
-    s = request.app[SERVICES]
+    s = request.app[SERVICES].current
     identity = await _identity(request)
     if not await s.sessions.delete(identity.session.sid):
         raise Unauthorized("the session has ended (logged out or expired)")
@@ -101,7 +101,7 @@ async def logout(request: web.Request) -> web.Response:
 
 
 async def refresh(request: web.Request) -> web.Response:
-    s = request.app[SERVICES]
+    s = request.app[SERVICES].current
     identity = await _identity(request)
     renewed = await s.sessions.renew(identity.session, s.config.session.ttl)
     if renewed is None:
@@ -116,14 +116,14 @@ async def session(request: web.Request) -> web.Response:
     if check not in ("true", "1", "false", "0"):
         raise InvalidRequest("check must be true or false")
     if check in ("true", "1"):  # ask WeChat whether the session_key is still current
-        await profile.check_session_key(request.app[SERVICES], identity)
+        await profile.check_session_key(request.app[SERVICES].current, identity)
     return json_response(_session_body(identity))
 
 
 async def verify(request: web.Request) -> web.Response:
     identity = await _identity(request)
     response = json_response(_session_body(identity))
-    response.headers.update(identity_headers(identity, request.app[SERVICES].config))
+    response.headers.update(identity_headers(identity, request.app[SERVICES].current.config))
     return response
 
 
@@ -133,7 +133,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     try:
-        await request.app[SERVICES].sessions.ping()
+        await request.app[SERVICES].current.sessions.ping()
     except StoreUnavailable:
         raise StoreUnavailable("Redis does not answer") from None
     return json_response({"status": "ready"})
@@ -146,7 +146,9 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def _identity(request: web.Request) -> Identity:
     token = bearer_token(request.headers.getall("Authorization", []))
-    return await request.app[SERVICES].authenticator.authenticate(token)
+    identity = await request.app[SERVICES].current.authenticator.authenticate(token)
+    request[IDENTITY] = identity
+    return identity
 
 
 async def _json_object(request: web.Request) -> dict[str, Any]:

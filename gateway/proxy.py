@@ -18,7 +18,7 @@ from .config import Config, Route
 from .forwarded import forwarded_headers
 from .errors import (AppForbidden, InvalidPath, NotFound, Unauthorized, UpstreamTimeout,
                      UpstreamUnavailable)
-from .services import REQUEST_ID, ROUTE_LABEL, SERVICES
+from .services import IDENTITY, REQUEST_ID, ROUTE_LABEL, SERVICES, UPSTREAM_SECONDS
 
 log = logging.getLogger("gateway.proxy")
 
@@ -111,7 +111,7 @@ def identity_headers(identity: Identity, config: Config) -> dict[str, str]:
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
-    services = request.app[SERVICES]
+    services = request.app[SERVICES].current
     request[ROUTE_LABEL] = "none"  # until a route matches: never the raw path (cardinality)
     path = request_path(request.raw_path)
     route = services.config.route_for(path)
@@ -137,7 +137,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
     except aiohttp.ClientError as exc:
         log.warning("upstream for %s unavailable: %s", route.path, type(exc).__name__)
         raise UpstreamUnavailable(f"the upstream for {route.path} is unavailable") from None
-    services.metrics.upstream_seconds.labels(route.path).observe(time.perf_counter() - started)
+    request[UPSTREAM_SECONDS] = elapsed = time.perf_counter() - started
+    services.metrics.upstream_seconds.labels(route.path).observe(elapsed)
     async with upstream:
         return await _relay(request, upstream)
 
@@ -145,7 +146,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
 async def _authenticate(request: web.Request, route: Route) -> Identity | None:
     if route.auth == "public":
         return None
-    authenticator = request.app[SERVICES].authenticator
+    authenticator = request.app[SERVICES].current.authenticator
     token = bearer_token(request.headers.getall("Authorization", []))
     if route.auth == "required":
         identity = await authenticator.authenticate(token)
@@ -159,6 +160,7 @@ async def _authenticate(request: web.Request, route: Route) -> Identity | None:
         # StoreUnavailable propagates: a token that cannot be checked is never downgraded.
     if route.apps and identity.session.appid not in route.apps:
         raise AppForbidden(f"tokens of {identity.session.appid} are not accepted on {route.path}")
+    request[IDENTITY] = identity
     return identity
 
 

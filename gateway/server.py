@@ -11,7 +11,8 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
-from .app import IN_FLIGHT, AccessLogger, create_app
+from .app import IN_FLIGHT, create_app
+from .logs import AccessLogger
 from .config import Config
 from .errors import GatewayError, HeadersTooLarge, InvalidRequest
 from .endpoints import json_response

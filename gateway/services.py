@@ -1,15 +1,19 @@
-"""Everything a request handler needs, built once per application in its ``cleanup_ctx``."""
+"""Everything a request handler needs, built from a Config in the app's ``cleanup_ctx`` and
+rebuilt on reload (SIGHUP) around the same connections."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import aiohttp
+import redis.asyncio as aioredis
 from aiohttp import web
 
-from .auth import Authenticator
+from .auth import Authenticator, Identity
+from .cache import SessionCache
 from .config import Config
 from .credentials import AccessTokens
+from .keys import Keyring
 from .metrics import Metrics
 from .ratelimit import LoginLimiter
 from .sessions import SessionStore
@@ -18,10 +22,22 @@ from .wechat import WeChatClient
 
 
 @dataclass(frozen=True, slots=True)
+class Connections:
+    """What outlives a reload: pools and the session cache."""
+
+    redis: aioredis.Redis
+    http: aiohttp.ClientSession  # upstreams
+    wechat_http: aiohttp.ClientSession
+    cache: SessionCache | None
+    metrics: Metrics
+
+
+@dataclass(frozen=True, slots=True)
 class Services:
     config: Config
     http: aiohttp.ClientSession
     wechat: WeChatClient
+    keyring: Keyring
     sessions: SessionStore
     tokens: TokenCodec
     authenticator: Authenticator
@@ -29,9 +45,34 @@ class Services:
     access_tokens: AccessTokens
     limiter: LoginLimiter
 
+    @classmethod
+    def build(cls, config: Config, c: Connections) -> Services:
+        keyring = Keyring(config.session.signing_keys)
+        store = SessionStore(c.redis, config.redis.key_prefix, keyring)
+        codec = TokenCodec(keyring, tuple(a.appid for a in config.apps))
+        wechat = WeChatClient(c.wechat_http, config.wechat.api_base, config.wechat.timeout,
+                              c.metrics)
+        return cls(
+            config=config, http=c.http, wechat=wechat, keyring=keyring, sessions=store,
+            tokens=codec, authenticator=Authenticator(codec, store, c.cache), metrics=c.metrics,
+            access_tokens=AccessTokens(c.redis, config.redis.key_prefix, keyring, wechat,
+                                       lock_ttl=config.wechat.timeout + 1),
+            limiter=LoginLimiter(c.redis, config.redis.key_prefix, config.rate_limit))
 
-SERVICES = web.AppKey("services", Services)
+
+class Live:
+    """The Services in force. A handler reads ``current`` once; a reload replaces it, so each
+    request sees one configuration from start to end."""
+
+    def __init__(self, services: Services, connections: Connections) -> None:
+        self.current = services
+        self.connections = connections
+
+
+SERVICES = web.AppKey("services", Live)
 METRICS = web.AppKey("metrics", Metrics)
-# Per-request facts the error/metrics middleware reports (set by the handlers).
+# Per-request facts the middleware, metrics and access log report (set by the handlers).
 ROUTE_LABEL = web.RequestKey("route", str)
 REQUEST_ID = web.RequestKey("request_id", str)
+IDENTITY = web.RequestKey("identity", Identity)
+UPSTREAM_SECONDS = web.RequestKey("upstream_seconds", float)

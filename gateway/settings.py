@@ -62,6 +62,13 @@ class RateLimit:
 
 
 @dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    format: Literal["text", "json"] = "text"
+    level: str = "info"
+    log_openid: bool = False  # else only a short keyed hash of it
+
+
+@dataclass(frozen=True, slots=True)
 class IdentityHeaders:
     openid: str = "X-WX-OpenID"
     unionid: str = "X-WX-UnionID"
@@ -107,6 +114,7 @@ class Config:
     trusted_proxies: tuple[IPNetwork, ...] = ()
     rate_limit: RateLimit = RateLimit()
     workers: int = 1
+    logging: LoggingConfig = LoggingConfig()
 
     def is_trusted_proxy(self, address: str | None) -> bool:
         if not self.trusted_proxies or not address:

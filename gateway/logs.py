@@ -1,0 +1,138 @@
+"""Logging: text or JSON lines, one access line per request, and no storms.
+
+Nothing sensitive is ever logged: no token, code, secret, session_key or access token; the
+openid only as a short keyed hash unless ``logging.log_openid`` is true.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from .forwarded import client_address
+from .services import IDENTITY, REQUEST_ID, ROUTE_LABEL, SERVICES, UPSTREAM_SECONDS
+from .settings import LoggingConfig
+
+ACCESS = "gateway.access"
+_FIELDS = "fields"  # LogRecord attribute holding a line's structured fields
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(
+                timespec="milliseconds"),
+            "level": record.levelname.lower(), "logger": record.name,
+            "message": record.getMessage()}
+        line.update(getattr(record, _FIELDS, {}))
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        fields = getattr(record, _FIELDS, None)
+        if fields:
+            text += " " + " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+        return text
+
+
+class StormFilter(logging.Filter):
+    """A warning repeated (same logger, message and first arguments) within ``window``
+    seconds is counted, not logged; the next one that passes says how many were held back."""
+
+    def __init__(self, window: float = 60.0) -> None:
+        super().__init__()
+        self.window = window
+        self._seen: dict[tuple[Any, ...], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING or record.name == ACCESS:
+            return True
+        args = record.args if isinstance(record.args, tuple) else ()
+        key = (record.name, record.msg, *map(str, args[:2]))
+        now = time.monotonic()
+        since, held = self._seen.get(key, (0.0, 0))
+        if now - since < self.window:
+            self._seen[key] = (since, held + 1)
+            return False
+        self._seen[key] = (now, 0)
+        if held:
+            record.msg = f"{record.msg} ({held} more like this in the last {self.window:g}s)"
+        if len(self._seen) > 10_000:
+            self._seen.clear()
+        return True
+
+
+def setup(config: LoggingConfig) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if config.format == "json" else TextFormatter())
+    handler.addFilter(StormFilter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(config.level.upper())
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)  # ours replaces it
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One line per request: the path only (never the query string: it may hold anything),
+    route, status, durations, auth outcome, appid and the openid as a keyed hash."""
+
+    def __init__(self, logger: logging.Logger, log_format: str) -> None:
+        super().__init__(logging.getLogger(ACCESS), log_format)
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        fields = access_fields(request, response, time)
+        self.logger.info("%s %s %s", request.method, fields["path"], response.status,
+                         extra={_FIELDS: fields})
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)
+
+
+def access_fields(request: web.BaseRequest, response: web.StreamResponse,
+                  seconds: float) -> dict[str, Any]:
+    live = (request.app[SERVICES] if isinstance(request, web.Request)
+            and SERVICES in request.app else None)
+    identity = request.get(IDENTITY)
+    upstream = request.get(UPSTREAM_SECONDS)
+    fields: dict[str, Any] = {
+        "request_id": request.get(REQUEST_ID), "method": request.method,
+        # raw: percent-escapes stay escaped, so no control character reaches the log
+        "path": request.raw_path.partition("?")[0][:256],
+        "route": request.get(ROUTE_LABEL), "status": response.status,
+        "duration_ms": round(seconds * 1000, 2),
+        "upstream_ms": round(upstream * 1000, 2) if upstream is not None else None,
+        "auth": "ok" if identity else ("denied" if response.status in (401, 403) else "none"),
+        "appid": identity.session.appid if identity else None}
+    if live is not None and isinstance(request, web.Request):  # not for unparsable requests
+        services = live.current
+        fields["client_ip"] = client_address(request, services.config)
+        if identity is not None and services.config.logging.log_openid:
+            fields["openid"] = identity.session.openid
+        elif identity is not None:
+            fields["openid_hash"] = openid_hash(services.keyring.log_key, identity.session.openid)
+    else:
+        fields["client_ip"] = request.remote
+    return fields
+
+
+def openid_hash(key: bytes, openid: str) -> str:
+    """Stable across replicas (same signing key), useless without it: 12 hex characters."""
+    return hmac.new(key, openid.encode(), hashlib.sha256).hexdigest()[:12]
