@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     if config.workers > 1 and not supervisor.is_worker():
         return supervisor.supervise(path, config.workers, config.shutdown_grace)
     try:
-        _run(serve(config, reuse_port=supervisor.is_worker()))
+        _run(serve(config, path, reuse_port=supervisor.is_worker()))
     except OSError as exc:  # e.g. the port is taken
         print(f"listen: cannot listen on {config.listen_host}:{config.listen_port}: "
               f"{exc.strerror or exc}", file=sys.stderr)

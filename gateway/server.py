@@ -13,6 +13,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from .app import IN_FLIGHT, create_app
 from .logs import AccessLogger
+from .reload import reload
 from .config import Config
 from .errors import GatewayError, HeadersTooLarge, InvalidRequest
 from .endpoints import json_response
@@ -58,13 +59,17 @@ def runner(app: web.Application, shutdown_grace: float, **kwargs: Any) -> Runner
                   shutdown_timeout=shutdown_grace, **kwargs)
 
 
-async def serve(config: Config, reuse_port: bool = False) -> None:
-    """Serve until SIGTERM or SIGINT, then drain in-flight requests within shutdown_grace."""
+async def serve(config: Config, path: str | None = None, reuse_port: bool = False) -> None:
+    """Serve until SIGTERM or SIGINT, then drain in-flight requests within shutdown_grace.
+    SIGHUP re-reads ``path`` (see reload.py)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    app_runner = runner(create_app(config), config.shutdown_grace)
+    app = create_app(config)
+    if path is not None:
+        loop.add_signal_handler(signal.SIGHUP, reload, app, path)
+    app_runner = runner(app, config.shutdown_grace)
     await app_runner.setup()
     try:
         await web.TCPSite(app_runner, config.listen_host, config.listen_port,

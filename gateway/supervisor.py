@@ -35,6 +35,7 @@ def supervise(config_path: str, workers: int, grace: float) -> int:
     env = {**os.environ, WORKER_ENV: "1", METRICS_ENV: metrics_dir}
     command = [sys.executable, "-m", "gateway", "--config", config_path]
     stopping = False
+    procs: dict[int, tuple[subprocess.Popen[bytes], float]] = {}
 
     def stop(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
@@ -42,7 +43,7 @@ def supervise(config_path: str, workers: int, grace: float) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    procs: dict[int, tuple[subprocess.Popen[bytes], float]] = {}
+    signal.signal(signal.SIGHUP, lambda signum, frame: _forward(procs, signal.SIGHUP))
     try:
         for slot in range(workers):
             procs[slot] = (_spawn(command, env), time.monotonic())
@@ -64,6 +65,12 @@ def supervise(config_path: str, workers: int, grace: float) -> int:
         return _terminate(procs, grace)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _forward(procs: dict[int, tuple[subprocess.Popen[bytes], float]], sig: int) -> None:
+    for proc, _ in procs.values():
+        if proc.poll() is None:
+            proc.send_signal(sig)
 
 
 def _spawn(command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
