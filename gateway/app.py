@@ -16,8 +16,8 @@ from aiohttp import web
 from . import endpoints, proxy, sessions
 from .cache import SessionCache, follow_invalidations
 from .config import Config
-from .errors import GatewayError, InternalError, InvalidRequest, MethodNotAllowed, NotFound, \
-    PayloadTooLarge
+from .errors import (GatewayError, InternalError, InvalidRequest, MethodNotAllowed, NotFound,
+                     PayloadTooLarge, StoreUnavailable)
 from .metrics import Metrics
 from .services import METRICS, REQUEST_ID, ROUTE_LABEL, SERVICES, Connections, Live, Services
 
@@ -58,7 +58,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         # WeChat gets its own small pool, so busy upstreams can never delay a login.
         wechat_http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64))
         stack.push_async_callback(wechat_http.close)
-        cache = SessionCache(config.session.cache_size) if config.session.cache_size else None
+        cache = (SessionCache(config.session.cache_size, app[METRICS])
+                 if config.session.cache_size else None)
         if cache is not None:
             follower = asyncio.ensure_future(follow_invalidations(
                 lambda: sessions.subscriber(config.redis, redis),
@@ -95,6 +96,8 @@ async def _pipeline(request: web.Request, handler: endpoints.Handler) -> web.Str
     try:
         response = await handler(request)
     except GatewayError as exc:
+        if isinstance(exc, StoreUnavailable):
+            request.app[METRICS].redis_errors.inc()
         response = error_response(exc)
     except web.HTTPException as exc:  # raised by aiohttp itself (body too large, ...)
         kind = _BY_STATUS.get(exc.status) or (InvalidRequest if exc.status < 500 else InternalError)

@@ -20,12 +20,13 @@ from typing import Any, Awaitable, Callable
 from redis.exceptions import RedisError
 
 from .auth import Identity
+from .metrics import Metrics
 
 log = logging.getLogger("gateway.cache")
 
 
 class SessionCache:
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, metrics: Metrics | None = None) -> None:
         self._size = size
         self._entries: OrderedDict[str, tuple[Identity, float]] = OrderedDict()
         self._tokens_by_sid: dict[str, set[str]] = {}
@@ -33,6 +34,8 @@ class SessionCache:
         self.live = False
         self.hits = 0
         self.misses = 0
+        self._hit = metrics.cache_lookups.labels("hit") if metrics is not None else None
+        self._miss = metrics.cache_lookups.labels("miss") if metrics is not None else None
 
     def get(self, token: str) -> Identity | None:
         if not self.live:
@@ -42,9 +45,13 @@ class SessionCache:
             if entry is not None:
                 self._drop(token)
             self.misses += 1
+            if self._miss is not None:
+                self._miss.inc()
             return None
         self._entries.move_to_end(token)
         self.hits += 1
+        if self._hit is not None:
+            self._hit.inc()
         return entry[0]
 
     def put(self, token: str, identity: Identity, epoch: int) -> None:

@@ -84,6 +84,7 @@ async def login(request: web.Request) -> web.Response:
         new = await s.sessions.create(app.appid, reply.openid, reply.unionid, reply.session_key,
                                       s.config.session.ttl)
         await s.limiter.succeeded(ip)
+        s.metrics.sessions_created.labels(app.appid).inc()
     except GatewayError as exc:
         s.metrics.logins.labels(exc.code).inc()
         raise

@@ -20,7 +20,8 @@ class Metrics:
             "wxgw_requests", "Requests answered, by route (configured path or gateway endpoint) "
             "and status", ["route", "status"], registry=self.registry)
         self.request_seconds = Histogram(
-            "wxgw_request_duration_seconds", "Time to answer a request (proxied: body relayed), by route",
+            "wxgw_request_duration_seconds",
+            "Time to answer a request (proxied: body relayed), by route",
             ["route"], buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.upstream_seconds = Histogram(
             "wxgw_upstream_duration_seconds", "Time for an upstream to answer with headers",
@@ -31,6 +32,15 @@ class Metrics:
         self.wechat_seconds = Histogram(
             "wxgw_wechat_duration_seconds", "WeChat API calls by endpoint and outcome",
             ["endpoint", "outcome"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.sessions_created = Counter(
+            "wxgw_sessions_created", "Sessions created by login, by appid", ["appid"],
+            registry=self.registry)
+        self.redis_errors = Counter(
+            "wxgw_redis_errors", "Requests answered 503 store_unavailable because Redis failed",
+            registry=self.registry)
+        self.cache_lookups = Counter(
+            "wxgw_session_cache_lookups", "Session cache lookups by result (hit or miss)",
+            ["result"], registry=self.registry)
 
     def render(self) -> bytes:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
