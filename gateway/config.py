@@ -19,9 +19,11 @@ from yarl import URL
 
 from .errors import ConfigError
 from .reader import Reader, parse_duration
+from .assertion import ALGORITHMS, load_private_key
 from .settings import (AUTH_ENDPOINTS, AUTH_MODES, GATEWAY_PATHS, MIN_SIGNING_KEY_BYTES, App,
-                       AuthMode, Config, IdentityHeaders, IPNetwork, LoggingConfig, RateLimit,
-                       RedisConfig, Route, SessionConfig, WeChatConfig)
+                       AssertionConfig, AuthMode, Config, IdentityHeaders, IPNetwork,
+                       LoggingConfig, RateLimit, RedisConfig, Route, SessionConfig,
+                       WeChatConfig)
 
 __all__ = ["App", "AuthMode", "Config", "ConfigError", "IdentityHeaders", "IPNetwork", "RateLimit",
            "RedisConfig", "Route", "SessionConfig", "WeChatConfig", "load", "parse",
@@ -87,7 +89,8 @@ class _ConfigReader(Reader):
     def config(self, data: Any) -> Config | None:
         top = self.section("", data, ("listen", "redis", "wechat", "apps", "session", "auth",
                                       "identity_headers", "routes", "shutdown_grace",
-                                      "trusted_proxies", "workers", "logging"))
+                                      "trusted_proxies", "workers", "logging",
+                                      "identity_assertion"))
         if top is None:
             return None
         listen = self.listen("0.0.0.0:8080" if top.get("listen") is None else top["listen"])
@@ -103,13 +106,67 @@ class _ConfigReader(Reader):
         proxies = self.networks("trusted_proxies", top.get("trusted_proxies"))
         workers = self.workers(top.get("workers"))
         logging_ = self.logging(top.get("logging"))
+        assertion = self.assertion(top.get("identity_assertion"), headers)
         if (listen is None or redis_ is None or wechat is None or apps is None
                 or session is None or prefix is None or headers is None or routes is None
                 or grace is None or proxies is None or rate_limit is None or workers is None
-                or logging_ is None or self.problems):
+                or logging_ is None or assertion is None or self.problems):
             return None
         return Config(listen[0], listen[1], redis_, wechat, apps, session, prefix, headers,
-                      routes, grace, proxies, rate_limit, workers, logging_)
+                      routes, grace, proxies, rate_limit, workers, logging_, assertion)
+
+    def assertion(self, value: Any, headers: IdentityHeaders | None) -> AssertionConfig | None:
+        key = "identity_assertion"
+        s = self.section(key, value, ("enabled", "header", "algorithm", "ttl", "issuer", "keys"))
+        if s is None:
+            return None
+        d = AssertionConfig()
+        enabled = self.optional(key, s, "enabled", self.boolean, d.enabled)
+        header = self.optional(key, s, "header", self.string, d.header)
+        algorithm = self.optional(key, s, "algorithm", self.string, d.algorithm)
+        ttl = self.optional(key, s, "ttl", self.duration, d.ttl)
+        issuer = self.optional(key, s, "issuer", self.string, d.issuer)
+        if header is not None and (not _HEADER_NAME_RE.match(header)
+                                   or header.lower() in _RESERVED_HEADERS
+                                   or header.lower() in {n.lower() for n in (
+                                       headers.names() if headers else ())}):
+            self.fail(f"{key}.header", f"{header!r} is not a free, valid header name")
+            header = None
+        if algorithm is not None and algorithm not in ALGORITHMS:
+            self.fail(f"{key}.algorithm", f"must be one of {', '.join(ALGORITHMS)}, "
+                                          f"got {algorithm!r}")
+            algorithm = None
+        keys = self.private_keys(f"{key}.keys", s.get("keys"), algorithm)
+        if enabled and keys == ():
+            self.fail(f"{key}.keys", "at least one private key is required when enabled")
+        if (enabled is None or header is None or algorithm is None or ttl is None
+                or issuer is None or keys is None):
+            return None
+        return AssertionConfig(enabled, header, algorithm, ttl, issuer, keys)
+
+    def private_keys(self, key: str, value: Any, algorithm: str | None) -> tuple[str, ...] | None:
+        items = self.items(key, value)
+        if items is None:
+            return None
+        keys: list[str] = []
+        for i, item in enumerate(items):
+            text = self.string(f"{key}[{i}]", item)
+            if text is None:
+                continue
+            if not text.lstrip().startswith("-----BEGIN"):  # a file holding the PEM
+                try:
+                    text = Path(text).read_text(encoding="utf-8")
+                except (OSError, UnicodeDecodeError) as exc:
+                    self.fail(f"{key}[{i}]", f"neither a PEM key nor a readable file ({exc})")
+                    continue
+            if algorithm is not None:
+                try:
+                    load_private_key(text, algorithm)
+                except ValueError as exc:
+                    self.fail(f"{key}[{i}]", str(exc))
+                    continue
+            keys.append(text)
+        return tuple(keys)
 
     def logging(self, value: Any) -> LoggingConfig | None:
         s = self.section("logging", value, ("format", "level", "log_openid"))
@@ -325,7 +382,7 @@ class _ConfigReader(Reader):
         for i, item in enumerate(items):
             key = f"routes[{i}]"
             s = self.section(key, item, ("path", "upstream", "auth", "timeout",
-                                         "connect_timeout", "preserve_host", "apps"))
+                                         "connect_timeout", "preserve_host", "apps", "audience"))
             if s is None:
                 continue
             raw_path = self.string(f"{key}.path", s.get("path"))
@@ -349,15 +406,17 @@ class _ConfigReader(Reader):
             connect = self.optional(key, s, "connect_timeout", self.duration, 5.0)
             preserve_host = self.optional(key, s, "preserve_host", self.boolean, False)
             only = self.route_apps(f"{key}.apps", s.get("apps"), apps)
+            audience = self.optional(key, s, "audience", self.string, "")
             if (path is None or url is None or auth is None or timeout is None
-                    or connect is None or preserve_host is None or only is None):
+                    or connect is None or preserve_host is None or only is None
+                    or audience is None):
                 continue
             base = _base_path(self, f"{key}.upstream", url, upstream or "")
             if base is None:
                 continue
             origin = str(url.with_path("").with_query(None)).rstrip("/")
             routes.append(Route(path, url, origin, base, auth, timeout,
-                                min(connect, timeout), preserve_host, only))
+                                min(connect, timeout), preserve_host, only, audience or None))
         return tuple(sorted(routes, key=lambda r: len(r.path), reverse=True))
 
     def route_apps(self, key: str, value: Any, apps: tuple[App, ...] | None) -> tuple[str, ...] | None:

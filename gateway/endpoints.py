@@ -13,7 +13,8 @@ from .auth import Identity, bearer_token
 from .config import Config
 from .forwarded import client_address
 from .proxy import identity_headers
-from .errors import (GatewayError, InvalidCode, InvalidRequest, MethodNotAllowed, PayloadTooLarge,
+from .errors import (GatewayError, InvalidCode, InvalidRequest, MethodNotAllowed, NotFound,
+                     PayloadTooLarge,
                      StoreUnavailable, Unauthorized, UnknownApp)
 from .metrics import CONTENT_TYPE
 from .services import IDENTITY, METRICS, SERVICES, Services
@@ -39,7 +40,8 @@ def add_routes(app: web.Application, config: Config) -> None:
             (f"{p}/decrypt", ("POST",), _with_body(profile.decrypt)),
             (f"{p}/check-signature", ("POST",), _with_body(profile.check_signature)),
             ("/healthz", ("GET", "HEAD"), healthz), ("/readyz", ("GET", "HEAD"), readyz),
-            ("/metrics", ("GET", "HEAD"), metrics)):
+            ("/metrics", ("GET", "HEAD"), metrics),
+            ("/.well-known/jwks.json", ("GET", "HEAD"), jwks)):
         app.router.add_route("*", path, _only(methods, handler))
     # Forward-auth callers (nginx auth_request, Traefik, Caddy) may use the original method.
     app.router.add_route("*", f"{p}/verify", verify)
@@ -138,6 +140,16 @@ async def readyz(request: web.Request) -> web.Response:
     except StoreUnavailable:
         raise StoreUnavailable("Redis does not answer") from None
     return json_response({"status": "ready"})
+
+
+async def jwks(request: web.Request) -> web.Response:
+    asserter = request.app[SERVICES].current.asserter
+    if asserter is None:
+        raise NotFound("identity assertions are not enabled (identity_assertion.enabled)")
+    response = json_response(asserter.jwks)
+    # Short enough that a newly added key is seen well before it signs anything.
+    response.headers["Cache-Control"] = "public, max-age=300"
+    return response
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -18,7 +18,7 @@ from .config import Config, Route
 from .forwarded import forwarded_headers
 from .errors import (AppForbidden, InvalidPath, NotFound, Unauthorized, UpstreamTimeout,
                      UpstreamUnavailable)
-from .services import IDENTITY, REQUEST_ID, ROUTE_LABEL, SERVICES, UPSTREAM_SECONDS
+from .services import IDENTITY, REQUEST_ID, ROUTE_LABEL, SERVICES, UPSTREAM_SECONDS, Services
 
 log = logging.getLogger("gateway.proxy")
 
@@ -77,11 +77,12 @@ def _spelling(name: str) -> str:
     return name.strip().lower().replace("_", "-")
 
 
-def forward_headers(request: web.Request, identity: Identity | None, config: Config,
+def forward_headers(request: web.Request, identity: Identity | None, services: Services,
                     route: Route, request_id: str) -> CIMultiDict[str]:
+    config = services.config
     names = config.identity_headers
     drop = HOP_BY_HOP | _REPLACED | connection_tokens(request.headers)
-    spoofable = {_spelling(n) for n in names.names()}
+    spoofable = {_spelling(n) for n in (*names.names(), config.identity_assertion.header)}
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in request.headers.items():
         lowered = name.lower()
@@ -96,6 +97,9 @@ def forward_headers(request: web.Request, identity: Identity | None, config: Con
         out["Host"] = request.host
     if identity is not None:
         out.update(identity_headers(identity, config))
+        if services.asserter is not None:
+            out[config.identity_assertion.header] = services.asserter.assertion(
+                identity.session, route.audience or route.origin)
     return out
 
 
@@ -119,7 +123,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         raise NotFound(f"no route for {path}")
     request[ROUTE_LABEL] = route.path
     identity = await _authenticate(request, route)
-    headers = forward_headers(request, identity, services.config, route, request[REQUEST_ID])
+    headers = forward_headers(request, identity, services, route, request[REQUEST_ID])
     url = URL(f"{route.origin}{route.base_path}{request.raw_path}", encoded=True)
     if websocket.is_upgrade(request):
         return await websocket.relay(request, services.http, url, headers, route.timeout)

@@ -41,7 +41,10 @@ def reload(app: web.Application, path: str) -> bool:
     effective = dataclasses.replace(
         new, **{name: getattr(old, name) for name in RESTART_ONLY},
         session=dataclasses.replace(new.session, cache_size=old.session.cache_size))
-    live.current = Services.build(effective, live.connections)
+    services = Services.build(effective, live.connections)
+    if services.asserter is not None and live.current.asserter is not None:
+        services.asserter.succeed(live.current.asserter)
+    live.current = services
     if live.connections.cache is not None:
         # Identities were verified under the old keys, apps and header names.
         live.connections.cache.clear()

@@ -9,6 +9,7 @@ import aiohttp
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from .assertion import Asserter, load_private_key
 from .auth import Authenticator, Identity
 from .cache import SessionCache
 from .config import Config
@@ -44,6 +45,7 @@ class Services:
     metrics: Metrics
     access_tokens: AccessTokens
     limiter: LoginLimiter
+    asserter: Asserter | None
 
     @classmethod
     def build(cls, config: Config, c: Connections) -> Services:
@@ -57,7 +59,16 @@ class Services:
             tokens=codec, authenticator=Authenticator(codec, store, c.cache), metrics=c.metrics,
             access_tokens=AccessTokens(c.redis, config.redis.key_prefix, keyring, wechat,
                                        lock_ttl=config.wechat.timeout + 1),
-            limiter=LoginLimiter(c.redis, config.redis.key_prefix, config.rate_limit))
+            limiter=LoginLimiter(c.redis, config.redis.key_prefix, config.rate_limit),
+            asserter=_asserter(config))
+
+
+def _asserter(config: Config) -> Asserter | None:
+    a = config.identity_assertion
+    if not a.enabled:
+        return None
+    keys = tuple(load_private_key(pem, a.algorithm) for pem in a.keys)
+    return Asserter(a.algorithm, keys, a.issuer, a.ttl)
 
 
 class Live:

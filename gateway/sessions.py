@@ -19,7 +19,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from .errors import StoreUnavailable
-from .config import RedisConfig
+from .settings import RedisConfig
 from .keys import Keyring
 
 _T = TypeVar("_T")

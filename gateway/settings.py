@@ -13,7 +13,7 @@ AuthMode = Literal["required", "optional", "public"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 AUTH_MODES: tuple[AuthMode, ...] = ("required", "optional", "public")
 MIN_SIGNING_KEY_BYTES = 32
-GATEWAY_PATHS = ("/healthz", "/readyz", "/metrics")
+GATEWAY_PATHS = ("/healthz", "/readyz", "/metrics", "/.well-known/jwks.json")
 AUTH_ENDPOINTS = ("login", "logout", "refresh", "session", "verify", "phone", "decrypt",
                   "check-signature")
 
@@ -62,6 +62,16 @@ class RateLimit:
 
 
 @dataclass(frozen=True, slots=True)
+class AssertionConfig:
+    enabled: bool = False
+    header: str = "X-WX-Assertion"
+    algorithm: str = "ES256"
+    ttl: float = 60.0
+    issuer: str = "wx-gateway"
+    keys: tuple[str, ...] = field(default=(), repr=False)  # PEM private keys; the first signs
+
+
+@dataclass(frozen=True, slots=True)
 class LoggingConfig:
     format: Literal["text", "json"] = "text"
     level: str = "info"
@@ -90,6 +100,7 @@ class Route:
     connect_timeout: float = 5.0
     preserve_host: bool = False
     apps: tuple[str, ...] = ()  # when set, only tokens of these appids are accepted
+    audience: str | None = None  # the identity assertion's aud; None: the upstream's origin
 
     @property
     def client_timeout(self) -> ClientTimeout:
@@ -115,6 +126,7 @@ class Config:
     rate_limit: RateLimit = RateLimit()
     workers: int = 1
     logging: LoggingConfig = LoggingConfig()
+    identity_assertion: AssertionConfig = AssertionConfig()
 
     def is_trusted_proxy(self, address: str | None) -> bool:
         if not self.trusted_proxies or not address:
