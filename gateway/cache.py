@@ -30,6 +30,7 @@ class SessionCache:
         self._size = size
         self._entries: OrderedDict[str, tuple[Identity, float]] = OrderedDict()
         self._tokens_by_sid: dict[str, set[str]] = {}
+        self._watchers: dict[str, set[Callable[[], None]]] = {}
         self.epoch = 0  # bumped by every invalidation: a lookup that raced one is not stored
         self.live = False
         self.hits = 0
@@ -64,7 +65,21 @@ class SessionCache:
         while len(self._entries) > self._size:
             self._drop(next(iter(self._entries)))
 
+    def watch(self, sid: str, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` when ``sid`` is invalidated; returns the way to stop watching."""
+        self._watchers.setdefault(sid, set()).add(callback)
+
+        def unwatch() -> None:
+            watchers = self._watchers.get(sid)
+            if watchers is not None:
+                watchers.discard(callback)
+                if not watchers:
+                    del self._watchers[sid]
+        return unwatch
+
     def invalidate(self, sid: str) -> None:
+        for callback in list(self._watchers.get(sid, ())):
+            callback()
         self.epoch += 1
         for token in self._tokens_by_sid.pop(sid, set()):
             self._entries.pop(token, None)

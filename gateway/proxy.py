@@ -16,8 +16,8 @@ from . import websocket
 from .auth import Identity, bearer_token
 from .config import Config, Route
 from .forwarded import forwarded_headers
-from .errors import (AppForbidden, InvalidPath, NotFound, Unauthorized, UpstreamTimeout,
-                     UpstreamUnavailable)
+from .errors import (AppForbidden, InvalidPath, NotFound, StoreUnavailable, Unauthorized,
+                     UpstreamTimeout, UpstreamUnavailable)
 from .services import IDENTITY, REQUEST_ID, ROUTE_LABEL, SERVICES, UPSTREAM_SECONDS, Services
 
 log = logging.getLogger("gateway.proxy")
@@ -31,6 +31,7 @@ _REPLACED = frozenset({"host", "authorization", "forwarded", "x-forwarded-for",
 _AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 _CHUNK = 64 * 1024
 _SMALL_BODY = 64 * 1024
+SESSION_RECHECK = 15.0  # seconds between checks that an open WebSocket's session still lives
 
 
 def request_path(raw_path: str) -> str:
@@ -126,7 +127,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
     headers = forward_headers(request, identity, services, route, request[REQUEST_ID])
     url = URL(f"{route.origin}{route.base_path}{request.raw_path}", encoded=True)
     if websocket.is_upgrade(request):
-        return await websocket.relay(request, services.http, url, headers, route.timeout)
+        end = session_end(services, identity) if identity is not None else None
+        return await websocket.relay(request, services.http, url, headers, route.timeout, end)
 
     skip = [h for h in _AUTO_HEADERS if h not in headers]
     started = time.perf_counter()
@@ -145,6 +147,29 @@ async def handle(request: web.Request) -> web.StreamResponse:
     services.metrics.upstream_seconds.labels(route.path).observe(elapsed)
     async with upstream:
         return await _relay(request, upstream)
+
+
+async def session_end(services: Services, identity: Identity) -> None:
+    """Complete when the session ends: at once on its invalidation (logout, any replica),
+    and in any case within SESSION_RECHECK seconds (the cache may be off)."""
+    ended = asyncio.Event()
+    cache = services.authenticator.cache
+    unwatch = cache.watch(identity.session.sid, ended.set) if cache is not None else None
+    try:
+        while True:
+            try:
+                await asyncio.wait_for(ended.wait(), SESSION_RECHECK)
+                return
+            except asyncio.TimeoutError:
+                pass
+            try:
+                if await services.sessions.get(identity.session.sid) is None:
+                    return
+            except StoreUnavailable:
+                pass  # an open socket is not cut for a Redis blip; new ones fail closed
+    finally:
+        if unwatch is not None:
+            unwatch()
 
 
 async def _authenticate(request: web.Request, route: Route) -> Identity | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any, Coroutine
 
 import aiohttp
 from aiohttp import WSMsgType, web
@@ -29,7 +30,10 @@ def is_upgrade(request: web.Request) -> bool:
 
 
 async def relay(request: web.Request, http: aiohttp.ClientSession, url: URL,
-                headers: CIMultiDict[str], handshake_timeout: float) -> web.StreamResponse:
+                headers: CIMultiDict[str], handshake_timeout: float,
+                session_end: Coroutine[Any, Any, None] | None = None) -> web.StreamResponse:
+    """Relay a WebSocket; ``session_end`` completes when the user's session ends (logout),
+    which closes both sides with 1008."""
     protocols = [p.strip() for v in request.headers.getall("Sec-WebSocket-Protocol", [])
                  for p in v.split(",") if p.strip()]
     for name in _HANDSHAKE:
@@ -68,14 +72,23 @@ async def relay(request: web.Request, http: aiohttp.ClientSession, url: URL,
         await upstream.close(code=aiohttp.WSCloseCode.GOING_AWAY)
         raise
     async with upstream:
-        to_upstream = asyncio.create_task(_pump(client, upstream))
-        to_client = asyncio.create_task(_pump(upstream, client))
+        tasks = {asyncio.ensure_future(_pump(client, upstream)),
+                 asyncio.ensure_future(_pump(upstream, client))}
+        ended = asyncio.ensure_future(session_end) if session_end is not None else None
         try:
-            await asyncio.wait({to_upstream, to_client}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(tasks | ({ended} if ended else set()),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if ended is not None and ended in done and not ended.cancelled() \
+                    and ended.exception() is None:
+                for task in tasks:
+                    task.cancel()
+                reason = b"session ended"
+                await upstream.close(code=aiohttp.WSCloseCode.POLICY_VIOLATION, message=reason)
+                await client.close(code=aiohttp.WSCloseCode.POLICY_VIOLATION, message=reason)
         finally:
-            for task in (to_upstream, to_client):
+            for task in (*tasks, *([ended] if ended else [])):
                 task.cancel()
-            await asyncio.gather(to_upstream, to_client, return_exceptions=True)
+            await asyncio.gather(*tasks, *([ended] if ended else []), return_exceptions=True)
     return client
 
 

@@ -139,3 +139,38 @@ async def test_oversize_websocket_message_is_refused_not_buffered(
     assert msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING)
     assert ws.close_code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
     assert received == []
+
+
+async def _live_cache(client: TestClient) -> None:
+    from gateway.services import SERVICES
+    cache = client.app[SERVICES].connections.cache
+    assert cache is not None
+    async with asyncio.timeout(5):
+        while not cache.live:
+            await asyncio.sleep(0.02)
+
+
+async def test_logout_closes_an_open_websocket_at_once(
+        make_gateway: GatewayFactory, aiohttp_server: Any) -> None:
+    async def ws_handler(request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            await ws.send_str("echo:" + msg.data)
+        return ws
+
+    up = web.Application()
+    up.router.add_get("/{t:.*}", ws_handler)
+    server = await aiohttp_server(up)
+    gw = await make_gateway(routes=[{"path": "/ws/", "upstream": f"http://127.0.0.1:{server.port}",
+                                     "auth": "required"}])
+    await _live_cache(gw)
+    session = await login(gw)
+    async with gw.session.ws_connect(gw.make_url("/ws/x"), headers=bearer(session["token"])) as ws:
+        await ws.send_str("hi")
+        assert (await asyncio.wait_for(ws.receive(), 5)).data == "echo:hi"
+        resp = await gw.post("/auth/logout", headers=bearer(session["token"]))
+        assert resp.status == 204
+        msg = await asyncio.wait_for(ws.receive(), 2)
+        assert msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSED)
+        assert ws.close_code == aiohttp.WSCloseCode.POLICY_VIOLATION
