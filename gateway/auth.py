@@ -72,3 +72,9 @@ class Authenticator:
         if cache is not None:
             cache.put(token, identity, epoch)
         return identity
+
+    def forget(self, sid: str) -> None:
+        """This process just changed the session: drop it now, not when its own
+        invalidation message comes back round."""
+        if self.cache is not None:
+            self.cache.invalidate(sid)

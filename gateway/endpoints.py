@@ -98,7 +98,9 @@ async def login(request: web.Request) -> web.Response:
 async def logout(request: web.Request) -> web.Response:
     s = request.app[SERVICES].current
     identity = await _identity(request)
-    if not await s.sessions.delete(identity.session.sid):
+    deleted = await s.sessions.delete(identity.session.sid)
+    s.authenticator.forget(identity.session.sid)
+    if not deleted:
         raise Unauthorized("the session has ended (logged out or expired)")
     return web.Response(status=204)
 

@@ -17,6 +17,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 
+_KID_BYTES = 9
+
+
 def _derive(key: bytes, purpose: bytes, length: int) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=None,
                 info=b"wx-gateway/" + purpose).derive(key)
@@ -29,7 +32,7 @@ class Keyring:
         self._signing: dict[str, bytes] = {}
         self._aead: dict[str, AESGCM] = {}
         for key in signing_keys:
-            kid = base64.urlsafe_b64encode(_derive(key, b"kid", 9)).decode()
+            kid = base64.urlsafe_b64encode(_derive(key, b"kid", _KID_BYTES)).decode()
             self._signing[kid] = key
             self._aead[kid] = AESGCM(_derive(key, b"session-key-encryption", 32))
         self.current_kid = next(iter(self._signing))
@@ -48,6 +51,17 @@ class Keyring:
         nonce = os.urandom(12)
         sealed = self._aead[self.current_kid].encrypt(nonce, plaintext, context)
         return f"{self.current_kid}.{base64.urlsafe_b64encode(nonce + sealed).decode()}"
+
+    def seal_bytes(self, plaintext: bytes, context: bytes) -> bytes:
+        """``seal`` in compact binary: the raw 9-byte key id, the nonce, the ciphertext."""
+        nonce = os.urandom(12)
+        sealed = self._aead[self.current_kid].encrypt(nonce, plaintext, context)
+        return base64.urlsafe_b64decode(self.current_kid) + nonce + sealed
+
+    def open_bytes(self, data: bytes, context: bytes) -> bytes:
+        kid = base64.urlsafe_b64encode(data[:_KID_BYTES]).decode()
+        return self.open(f"{kid}.{base64.urlsafe_b64encode(data[_KID_BYTES:]).decode()}",
+                         context)
 
     def open(self, token: str, context: bytes) -> bytes:
         """Decrypt what ``seal`` produced; ValueError if the key is gone or data was altered."""

@@ -28,6 +28,7 @@ async def phone(s: Services, identity: Identity, body: dict[str, Any]) -> dict[s
         raise WeChatError("WeChat's reply had no phone number")
     if s.config.session.store_phone:
         await s.sessions.set_phone(identity.session, number)
+        s.authenticator.forget(identity.session.sid)
     return {"phone_number": number, "pure_phone_number": pure,
             "country_code": str(info.get("countryCode", ""))}
 

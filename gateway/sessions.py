@@ -25,9 +25,10 @@ from .keys import Keyring
 _T = TypeVar("_T")
 
 # Renew only a session that still exists: a logout racing a refresh must not resurrect it.
+# ('e' is the expires_at field, see the field names below.)
 _RENEW = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], 'expires_at', ARGV[1])
+redis.call('HSET', KEYS[1], 'e', ARGV[1])
 redis.call('EXPIREAT', KEYS[1], ARGV[1])
 return 1
 """
@@ -61,6 +62,13 @@ class Session:
     phone: str | None = None
 
 
+# Hash field names: one letter each, which with the binary sealed session_key keeps a session
+# in Redis's compact listpack encoding (MEMORY USAGE about 270 bytes instead of 800+).
+OPENID, UNIONID, APPID, CREATED_AT, EXPIRES_AT, SESSION_KEY, PHONE = "ouacekp"
+_B = {name: name.encode() for name in (OPENID, UNIONID, APPID, CREATED_AT, EXPIRES_AT,
+                                        SESSION_KEY, PHONE)}
+
+
 class SessionStore:
     def __init__(self, client: aioredis.Redis, key_prefix: str, keyring: Keyring) -> None:
         self._redis = client
@@ -78,13 +86,14 @@ class SessionStore:
     async def create(self, appid: str, openid: str, unionid: str | None, session_key: str,
                      ttl: float) -> Session:
         now = int(time.time())
-        session = Session(secrets.token_urlsafe(24), openid, unionid, appid, now,
+        session = Session(secrets.token_urlsafe(16), openid, unionid, appid, now,
                           now + math.ceil(ttl))
-        sealed = self._keyring.seal(session_key.encode(), self._context(session.sid, appid))
-        fields: dict[str, str | int] = {"openid": openid, "unionid": unionid or "", "appid": appid,
-                  "created_at": session.created_at, "expires_at": session.expires_at,
-                  "session_key": sealed}
-        args: list[str | int] = [session.expires_at]
+        sealed = self._keyring.seal_bytes(session_key.encode(),
+                                          self._context(session.sid, appid))
+        fields: dict[str, str | int | bytes] = {
+            OPENID: openid, UNIONID: unionid or "", APPID: appid, CREATED_AT: now,
+            EXPIRES_AT: session.expires_at, SESSION_KEY: sealed}
+        args: list[str | int | bytes] = [session.expires_at]
         args += [item for pair in fields.items() for item in pair]
         # One script, one key: atomic on a single Redis and in a cluster alike.
         await guarded(lambda: self._create(keys=[self.key(session.sid)], args=args))
@@ -92,14 +101,15 @@ class SessionStore:
 
     async def get(self, sid: str) -> Session | None:
         data: dict[Any, Any] = await guarded(lambda: self._redis.hgetall(self.key(sid)))
-        if not data or b"openid" not in data:
+        if not data or _B[OPENID] not in data:
             return None
-        expires_at = int(data[b"expires_at"])
+        expires_at = int(data[_B[EXPIRES_AT]])
         if expires_at <= time.time():  # Redis expiry has a little lag; the contract has none.
             return None
-        return Session(sid, data[b"openid"].decode(), data.get(b"unionid", b"").decode() or None,
-                       data[b"appid"].decode(), int(data[b"created_at"]), expires_at,
-                       data.get(b"phone", b"").decode() or None)
+        return Session(sid, data[_B[OPENID]].decode(),
+                       data.get(_B[UNIONID], b"").decode() or None, data[_B[APPID]].decode(),
+                       int(data[_B[CREATED_AT]]), expires_at,
+                       data.get(_B[PHONE], b"").decode() or None)
 
     async def renew(self, session: Session, ttl: float) -> Session | None:
         """Give the session a fresh lifetime; None if it no longer exists."""
@@ -112,7 +122,7 @@ class SessionStore:
     async def set_phone(self, session: Session, phone: str) -> bool:
         """Store the verified phone number with a session that still exists."""
         done = await guarded(lambda: self._set_field(
-            keys=[self.key(session.sid)], args=["phone", phone, self.channel, session.sid]))
+            keys=[self.key(session.sid)], args=[PHONE, phone, self.channel, session.sid]))
         return bool(done)
 
     async def delete(self, sid: str) -> bool:
@@ -123,10 +133,10 @@ class SessionStore:
     async def session_key(self, session: Session) -> bytes | None:
         """The decrypted session_key, for features that call WeChat on the user's behalf."""
         sealed: Any = await guarded(
-            lambda: self._redis.hget(self.key(session.sid), "session_key"))
+            lambda: self._redis.hget(self.key(session.sid), SESSION_KEY))
         if sealed is None:
             return None
-        return self._keyring.open(sealed.decode(), self._context(session.sid, session.appid))
+        return self._keyring.open_bytes(sealed, self._context(session.sid, session.appid))
 
     async def ping(self) -> None:
         await guarded(self._redis.ping)
@@ -184,4 +194,4 @@ def _options(config: RedisConfig, retries: int) -> dict[str, Any]:
     # are not retried: a slow Redis must cost a request redis.timeout, not a multiple of it.
     return {"socket_timeout": config.timeout, "socket_connect_timeout": config.timeout,
             "retry": Retry(NoBackoff(), retries, supported_errors=(RedisConnectionError,)),
-            "retry_on_timeout": False, "health_check_interval": 30}
+            "health_check_interval": 30}

@@ -44,11 +44,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import APPID, APPID2, GatewayFactory
+from gateway import sessions as S
 from gateway import simulator
 
 MAX_BODY = 16 * 1024  # the login endpoint's documented body limit (endpoints.MAX_BODY_BYTES)
 MAX_CODE = 128
-SESSION_FIELDS = {b"openid", b"unionid", b"appid", b"created_at", b"expires_at", b"session_key"}
+SESSION_FIELDS = {f.encode() for f in (S.OPENID, S.UNIONID, S.APPID, S.CREATED_AT,
+                                       S.EXPIRES_AT, S.SESSION_KEY)}
 
 # SPEC.md, login error table: status -> the error codes allowed with it.
 ERRORS: dict[int, set[str]] = {
@@ -335,7 +337,7 @@ async def test_login_survives_arbitrary_input_and_keeps_redis_consistent(
             problems.append(f"{key!r} has fields {sorted(data)}")
         if await redis.ttl(key) <= 0:
             problems.append(f"{key!r} has no TTL ({await redis.ttl(key)})")
-        openids.append(data.get(b"openid", b"").decode())
+        openids.append(data.get(S.OPENID.encode(), b"").decode())
     ok = tally.statuses.get(200, 0)
     if len(keys) != ok:
         problems.append(f"{len(keys)} session keys for {ok} successful logins")

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from conftest import (APPID, APPID2, SECRET, SECRET2, SIGNING_KEY, GatewayFactory, Upstream,
                       base_config, bearer, closed_port_url, login)
 from gateway import config as config_
+from gateway import sessions as S
 from gateway import simulator
 from gateway.errors import ConfigError
 from gateway.embedded import free_port
@@ -225,7 +226,7 @@ async def test_stored_phone_is_injected_upstream_and_on_verify(
     assert set(await (await gw.get("/auth/session", headers=auth)).json()) == {
         "openid", "unionid", "appid", "expires_at"}
     keys = [k async for k in redis.scan_iter(match=f"{key_prefix}session:*")]
-    phones = [await redis.hget(k, "phone") for k in keys]
+    phones = [await redis.hget(k, S.PHONE) for k in keys]
     assert sorted(p for p in phones if p) == [number.encode()]
 
 
@@ -248,7 +249,7 @@ async def test_phone_is_not_stored_by_default(
     assert phone_headers(upstream.last.headers) == []
     assert "X-WX-Phone" not in (await gw.get("/auth/verify", headers=auth)).headers
     keys = [k async for k in redis.scan_iter(match=f"{key_prefix}session:*")]
-    assert keys and [await redis.hget(k, "phone") for k in keys] == [None] * len(keys)
+    assert keys and [await redis.hget(k, S.PHONE) for k in keys] == [None] * len(keys)
 
 
 @pytest.mark.parametrize("code", ["otherapp-x", "errcode-40029-x", "errcode--1-x"])

@@ -20,6 +20,7 @@ from conftest import (APPID, SIGNING_KEY, GatewayFactory, Upstream, bearer, clos
 from gateway import simulator
 from gateway.embedded import EmbeddedRedis
 from gateway.keys import Keyring
+from gateway import sessions as S
 from gateway.sessions import Session, SessionStore
 
 TTL = 3600  # conftest's session.ttl ("1h")
@@ -67,17 +68,20 @@ async def test_session_hash_in_redis(gw: TestClient, redis: Any, key_prefix: str
 
     assert [k.decode() for k in await redis.keys(f"{key_prefix}*")] == [key]
     assert await redis.type(key) == b"hash"
-    fields = {k.decode(): v.decode() for k, v in (await redis.hgetall(key)).items()}
-    assert set(fields) == {"openid", "unionid", "appid", "created_at", "expires_at",
-                           "session_key"}
-    assert fields["openid"] == data["openid"] == simulator.openid_for(APPID, code)
-    assert fields["unionid"] == data["unionid"] == simulator.unionid_for(code)
-    assert fields["appid"] == APPID
-    assert before <= int(fields["created_at"]) <= after
-    assert int(fields["expires_at"]) == int(fields["created_at"]) + TTL
-    assert int(fields["expires_at"]) == claims_of(data["token"])["exp"]
+    raw = {k.decode(): v for k, v in (await redis.hgetall(key)).items()}
+    assert set(raw) == {S.OPENID, S.UNIONID, S.APPID, S.CREATED_AT, S.EXPIRES_AT, S.SESSION_KEY}
+    fields = {k: v.decode() for k, v in raw.items() if k != S.SESSION_KEY}  # that one is binary
+    assert fields[S.OPENID] == data["openid"] == simulator.openid_for(APPID, code)
+    assert fields[S.UNIONID] == data["unionid"] == simulator.unionid_for(code)
+    assert fields[S.APPID] == APPID
+    assert before <= int(fields[S.CREATED_AT]) <= after
+    assert int(fields[S.EXPIRES_AT]) == int(fields[S.CREATED_AT]) + TTL
+    assert int(fields[S.EXPIRES_AT]) == claims_of(data["token"])["exp"]
     assert TTL - 5 <= await redis.ttl(key) <= TTL
-    assert abs(time.time() + await redis.ttl(key) - int(fields["expires_at"])) <= 2
+    assert abs(time.time() + await redis.ttl(key) - int(fields[S.EXPIRES_AT])) <= 2
+    # One-letter fields and a binary sealed key keep a session in the compact encoding.
+    assert await redis.object("encoding", key) in (b"ziplist", b"listpack")
+    assert await redis.memory_usage(key) <= 300
 
 
 async def test_every_key_written_starts_with_the_prefix(
@@ -94,7 +98,7 @@ async def test_user_without_unionid_is_stored_without_one(
         gw: TestClient, redis: Any, key_prefix: str) -> None:
     data = await login(gw, fresh("nounionid-"))
     key = f"{key_prefix}session:{sid_of(data['token'])}"
-    assert await redis.hget(key, "unionid") in (None, b"")
+    assert await redis.hget(key, S.UNIONID) in (None, b"")
     resp = await gw.get("/auth/session", headers=bearer(data["token"]))
     assert (await resp.json())["unionid"] is None
 
@@ -107,7 +111,7 @@ async def test_session_key_is_sealed_at_rest(gw: TestClient, redis: Any, key_pre
     raw_plain = base64.b64decode(plain)
 
     dump = await redis.hgetall(f"{key_prefix}session:{sid}")
-    sealed = dump[b"session_key"]
+    sealed = dump[S.SESSION_KEY.encode()]
     assert sealed != plain.encode()
     for field_name, value in dump.items():  # in no field, in no common encoding
         for needle in (plain.encode(), raw_plain, raw_plain.hex().encode(),
@@ -122,8 +126,8 @@ async def test_session_key_is_sealed_at_rest(gw: TestClient, redis: Any, key_pre
 
 async def test_two_sessions_seal_differently(gw: TestClient, redis: Any, key_prefix: str) -> None:
     a, b = await login(gw), await login(gw)
-    sa = await redis.hget(f"{key_prefix}session:{sid_of(a['token'])}", "session_key")
-    sb = await redis.hget(f"{key_prefix}session:{sid_of(b['token'])}", "session_key")
+    sa = await redis.hget(f"{key_prefix}session:{sid_of(a['token'])}", S.SESSION_KEY)
+    sb = await redis.hget(f"{key_prefix}session:{sid_of(b['token'])}", S.SESSION_KEY)
     assert sa != sb
 
 
@@ -135,22 +139,21 @@ async def test_tampered_sealed_session_key_fails_to_decrypt(
     store = SessionStore(redis, key_prefix, KEYRING)
     session = await store.get(sid)
     assert session is not None
-    sealed = (await redis.hget(key, "session_key")).decode()
-    kid, _, blob = sealed.partition(".")
-    raw = bytearray(base64.urlsafe_b64decode(blob))
+    sealed = await redis.hget(key, S.SESSION_KEY)  # 9-byte key id, 12-byte nonce, ciphertext
+    kid, raw = sealed[:9], sealed[9:]
 
     for i in (0, 12, len(raw) - 1):  # nonce, ciphertext, tag
         altered = bytearray(raw)
         altered[i] ^= 0x01
-        await redis.hset(key, "session_key", f"{kid}.{base64.urlsafe_b64encode(bytes(altered)).decode()}")
+        await redis.hset(key, S.SESSION_KEY, kid + bytes(altered))
         with pytest.raises(ValueError):
             await store.session_key(session)
-    for bad in (f"{kid}.", f"{kid}.!!!not-base64", "unknownkid." + blob, blob, ""):
-        await redis.hset(key, "session_key", bad)
+    for bad in (kid, kid + b"\x00" * 5, b"\xff" * 9 + raw, raw, b""):
+        await redis.hset(key, S.SESSION_KEY, bad)
         with pytest.raises(ValueError):
             await store.session_key(session)
 
-    await redis.hset(key, "session_key", sealed)  # control: the original still opens
+    await redis.hset(key, S.SESSION_KEY, sealed)  # control: the original still opens
     assert await store.session_key(session)
 
 
@@ -160,7 +163,7 @@ async def test_sealed_session_key_is_bound_to_its_session(
     a, b = await login(gw), await login(gw)
     ka = f"{key_prefix}session:{sid_of(a['token'])}"
     kb = f"{key_prefix}session:{sid_of(b['token'])}"
-    await redis.hset(kb, "session_key", await redis.hget(ka, "session_key"))
+    await redis.hset(kb, S.SESSION_KEY, await redis.hget(ka, S.SESSION_KEY))
     store = SessionStore(redis, key_prefix, KEYRING)
     session_b = await store.get(sid_of(b["token"]))
     assert session_b is not None
@@ -271,7 +274,7 @@ async def test_refresh(gw: TestClient, redis: Any, key_prefix: str) -> None:
     await asyncio.sleep(1.1)  # token times are whole seconds: let one pass
     # age the session: 100 s left
     soon = int(time.time()) + 100
-    await redis.hset(key, "expires_at", soon)
+    await redis.hset(key, S.EXPIRES_AT, soon)
     await redis.expireat(key, soon)
     resp = await gw.get("/auth/session", headers=bearer(old))
     assert (await resp.json())["expires_at"] == soon
@@ -294,7 +297,7 @@ async def test_refresh(gw: TestClient, redis: Any, key_prefix: str) -> None:
 
     # the store was renewed: TTL and expires_at
     assert TTL - 5 <= await redis.ttl(key) <= TTL
-    assert abs(int(await redis.hget(key, "expires_at")) - new_claims["exp"]) <= 1
+    assert abs(int(await redis.hget(key, S.EXPIRES_AT)) - new_claims["exp"]) <= 1
     resp = await gw.get("/auth/session", headers=bearer(new))
     assert resp.status == 200
     session = await resp.json()
@@ -424,7 +427,7 @@ async def test_session_past_expires_at_is_refused_even_if_redis_key_lingers(
     """The contract has no grace: a session whose expires_at passed is over."""
     data = await login(gw)
     key = f"{key_prefix}session:{sid_of(data['token'])}"
-    await redis.hset(key, "expires_at", int(time.time()) - 1)  # Redis TTL still ~1 h
+    await redis.hset(key, S.EXPIRES_AT, int(time.time()) - 1)  # Redis TTL still ~1 h
     await expect_error(await gw.get("/auth/session", headers=bearer(data["token"])), 401,
                        "unauthorized")
 
