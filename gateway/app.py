@@ -19,7 +19,8 @@ from .config import Config
 from .errors import (GatewayError, InternalError, InvalidRequest, MethodNotAllowed, NotFound,
                      PayloadTooLarge, StoreUnavailable)
 from .metrics import Metrics
-from .services import METRICS, REQUEST_ID, ROUTE_LABEL, SERVICES, Connections, Live, Services
+from .services import (METRICS, REQUEST_ID, ROUTE_LABEL, SERVICES, STARTED, Connections, Live,
+                       Services)
 
 log = logging.getLogger("gateway")
 CONFIG = web.AppKey("config", Config)
@@ -85,7 +86,7 @@ def error_response(error: GatewayError) -> web.Response:
 @web.middleware
 async def _pipeline(request: web.Request, handler: endpoints.Handler) -> web.StreamResponse:
     """Request id, error mapping and metrics around every request, gateway's or proxied."""
-    started = time.perf_counter()
+    request[STARTED] = started = time.perf_counter()
     sent = request.headers.get("X-Request-ID", "")
     request_id = sent if _SANE_REQUEST_ID.match(sent) else os.urandom(16).hex()
     request[REQUEST_ID] = request_id
@@ -114,6 +115,7 @@ async def _pipeline(request: web.Request, handler: endpoints.Handler) -> web.Str
         response.headers["X-Request-ID"] = request_id
         proxy.close_after_upgrade_attempt(request, response)
     label = request.get(ROUTE_LABEL) or _resource_label(request)
+    request[ROUTE_LABEL] = label
     metrics = request.app[METRICS]
     metrics.requests.labels(label, str(response.status)).inc()
     metrics.request_seconds.labels(label).observe(time.perf_counter() - started)

@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from .forwarded import client_address
-from .services import IDENTITY, REQUEST_ID, ROUTE_LABEL, SERVICES, UPSTREAM_SECONDS
+from .services import IDENTITY, REQUEST_ID, ROUTE_LABEL, SERVICES, STARTED, UPSTREAM_SECONDS
 from .settings import LoggingConfig
 
 ACCESS = "gateway.access"
@@ -60,7 +60,8 @@ class StormFilter(logging.Filter):
         self._seen: dict[tuple[Any, ...], tuple[float, int]] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING or record.name == ACCESS:
+        # Warnings only: errors (a refused reload, say) are always worth a line each.
+        if record.levelno != logging.WARNING or record.name == ACCESS:
             return True
         args = record.args if isinstance(record.args, tuple) else ()
         key = (record.name, record.msg, *map(str, args[:2]))
@@ -108,8 +109,14 @@ class AccessLogger(AbstractAccessLogger):
 
 def access_fields(request: web.BaseRequest, response: web.StreamResponse,
                   seconds: float) -> dict[str, Any]:
-    live = (request.app[SERVICES] if isinstance(request, web.Request)
-            and SERVICES in request.app else None)
+    # A request that never reached the app (unparsable HTTP) has no app to look at: only
+    # requests our middleware saw carry a request id.
+    live, started = None, None
+    if isinstance(request, web.Request) and REQUEST_ID in request:
+        live = request.app[SERVICES] if SERVICES in request.app else None
+        started = request.get(STARTED)
+    if started is not None:  # perf_counter: aiohttp's own figure ticks in whole ms on uvloop
+        seconds = time.perf_counter() - started
     identity = request.get(IDENTITY)
     upstream = request.get(UPSTREAM_SECONDS)
     fields: dict[str, Any] = {

@@ -87,3 +87,4 @@ ROUTE_LABEL = web.RequestKey("route", str)
 REQUEST_ID = web.RequestKey("request_id", str)
 IDENTITY = web.RequestKey("identity", Identity)
 UPSTREAM_SECONDS = web.RequestKey("upstream_seconds", float)
+STARTED = web.RequestKey("started", float)  # time.perf_counter() when the request arrived

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import secrets
 import time
@@ -23,6 +24,7 @@ from .settings import RedisConfig
 from .keys import Keyring
 
 _T = TypeVar("_T")
+log = logging.getLogger("gateway.redis")
 
 # Renew only a session that still exists: a logout racing a refresh must not resurrect it.
 # ('e' is the expires_at field, see the field names below.)
@@ -147,12 +149,34 @@ class SessionStore:
 
 
 
+class _RedisHealth:
+    """Logs Redis going away and coming back once each, not once per failing request."""
+
+    down = False
+
+    def failed(self, exc: BaseException) -> None:
+        if not self.down:
+            self.down = True
+            log.warning("Redis unavailable (%s): failing closed", type(exc).__name__)
+
+    def answered(self) -> None:
+        if self.down:
+            self.down = False
+            log.info("Redis reachable again")
+
+
+_health = _RedisHealth()
+
+
 async def guarded(operation: Callable[[], Awaitable[_T]]) -> _T:
     """Run a Redis operation; any Redis failure becomes ``StoreUnavailable`` (fail closed)."""
     try:
-        return await operation()
+        result = await operation()
     except (RedisError, OSError) as exc:
+        _health.failed(exc)
         raise StoreUnavailable(f"Redis is unavailable ({type(exc).__name__})") from exc
+    _health.answered()
+    return result
 
 
 def connect(config: RedisConfig, retries: int = 1) -> aioredis.Redis:

@@ -20,6 +20,10 @@ import tempfile
 import time
 from types import FrameType
 
+from . import config as config_
+from . import logs
+from .errors import ConfigError
+
 log = logging.getLogger("gateway.supervisor")
 WORKER_ENV = "WXGW_WORKER"
 METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -43,7 +47,14 @@ def supervise(config_path: str, workers: int, grace: float) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGHUP, lambda signum, frame: _forward(procs, signal.SIGHUP))
+    def reload(signum: int, frame: FrameType | None) -> None:
+        try:  # the supervisor's own log format follows the file too
+            logs.setup(config_.load(config_path).logging)
+        except ConfigError:
+            pass  # each worker logs the problems when it refuses the file
+        _forward(procs, signal.SIGHUP)
+
+    signal.signal(signal.SIGHUP, reload)
     try:
         for slot in range(workers):
             procs[slot] = (_spawn(command, env), time.monotonic())
