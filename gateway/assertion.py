@@ -87,7 +87,10 @@ class Asserter:
         """Keep publishing the keys a reload dropped until what they signed has expired."""
         kids = {jwk["kid"] for jwk in self._published}
         until = time.time() + previous.ttl
-        self._retired = [(jwk, until) for jwk in previous.jwks["keys"] if jwk["kid"] not in kids]
+        earlier = {jwk["kid"]: end for jwk, end in previous._retired}
+        # A key retired before keeps its own deadline; one this reload drops gets a new one.
+        self._retired = [(jwk, earlier.get(jwk["kid"], until)) for jwk in previous.jwks["keys"]
+                         if jwk["kid"] not in kids]
 
     def assertion(self, session: Session, audience: str) -> str:
         now = time.time()

@@ -137,7 +137,7 @@ class _ConfigReader(Reader):
                                           f"got {algorithm!r}")
             algorithm = None
         keys = self.private_keys(f"{key}.keys", s.get("keys"), algorithm)
-        if enabled and keys == ():
+        if enabled and not s.get("keys"):
             self.fail(f"{key}.keys", "at least one private key is required when enabled")
         if (enabled is None or header is None or algorithm is None or ttl is None
                 or issuer is None or keys is None):

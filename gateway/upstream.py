@@ -55,8 +55,10 @@ class Verifier:
         self.issuer = issuer
         self.algorithms = list(algorithms)
         self.leeway = leeway
+        # cooldown: an unknown kid (a key the gateway just started signing with) is fetched
+        # after at most a second, yet forged kids cannot make us hammer the JWKS.
         self._jwks = jwt.PyJWKClient(jwks_url, cache_jwk_set=True, lifespan=int(jwks_ttl),
-                                     timeout=5)
+                                     timeout=5, cooldown_duration=1.0)
         self._keys: dict[str, tuple[Any, float]] = {}
         self._ttl = jwks_ttl
 
@@ -89,8 +91,9 @@ class Verifier:
         try:
             # PyJWKClient uses blocking urllib: keep it off the event loop.
             signing = await asyncio.to_thread(self._jwks.get_signing_key, kid)
-        except jwt.PyJWKClientError as exc:
-            raise InvalidAssertion(f"no usable key {kid!r} in the gateway's JWKS ({exc})") from None
+        except (jwt.PyJWTError, ValueError, OSError) as exc:  # unreachable, not JSON, no keys
+            raise InvalidAssertion(f"no usable key {kid!r} in the gateway's JWKS "
+                                   f"({type(exc).__name__})") from None
         self._keys[kid] = (signing.key, time.monotonic() + self._ttl)
         return signing.key
 
@@ -132,15 +135,19 @@ class ASGIMiddleware:
         try:
             identity = await self.verifier.verify(value)
         except InvalidAssertion as exc:
-            await _refuse(scope, send, str(exc))
+            await _refuse(scope, receive, send, str(exc))
             return
         scope.setdefault("state", {})["wx_identity"] = identity
         await self.app(scope, receive, send)
 
 
-async def _refuse(scope: Scope, send: Send, message: str) -> None:
+async def _refuse(scope: Scope, receive: Receive, send: Send, message: str) -> None:
     if scope["type"] == "websocket":
-        await send({"type": "websocket.close", "code": 1008})
+        # Closing before accepting would make the server answer a bare 403; accept, then
+        # close with 1008 (policy violation) so the client learns why.
+        if (await receive())["type"] == "websocket.connect":
+            await send({"type": "websocket.accept"})
+            await send({"type": "websocket.close", "code": 1008, "reason": message[:120]})
         return
     body = json.dumps({"error": "unauthorized", "message": message}).encode()
     await send({"type": "http.response.start", "status": 401, "headers": [
