@@ -1,4 +1,5 @@
-"""Shared fixtures: a real redis-server, the WeChat simulator, a recording upstream, gateways."""
+"""Shared fixtures: a real redis-server, the WeChat simulator, a recording upstream, gateways
+(in-process, and real ``python -m gateway`` processes: see process.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import asyncio
 import copy
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
 
+import jwt
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
@@ -17,6 +20,7 @@ from gateway import config as config_
 from gateway import simulator
 from gateway.app import create_app
 from gateway.embedded import EmbeddedRedis, free_port
+from process import Launch, Launcher
 
 APPID = "wx1234567890abcdef"
 SECRET = "app-secret-1"
@@ -24,12 +28,25 @@ APPID2 = "wxfedcba0987654321"
 SECRET2 = "app-secret-2"
 SIGNING_KEY = "test-signing-key-0123456789-abcdefghij"
 OLD_SIGNING_KEY = "old-signing-key-0123456789-abcdefghijk"
+TWO_APPS = [{"appid": APPID, "secret": SECRET}, {"appid": APPID2, "secret": SECRET2}]
 
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[EmbeddedRedis]:
     with EmbeddedRedis() as server:
         yield server
+
+
+@pytest.fixture
+def own_redis() -> Iterator[EmbeddedRedis]:
+    """A redis-server of this test alone (append-only persistence), free to stop, block or
+    count; the session-wide ``redis_server`` is shared and must never be."""
+    server = EmbeddedRedis(persist=True)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
 
 
 @pytest.fixture
@@ -161,6 +178,23 @@ async def gw(make_gateway: GatewayFactory) -> TestClient:
     return await make_gateway()
 
 
+@pytest.fixture
+async def launcher(tmp_path: Path) -> AsyncIterator[Launcher]:
+    """Starts real gateway processes (files in tmp_path); kills what still runs at the end."""
+    processes = Launcher(tmp_path)
+    try:
+        yield processes
+    finally:
+        await processes.close()
+
+
+@pytest.fixture
+def launch(launcher: Launcher) -> Launch:
+    """``await launch(config_dict, **options)`` → a running ``python -m gateway`` (not yet
+    healthy); see ``Launcher.start``."""
+    return launcher.start
+
+
 async def login(client: TestClient, code: str | None = None, **extra: Any) -> dict[str, Any]:
     """Log in with a fresh (single-use) code; returns the 200 body."""
     body = {"code": code or f"user-{uuid.uuid4().hex[:12]}", **extra}
@@ -168,6 +202,16 @@ async def login(client: TestClient, code: str | None = None, **extra: Any) -> di
     assert resp.status == 200, await resp.text()
     data: dict[str, Any] = await resp.json()
     return data
+
+
+def fresh(prefix: str = "user-") -> str:
+    """A login code nobody has used yet."""
+    return f"{prefix}{uuid.uuid4().hex[:12]}"
+
+
+def claims_of(token: str) -> dict[str, Any]:
+    """A token's claims, unverified."""
+    return jwt.decode(token, options={"verify_signature": False})  # type: ignore[no-any-return]
 
 
 def bearer(token: str) -> dict[str, str]:

@@ -29,20 +29,15 @@ import base64
 import copy
 import hashlib
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, Callable
 
 import aiohttp
 import jwt
 import pytest
-import yaml
 from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient, TestServer
 from cryptography.hazmat.primitives import serialization
@@ -50,8 +45,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from conftest import (APPID, GatewayFactory, Upstream, base_config, bearer, login)
 from gateway import config as config_
-from gateway.embedded import EmbeddedRedis, free_port
+from gateway.embedded import EmbeddedRedis
 from gateway.errors import ConfigError
+from process import Launch
 from rawhttp import raw_request
 
 HEADER = "X-WX-Assertion"
@@ -602,80 +598,6 @@ async def test_rotation_first_key_signs_every_key_is_published(
 # --- a real process, reloaded ----------------------------------------------------------------------
 
 
-@dataclass
-class Process:
-    proc: asyncio.subprocess.Process
-    port: int
-    config: Path
-    log: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def output(self) -> str:
-        return self.log.read_text(encoding="utf-8", errors="replace")
-
-    async def wait_healthy(self, http: aiohttp.ClientSession) -> None:
-        deadline = time.monotonic() + WAIT
-        while time.monotonic() < deadline:
-            if self.proc.returncode is not None:
-                pytest.fail(f"gateway exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                async with http.get(f"{self.url}/healthz",
-                                    timeout=aiohttp.ClientTimeout(total=1)) as resp:
-                    if resp.status == 200:
-                        return
-            except (aiohttp.ClientError, asyncio.TimeoutError):
-                pass
-            await asyncio.sleep(0.05)
-        pytest.fail(f"gateway not healthy within {WAIT}s:\n{self.output()}")
-
-    async def wait_for_output(self, text: str, count: int) -> None:
-        deadline = time.monotonic() + WAIT
-        while self.output().count(text) < count:
-            if self.proc.returncode is not None or time.monotonic() > deadline:
-                pytest.fail(f"no {count}x {text!r} in the gateway's output:\n{self.output()}")
-            await asyncio.sleep(0.02)
-
-
-Launch = Callable[[dict[str, Any]], Awaitable[Process]]
-
-
-@pytest.fixture
-async def launch(tmp_path: Path) -> AsyncIterator[Launch]:
-    """``await launch(config)`` → a running ``python -m gateway`` on a free port."""
-    started: list[tuple[Process, Any]] = []
-
-    async def start(data: dict[str, Any]) -> Process:
-        port = free_port()
-        data = {**data, "listen": f"127.0.0.1:{port}"}
-        path = tmp_path / f"gw-{len(started)}.yaml"
-        path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-        log_path = tmp_path / f"gw-{len(started)}.log"
-        log = open(log_path, "wb")
-        env = {k: v for k, v in os.environ.items() if k != "GATEWAY_CONFIG"}
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", "--config", str(path), cwd=tmp_path, env=env,
-            stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        process = Process(proc, port, path, log_path)
-        started.append((process, log))
-        return process
-
-    try:
-        yield start
-    finally:
-        for process, log in started:
-            if process.proc.returncode is None:
-                process.proc.send_signal(signal.SIGTERM)
-                try:
-                    await asyncio.wait_for(process.proc.wait(), 10)
-                except asyncio.TimeoutError:
-                    process.proc.kill()
-                    await process.proc.wait()
-            log.close()
-
-
 async def test_sighup_dropped_key_stays_published_for_ttl_then_goes(
         launch: Launch, redis_server: EmbeddedRedis, wechat: TestServer,
         upstream: Upstream) -> None:
@@ -683,7 +605,7 @@ async def test_sighup_dropped_key_stays_published_for_ttl_then_goes(
     data = base_config(redis_server.url, f"wxgw-assert-{uuid.uuid4().hex[:8]}:",
                        f"http://127.0.0.1:{wechat.port}", upstream.url)
     data["identity_assertion"] = assertion_config(keys=[new, old], ttl="2s")
-    gw = await launch(data)
+    gw = await launch(data, healthy_within=WAIT, graceful_stop=True)
     async with aiohttp.ClientSession() as http:
         await gw.wait_healthy(http)
 
@@ -713,10 +635,9 @@ async def test_sighup_dropped_key_stays_published_for_ttl_then_goes(
                             algorithm="ES256", headers={"kid": thumbprint(old)})
 
         data["identity_assertion"] = assertion_config(keys=[new], ttl="2s")
-        gw.config.write_text(yaml.safe_dump({**data, "listen": f"127.0.0.1:{gw.port}"},
-                                            sort_keys=False), encoding="utf-8")
-        gw.proc.send_signal(signal.SIGHUP)
-        await gw.wait_for_output("configuration reloaded", 1)
+        gw.rewrite({**data, "listen": f"127.0.0.1:{gw.port}"})
+        gw.hup()
+        await gw.wait_for_line(lambda line: "configuration reloaded" in line, within=WAIT)
         reloaded = time.time()
 
         # Right after the reload, and a second later: OLD is still published and what it

@@ -24,7 +24,7 @@ import asyncio
 import math
 import statistics
 import time
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -96,6 +96,17 @@ async def status(client: TestClient, path: str, token: str) -> int:
     return resp.status
 
 
+async def warm(client: TestClient) -> tuple[SessionCache, str]:
+    """Once the cache is live: a new session, used twice on /api/warm; the cache and the
+    session's token."""
+    cache = cache_of(client)
+    await wait_live(client)
+    token = (await login(client))["token"]
+    for _ in range(2):
+        assert await status(client, "/api/warm", token) == 200
+    return cache, token
+
+
 async def wait_status(client: TestClient, path: str, token: str, expected: int,
                       within: float) -> tuple[float, list[int]]:
     """Request until ``expected`` comes back; (seconds taken, statuses seen before it)."""
@@ -127,17 +138,6 @@ class Decodes:
             return real(codec, token)
 
         monkeypatch.setattr(TokenCodec, "verify", counting)
-
-
-@pytest.fixture
-def own_redis() -> Iterator[EmbeddedRedis]:
-    """A redis-server of this test alone (append-only persistence), free to stop or count."""
-    server = EmbeddedRedis(persist=True)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture
@@ -507,11 +507,7 @@ async def test_subscription_killed_clears_the_cache_and_resubscribes(
         make_gateway: GatewayFactory, own_redis: EmbeddedRedis, own_client: aioredis.Redis,
         key_prefix: str) -> None:
     gw = await make_gateway(redis=redis_section(own_redis.url, key_prefix))
-    cache = cache_of(gw)
-    await wait_live(gw)
-    token = (await login(gw))["token"]
-    for _ in range(2):
-        assert await status(gw, "/api/warm", token) == 200
+    cache, token = await warm(gw)
     assert len(cache) == 1
 
     async with LiveWatch(cache) as watch:
@@ -595,11 +591,7 @@ async def test_stalled_channel_is_noticed_by_the_ping_watchdog(
     timeout = 0.3
     gw = await make_gateway(redis={**redis_section(own_redis.url, key_prefix),
                                    "timeout": "300ms"})
-    cache = cache_of(gw)
-    await wait_live(gw)
-    token = (await login(gw))["token"]
-    for _ in range(2):
-        assert await status(gw, "/api/warm", token) == 200
+    cache, token = await warm(gw)
     pauser = aioredis.from_url(own_redis.url)
     try:
         paused_at = time.monotonic()
@@ -622,11 +614,7 @@ async def test_redis_stopped_turns_the_cache_off_and_fails_closed(
         make_gateway: GatewayFactory, own_redis: EmbeddedRedis, key_prefix: str,
         upstream: Upstream) -> None:
     gw = await make_gateway(redis=redis_section(own_redis.url, key_prefix))
-    cache = cache_of(gw)
-    await wait_live(gw)
-    token = (await login(gw))["token"]
-    for _ in range(2):
-        assert await status(gw, "/api/warm", token) == 200
+    cache, token = await warm(gw)
     assert cache.hits >= 1
 
     own_redis.stop()

@@ -4,7 +4,6 @@ configuration comes from, refusing to start on a bad file, serving, and graceful
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
 import socket
@@ -13,29 +12,21 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 import aiohttp
 import pytest
-import yaml
 from aiohttp.test_utils import TestServer
 
 from conftest import APPID, SIGNING_KEY, Upstream, base_config, bearer
 from gateway import simulator
 from gateway.embedded import EmbeddedRedis, free_port
+from process import (GATEWAY, GatewayProcess, Launch, child_env, connection_refused,
+                     write_config)
 
-GATEWAY = [sys.executable, "-m", "gateway"]
 CONSOLE_SCRIPT = Path(sys.executable).parent / "wx-gateway"
 RUN_TIMEOUT = 30  # seconds; a hung --check must fail the test, not the suite
 _KEY_LINE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\[\d+\])?(\.[A-Za-z_][A-Za-z0-9_]*(\[\d+\])?)*: \S")
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    """The test's environment, minus anything that would choose a configuration by itself."""
-    env = dict(os.environ)
-    env.pop("GATEWAY_CONFIG", None)
-    env.update(extra)
-    return env
 
 
 def valid_config(**overrides: Any) -> dict[str, Any]:
@@ -53,11 +44,6 @@ def invalid_config() -> tuple[dict[str, Any], list[str]]:
     data["session"]["signing_keys"] = ["too-short"]
     data["routse"] = []
     return data, ["routes[1].upstream", "session.signing_keys[0]", "routse"]
-
-
-def write(path: Path, data: dict[str, Any]) -> Path:
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    return path
 
 
 def run(args: list[str], cwd: Path, env: dict[str, str] | None = None,
@@ -96,7 +82,7 @@ def port_is_closed(port: int) -> bool:
 
 
 def test_check_valid_file_exits_0_with_nothing_on_stderr(tmp_path: Path) -> None:
-    path = write(tmp_path / "gw.yaml", valid_config())
+    path = write_config(tmp_path / "gw.yaml", valid_config())
     result = run(["--config", str(path), "--check"], tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
@@ -105,7 +91,7 @@ def test_check_valid_file_exits_0_with_nothing_on_stderr(tmp_path: Path) -> None
 
 def test_check_invalid_file_lists_one_line_per_problem(tmp_path: Path) -> None:
     data, keys = invalid_config()
-    path = write(tmp_path / "gw.yaml", data)
+    path = write_config(tmp_path / "gw.yaml", data)
     result = run(["--config", str(path), "--check"], tmp_path)
     assert_problems(result, keys)
     line = next(x for x in stderr_lines(result) if x.startswith("routes[1].upstream: "))
@@ -116,7 +102,7 @@ def test_check_invalid_file_lists_one_line_per_problem(tmp_path: Path) -> None:
 def test_check_reports_unset_environment_variable(tmp_path: Path) -> None:
     data = valid_config()
     data["apps"][0]["secret"] = "${WXGW_CLI_TEST_UNSET_SECRET}"
-    path = write(tmp_path / "gw.yaml", data)
+    path = write_config(tmp_path / "gw.yaml", data)
     env = child_env()
     env.pop("WXGW_CLI_TEST_UNSET_SECRET", None)
     result = run(["--config", str(path), "--check"], tmp_path, env)
@@ -161,15 +147,15 @@ def test_check_repo_config_yaml(tmp_path: Path) -> None:
 
 def test_without_config_flag_gateway_config_env_is_used(tmp_path: Path) -> None:
     data, keys = invalid_config()
-    write(tmp_path / "config.yaml", data)  # must be ignored: GATEWAY_CONFIG wins
-    good = write(tmp_path / "from-env.yaml", valid_config())
+    write_config(tmp_path / "config.yaml", data)  # must be ignored: GATEWAY_CONFIG wins
+    good = write_config(tmp_path / "from-env.yaml", valid_config())
     result = run(["--check"], tmp_path, child_env(GATEWAY_CONFIG=str(good)))
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
 
     # The other way round: a bad file named by GATEWAY_CONFIG fails even with a good ./config.yaml.
-    write(tmp_path / "config.yaml", valid_config())
-    bad = write(tmp_path / "bad-from-env.yaml", data)
+    write_config(tmp_path / "config.yaml", valid_config())
+    bad = write_config(tmp_path / "bad-from-env.yaml", data)
     assert_problems(run(["--check"], tmp_path, child_env(GATEWAY_CONFIG=str(bad))), keys)
 
 
@@ -179,20 +165,20 @@ def test_without_config_flag_or_env_config_yaml_in_working_dir_is_used(tmp_path:
     (line,) = stderr_lines(result)
     assert line.startswith("config.yaml: ")
 
-    write(tmp_path / "config.yaml", valid_config())
+    write_config(tmp_path / "config.yaml", valid_config())
     result = run(["--check"], tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
 
     data, keys = invalid_config()
-    write(tmp_path / "config.yaml", data)
+    write_config(tmp_path / "config.yaml", data)
     assert_problems(run(["--check"], tmp_path), keys)
 
 
 def test_config_flag_wins_over_gateway_config_env(tmp_path: Path) -> None:
     data, keys = invalid_config()
-    bad = write(tmp_path / "bad.yaml", data)
-    good = write(tmp_path / "good.yaml", valid_config())
+    bad = write_config(tmp_path / "bad.yaml", data)
+    good = write_config(tmp_path / "good.yaml", valid_config())
     result = run(["--config", str(good), "--check"], tmp_path, child_env(GATEWAY_CONFIG=str(bad)))
     assert result.returncode == 0, result.stderr
     result = run(["--config", str(bad), "--check"], tmp_path, child_env(GATEWAY_CONFIG=str(good)))
@@ -201,7 +187,7 @@ def test_config_flag_wins_over_gateway_config_env(tmp_path: Path) -> None:
 
 def test_relative_config_path_is_relative_to_working_dir(tmp_path: Path) -> None:
     (tmp_path / "conf").mkdir()
-    write(tmp_path / "conf" / "gw.yaml", valid_config())
+    write_config(tmp_path / "conf" / "gw.yaml", valid_config())
     result = run(["--config", "conf/gw.yaml", "--check"], tmp_path)
     assert result.returncode == 0, result.stderr
 
@@ -211,12 +197,12 @@ def test_relative_config_path_is_relative_to_working_dir(tmp_path: Path) -> None
 
 def test_console_script_check(tmp_path: Path) -> None:
     assert CONSOLE_SCRIPT.exists(), f"{CONSOLE_SCRIPT} is not installed"
-    good = write(tmp_path / "good.yaml", valid_config())
+    good = write_config(tmp_path / "good.yaml", valid_config())
     result = run(["--config", str(good), "--check"], tmp_path, command=[str(CONSOLE_SCRIPT)])
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     data, keys = invalid_config()
-    bad = write(tmp_path / "bad.yaml", data)
+    bad = write_config(tmp_path / "bad.yaml", data)
     assert_problems(run(["--config", str(bad), "--check"], tmp_path,
                         command=[str(CONSOLE_SCRIPT)]), keys)
     # ...and it honours GATEWAY_CONFIG too.
@@ -234,7 +220,7 @@ def test_start_with_invalid_config_exits_before_listening(tmp_path: Path,
     port = free_port()
     data, keys = invalid_config()
     data["listen"] = f"127.0.0.1:{port}"
-    path = write(tmp_path / "gw.yaml", data)
+    path = write_config(tmp_path / "gw.yaml", data)
     proc = subprocess.Popen([*command, "--config", str(path)], cwd=tmp_path, env=child_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -258,97 +244,27 @@ def test_start_with_invalid_config_exits_before_listening(tmp_path: Path,
 # --- a real gateway process ----------------------------------------------------------------
 
 
-class Gateway:
-    def __init__(self, proc: asyncio.subprocess.Process, port: int, log: Path) -> None:
-        self.proc = proc
-        self.port = port
-        self.log = log
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def output(self) -> str:
-        return self.log.read_text(encoding="utf-8", errors="replace")
-
-    async def wait_healthy(self, http: aiohttp.ClientSession, within: float = 10.0) -> None:
-        deadline = time.monotonic() + within
-        while time.monotonic() < deadline:
-            if self.proc.returncode is not None:
-                pytest.fail(f"gateway exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                async with http.get(f"{self.url}/healthz",
-                                    timeout=aiohttp.ClientTimeout(total=1)) as resp:
-                    if resp.status == 200:
-                        return
-            except (aiohttp.ClientError, asyncio.TimeoutError):
-                pass
-            await asyncio.sleep(0.05)
-        pytest.fail(f"gateway not healthy within {within}s:\n{self.output()}")
-
-    async def exit_code(self, within: float) -> int:
-        try:
-            return await asyncio.wait_for(self.proc.wait(), within)
-        except asyncio.TimeoutError:
-            pytest.fail(f"gateway still running {within}s later:\n{self.output()}")
-
-
-Spawn = Callable[..., Awaitable[Gateway]]
+Spawn = Callable[..., Awaitable[GatewayProcess]]
 
 
 @pytest.fixture
-async def spawn(tmp_path: Path, redis_server: EmbeddedRedis, wechat: TestServer,
-                upstream: Upstream) -> AsyncIterator[Spawn]:
+def spawn(redis_server: EmbeddedRedis, wechat: TestServer, upstream: Upstream,
+          launch: Launch) -> Spawn:
     """``await spawn(**top_level_overrides)`` → a running gateway process (not yet healthy)."""
-    started: list[tuple[asyncio.subprocess.Process, Any]] = []
-
-    async def start(**overrides: Any) -> Gateway:
-        port = free_port()
+    async def start(**overrides: Any) -> GatewayProcess:
         data = base_config(redis_server.url, f"wxgw-cli-{uuid.uuid4().hex[:8]}:",
                            f"http://127.0.0.1:{wechat.port}", upstream.url)
-        data["listen"] = f"127.0.0.1:{port}"
+        data["listen"] = f"127.0.0.1:{free_port()}"
         data.update(overrides)
-        n = len(started)
-        path = write(tmp_path / f"gateway-{n}.yaml", data)
-        log_path = tmp_path / f"gateway-{n}.log"
-        log = open(log_path, "wb")
-        proc = await asyncio.create_subprocess_exec(
-            *GATEWAY, "--config", str(path), cwd=tmp_path, env=child_env(),
-            stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        started.append((proc, log))
-        return Gateway(proc, port, log_path)
-
-    try:
-        yield start
-    finally:
-        for proc, log in started:
-            if proc.returncode is None:
-                proc.kill()
-                try:
-                    await asyncio.wait_for(proc.wait(), 10)
-                except asyncio.TimeoutError:
-                    pass
-            log.close()
+        return await launch(data, healthy_within=10.0)
+    return start
 
 
-async def login(http: aiohttp.ClientSession, gw: Gateway, code: str) -> dict[str, Any]:
+async def login(http: aiohttp.ClientSession, gw: GatewayProcess, code: str) -> dict[str, Any]:
     async with http.post(f"{gw.url}/auth/login", json={"code": code}) as resp:
         assert resp.status == 200, await resp.text()
         body: dict[str, Any] = await resp.json()
         return body
-
-
-async def connection_refused(port: int) -> bool:
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1.0)
-    except (ConnectionRefusedError, OSError):
-        return True
-    writer.close()
-    try:
-        await writer.wait_closed()
-    except OSError:
-        pass
-    return False
 
 
 async def test_process_serves_health_login_and_proxied_requests(

@@ -29,7 +29,7 @@ import time
 import uuid
 from functools import cache
 from pathlib import Path, PurePosixPath
-from typing import Any, AsyncIterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import aiohttp
 import pytest
@@ -40,6 +40,7 @@ from conftest import APPID, SECRET, SIGNING_KEY, Upstream, base_config
 from gateway import simulator
 from gateway.embedded import EmbeddedRedis, free_port
 from gateway.config import parse_duration
+from process import Launcher
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -323,65 +324,6 @@ async def wechat_server(aiohttp_server: Any) -> TestServer:
     return server
 
 
-class Process:
-    """A child process whose output goes to a file, killed by the fixture that made it."""
-
-    def __init__(self, proc: asyncio.subprocess.Process, log: Path) -> None:
-        self.proc = proc
-        self.log = log
-
-    def output(self) -> str:
-        return self.log.read_text(encoding="utf-8", errors="replace") if self.log.exists() else ""
-
-    async def exit_code(self, within: float) -> int:
-        try:
-            return await asyncio.wait_for(self.proc.wait(), within)
-        except asyncio.TimeoutError:
-            pytest.fail(f"still running {within}s later:\n{self.output()}")
-
-
-@pytest.fixture
-async def processes() -> AsyncIterator[list[Process]]:
-    started: list[Process] = []
-    try:
-        yield started
-    finally:
-        for p in started:
-            if p.proc.returncode is None:
-                p.proc.kill()
-                try:
-                    await asyncio.wait_for(p.proc.wait(), 10)
-                except asyncio.TimeoutError:
-                    pass
-
-
-async def spawn(processes: list[Process], argv: list[str], env: Mapping[str, str],
-                cwd: Path, log: Path) -> Process:
-    with open(log, "wb") as out:
-        proc = await asyncio.create_subprocess_exec(
-            *argv, cwd=cwd, env=dict(env), stdin=asyncio.subprocess.DEVNULL, stdout=out,
-            stderr=subprocess.STDOUT)
-    p = Process(proc, log)
-    processes.append(p)
-    return p
-
-
-async def wait_http_ok(url: str, p: Process, within: float = 15.0) -> None:
-    deadline = time.monotonic() + within
-    async with aiohttp.ClientSession() as http:
-        while time.monotonic() < deadline:
-            if p.proc.returncode is not None:
-                pytest.fail(f"exited with {p.proc.returncode}:\n{p.output()}")
-            try:
-                async with http.get(url, timeout=aiohttp.ClientTimeout(total=1)) as resp:
-                    if resp.status == 200:
-                        return
-            except (aiohttp.ClientError, asyncio.TimeoutError):
-                pass
-            await asyncio.sleep(0.05)
-    pytest.fail(f"{url} did not answer 200 within {within}s:\n{p.output()}")
-
-
 async def run_async(argv: list[str], env: Mapping[str, str], within: float = 30) -> int:
     proc = await asyncio.create_subprocess_exec(*argv, env=dict(env),
                                                 stdin=asyncio.subprocess.DEVNULL,
@@ -396,7 +338,7 @@ async def run_async(argv: list[str], env: Mapping[str, str], within: float = 30)
 
 
 async def test_image_command_and_healthcheck_outside_a_container(
-        tmp_path: Path, processes: list[Process], redis_server: EmbeddedRedis,
+        tmp_path: Path, launcher: Launcher, redis_server: EmbeddedRedis,
         wechat_server: TestServer, upstream: Upstream) -> None:
     """`docker run` without arguments, minus the container: the ENTRYPOINT + CMD with the
     image's environment, the configuration from GATEWAY_CONFIG and its secrets from the
@@ -424,9 +366,9 @@ async def test_image_command_and_healthcheck_outside_a_container(
         found = shutil.which(argv[0], path=env["PATH"])
         assert found and Path(found).parent == VENV_BIN, f"{argv[0]} resolves to {found}"
 
-    gw = await spawn(processes, command, env, tmp_path, tmp_path / "gateway.log")
-    await wait_http_ok(f"http://127.0.0.1:{port}/healthz", gw)
+    gw = await launcher.start_command(command, port=port, env=env)
     async with aiohttp.ClientSession() as http:
+        await gw.wait_healthy(http)
         async with http.get(f"http://127.0.0.1:{port}/readyz") as resp:
             assert resp.status == 200, await resp.text()
         code = f"image-{uuid.uuid4().hex[:10]}"
@@ -842,7 +784,7 @@ def identity_spellings(seen_headers: list[tuple[str, str]]) -> list[tuple[str, s
 # The first run on a fresh machine installs nginx (apt-get) while setting this test up.
 @pytest.mark.timeout(900)
 async def test_nginx_recipe_forward_auth(
-        nginx_binary: str, tmp_path: Path, processes: list[Process],
+        nginx_binary: str, tmp_path: Path, launcher: Launcher,
         redis_server: EmbeddedRedis, wechat_server: TestServer, upstream: Upstream) -> None:
     # The gateway: only its own endpoints (nginx routes), nginx trusted for X-Forwarded-For.
     gw_port, nginx_port = free_port(), free_port()
@@ -850,10 +792,7 @@ async def test_nginx_recipe_forward_auth(
                        f"http://127.0.0.1:{wechat_server.port}", upstream.url)
     data.update(listen=f"127.0.0.1:{gw_port}", routes=[], trusted_proxies=["127.0.0.1"],
                 shutdown_grace="2s")
-    gw_config = tmp_path / "gateway.yaml"
-    gw_config.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    gw = await spawn(processes, [sys.executable, "-m", "gateway", "--config", str(gw_config)],
-                     clean_env(), tmp_path, tmp_path / "gateway.log")
+    gw = await launcher.start(data, env=clean_env())
 
     assert upstream.server is not None
     prefix = tmp_path / "nginx"
@@ -868,8 +807,9 @@ async def test_nginx_recipe_forward_auth(
     syntax = subprocess.run([*base, "-t"], capture_output=True, text=True, timeout=30)
     assert syntax.returncode == 0, syntax.stderr
 
-    nginx = await spawn(processes, base, clean_env(), prefix, prefix / "stdout.log")
-    await wait_http_ok(f"http://127.0.0.1:{gw_port}/healthz", gw)
+    nginx = await launcher.run(base, env=clean_env(), cwd=prefix, log=prefix / "stdout.log")
+    async with aiohttp.ClientSession() as http:
+        await gw.wait_healthy(http)
     deadline = time.monotonic() + 10
     while True:
         if nginx.proc.returncode is not None:

@@ -20,41 +20,28 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
 
 import aiohttp
 import pytest
-import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from checks import assert_json_error
 from conftest import APPID, SECRET, Upstream, base_config, bearer
 from gateway import simulator
 from gateway.embedded import EmbeddedRedis, free_port
-
-GATEWAY = [sys.executable, "-m", "gateway"]
-FAILURE_MARKERS = ("Traceback", "unhandled error")
+from process import GatewayProcess, Launch, connection_refused
 
 
 def report(text: str) -> None:
     print(f"DRILL {text}", flush=True)
 
 
-# --- the real gateway process ---------------------------------------------------------------
-
-
-def child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("GATEWAY_CONFIG", None)
-    return env
+# --- the real gateway process (``launch`` in conftest.py) -----------------------------------
 
 
 def drill_config(redis_url: str, wechat_url: str, upstream_url: str,
@@ -64,94 +51,6 @@ def drill_config(redis_url: str, wechat_url: str, upstream_url: str,
     data["listen"] = f"127.0.0.1:{free_port()}"
     data.update(overrides)
     return data
-
-
-class GatewayProcess:
-    def __init__(self, proc: asyncio.subprocess.Process, port: int, log: Path) -> None:
-        self.proc = proc
-        self.port = port
-        self.log = log
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def output(self) -> str:
-        return self.log.read_text(encoding="utf-8", errors="replace")
-
-    def assert_no_internal_failure(self) -> None:
-        out = self.output()
-        for marker in FAILURE_MARKERS:
-            assert marker not in out, f"{marker!r} in the gateway's output:\n{out}"
-
-    async def wait_healthy(self, http: aiohttp.ClientSession, within: float = 15.0) -> None:
-        deadline = time.monotonic() + within
-        while time.monotonic() < deadline:
-            if self.proc.returncode is not None:
-                pytest.fail(f"gateway exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                async with http.get(f"{self.url}/healthz",
-                                    timeout=aiohttp.ClientTimeout(total=1)) as resp:
-                    if resp.status == 200:
-                        return
-            except (aiohttp.ClientError, asyncio.TimeoutError):
-                pass
-            await asyncio.sleep(0.05)
-        pytest.fail(f"gateway not healthy within {within}s:\n{self.output()}")
-
-    async def exit_code(self, within: float) -> int:
-        try:
-            return await asyncio.wait_for(self.proc.wait(), within)
-        except asyncio.TimeoutError:
-            pytest.fail(f"gateway still running {within}s later:\n{self.output()}")
-
-    def terminate(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-
-
-Spawn = Callable[[dict[str, Any]], Awaitable[GatewayProcess]]
-
-
-@pytest.fixture
-async def spawn(tmp_path: Path) -> AsyncIterator[Spawn]:
-    """``await spawn(config_dict)`` → a running gateway process (not yet healthy)."""
-    started: list[tuple[asyncio.subprocess.Process, Any]] = []
-
-    async def start(data: dict[str, Any]) -> GatewayProcess:
-        n = len(started)
-        path = tmp_path / f"drill-gateway-{n}.yaml"
-        path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-        log_path = tmp_path / f"drill-gateway-{n}.log"
-        log = open(log_path, "wb")
-        proc = await asyncio.create_subprocess_exec(
-            *GATEWAY, "--config", str(path), cwd=tmp_path, env=child_env(),
-            stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        started.append((proc, log))
-        port = int(str(data["listen"]).rpartition(":")[2])
-        return GatewayProcess(proc, port, log_path)
-
-    try:
-        yield start
-    finally:
-        for proc, log in started:
-            if proc.returncode is None:
-                proc.kill()
-                try:
-                    await asyncio.wait_for(proc.wait(), 10)
-                except asyncio.TimeoutError:
-                    pass
-            log.close()
-
-
-@pytest.fixture
-def own_redis() -> Iterator[EmbeddedRedis]:
-    """A redis-server of this drill alone (append-only persistence), free to stop and block."""
-    server = EmbeddedRedis(persist=True)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 # --- HTTP helpers ---------------------------------------------------------------------------
@@ -195,13 +94,11 @@ async def fetch(http: aiohttp.ClientSession, method: str, url: str, *, timeout: 
 
 
 def assert_error(reply: Reply, status: int, code: str) -> None:
-    """The contract's error shape: that status, JSON ``{"error": code, "message": ...}``."""
+    """The contract's error shape (checks.py): that status, JSON ``{"error": code, ...}``."""
     assert reply.status == status, reply
-    assert reply.content_type == "application/json", reply
-    body = reply.json()
-    assert isinstance(body, dict) and set(body) == {"error", "message"}, reply
-    assert body["error"] == code, reply
-    assert isinstance(body["message"], str) and body["message"], reply
+    assert reply.headers is not None, reply
+    assert_json_error(reply.status, reply.headers.get("Content-Type", ""), reply.body, status,
+                      code)
 
 
 async def login(http: aiohttp.ClientSession, gw: GatewayProcess,
@@ -230,19 +127,6 @@ async def redis_answers(port: int, timeout: float = 0.2) -> bool:
         writer.close()
 
 
-async def connection_refused(port: int) -> bool:
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1.0)
-    except (ConnectionRefusedError, OSError, asyncio.TimeoutError):
-        return True
-    writer.close()
-    try:
-        await writer.wait_closed()
-    except OSError:
-        pass
-    return False
-
-
 # --- 1. Redis stopped under load ------------------------------------------------------------
 
 
@@ -254,9 +138,9 @@ class Sample:
 
 
 async def test_drill_redis_stopped_under_load_fails_closed_and_recovers(
-        spawn: Spawn, own_redis: EmbeddedRedis, wechat: TestServer, upstream: Upstream) -> None:
-    gw = await spawn(drill_config(own_redis.url, f"http://127.0.0.1:{wechat.port}",
-                                  upstream.url))
+        launch: Launch, own_redis: EmbeddedRedis, wechat: TestServer, upstream: Upstream) -> None:
+    gw = await launch(drill_config(own_redis.url, f"http://127.0.0.1:{wechat.port}",
+                                   upstream.url))
     pid = gw.proc.pid
     samples: list[Sample] = []
     seq = itertools.count()
@@ -425,11 +309,11 @@ class RedisBlock:
 
 
 async def test_drill_redis_slow_is_bounded_by_redis_timeout(
-        spawn: Spawn, own_redis: EmbeddedRedis, wechat: TestServer, upstream: Upstream) -> None:
+        launch: Launch, own_redis: EmbeddedRedis, wechat: TestServer, upstream: Upstream) -> None:
     redis_timeout = 0.3
     data = drill_config(own_redis.url, f"http://127.0.0.1:{wechat.port}", upstream.url)
     data["redis"]["timeout"] = "300ms"
-    gw = await spawn(data)
+    gw = await launch(data)
     async with aiohttp.ClientSession() as http:
         await gw.wait_healthy(http)
         users = [await login(http, gw) for _ in range(2)]
@@ -524,14 +408,14 @@ WECHAT_FAULTS = [
 
 
 async def test_drill_wechat_faults_are_mapped_never_500(
-        spawn: Spawn, aiohttp_server: Any, redis_server: EmbeddedRedis,
+        launch: Launch, aiohttp_server: Any, redis_server: EmbeddedRedis,
         upstream: Upstream) -> None:
     wechat_port = free_port()
     sim: TestServer = await aiohttp_server(simulator.create_app({APPID: SECRET}),
                                            port=wechat_port)
     data = drill_config(redis_server.url, f"http://127.0.0.1:{wechat_port}", upstream.url)
     data["wechat"]["timeout"] = "1s"
-    gw = await spawn(data)
+    gw = await launch(data)
     figures: list[str] = []
     async with aiohttp.ClientSession() as http:
         await gw.wait_healthy(http)
@@ -649,7 +533,7 @@ async def read_through(http: aiohttp.ClientSession, url: str, **kwargs: Any) -> 
 
 
 async def test_drill_upstream_faults_are_mapped_and_others_keep_serving(
-        spawn: Spawn, aiohttp_server: Any, redis_server: EmbeddedRedis, wechat: TestServer,
+        launch: Launch, aiohttp_server: Any, redis_server: EmbeddedRedis, wechat: TestServer,
         upstream: Upstream) -> None:
     faulty = FaultyUpstream()
     app = web.Application()
@@ -665,7 +549,7 @@ async def test_drill_upstream_faults_are_mapped_and_others_keep_serving(
          "timeout": "1s"},
         {"path": "/other/", "upstream": upstream.url, "auth": "required", "timeout": "2s"},
     ]
-    gw = await spawn(data)
+    gw = await launch(data)
     figures: list[str] = []
     async with aiohttp.ClientSession() as http:
         await gw.wait_healthy(http)
@@ -747,12 +631,12 @@ async def test_drill_upstream_faults_are_mapped_and_others_keep_serving(
 
 
 async def test_drill_sigterm_under_load_drains_then_exits_0(
-        spawn: Spawn, redis_server: EmbeddedRedis, wechat: TestServer,
+        launch: Launch, redis_server: EmbeddedRedis, wechat: TestServer,
         upstream: Upstream) -> None:
     grace = 5.0
     n = 20
-    gw = await spawn(drill_config(redis_server.url, f"http://127.0.0.1:{wechat.port}",
-                                  upstream.url, shutdown_grace="5s"))
+    gw = await launch(drill_config(redis_server.url, f"http://127.0.0.1:{wechat.port}",
+                                   upstream.url, shutdown_grace="5s"))
     async with aiohttp.ClientSession() as http:
         await gw.wait_healthy(http)
         token = (await login(http, gw))["token"]
@@ -774,7 +658,7 @@ async def test_drill_sigterm_under_load_drains_then_exits_0(
 
         # Once the drain has started, new connections are refused...
         deadline = signalled + 1.0
-        while not await connection_refused(gw.port):
+        while not await connection_refused(gw.port, timeout_is_refusal=True):
             assert time.monotonic() < deadline, "still accepting connections after SIGTERM"
             await asyncio.sleep(0.02)
         refused_after = time.monotonic() - signalled
@@ -805,14 +689,14 @@ async def test_drill_sigterm_under_load_drains_then_exits_0(
 
 @pytest.mark.parametrize("grace", [1.0, 3.0], ids=["grace-1s", "grace-3s"])
 async def test_drill_sigterm_request_outliving_grace_does_not_hold_the_process(
-        spawn: Spawn, redis_server: EmbeddedRedis, wechat: TestServer, upstream: Upstream,
+        launch: Launch, redis_server: EmbeddedRedis, wechat: TestServer, upstream: Upstream,
         grace: float) -> None:
     slow_ms = int((2 * grace + 3) * 1000)  # outlives even twice the grace period
     data = drill_config(redis_server.url, f"http://127.0.0.1:{wechat.port}", upstream.url,
                         shutdown_grace=f"{grace:g}s")
     for route in data["routes"]:
         route["timeout"] = "30s"  # only the grace period may end the request
-    gw = await spawn(data)
+    gw = await launch(data)
     async with aiohttp.ClientSession() as http:
         await gw.wait_healthy(http)
         request = asyncio.create_task(
@@ -841,7 +725,7 @@ async def test_drill_sigterm_request_outliving_grace_does_not_hold_the_process(
 
 
 async def test_drill_restart_sessions_survive(
-        spawn: Spawn, own_redis: EmbeddedRedis, wechat: TestServer, upstream: Upstream) -> None:
+        launch: Launch, own_redis: EmbeddedRedis, wechat: TestServer, upstream: Upstream) -> None:
     data = drill_config(own_redis.url, f"http://127.0.0.1:{wechat.port}", upstream.url,
                         shutdown_grace="5s")
 
@@ -861,18 +745,18 @@ async def test_drill_restart_sessions_survive(
     async def stop(gw: GatewayProcess) -> None:
         gw.terminate()
         assert await gw.exit_code(within=7) == 0, gw.output()
-        assert await connection_refused(gw.port)
+        assert await connection_refused(gw.port, timeout_is_refusal=True)
         gw.assert_no_internal_failure()
 
     async with aiohttp.ClientSession() as http:
-        first = await spawn(data)
+        first = await launch(data)
         await first.wait_healthy(http)
         user = await login(http, first)
         before = await token_works(http, first, user, "first")
         await stop(first)
 
         # Same configuration, new process: the token issued by the old one still works.
-        second = await spawn(data)
+        second = await launch(data)
         await second.wait_healthy(http)
         after = await token_works(http, second, user, "second")
         assert after == before
@@ -881,7 +765,7 @@ async def test_drill_restart_sessions_survive(
         # The whole stack restarts (gateway and Redis): still the same session.
         await asyncio.to_thread(own_redis.stop)
         await asyncio.to_thread(own_redis.start)
-        third = await spawn(data)
+        third = await launch(data)
         await third.wait_healthy(http)
         again = await token_works(http, third, user, "third")
         assert again == before

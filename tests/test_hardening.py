@@ -6,27 +6,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import os
 import socket
-import subprocess
-import sys
 import time
 import uuid
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any, AsyncIterator, Callable
 
 import aiohttp
 import pytest
-import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from checks import expect_error
 from conftest import APPID, GatewayFactory, Upstream, base_config, login
-from rawhttp import RawResponse, build_request, raw_exchange, raw_request
+from process import GatewayProcess, Launch
+from rawhttp import build_request, raw_request
 from gateway import config as config_
-from gateway.embedded import EmbeddedRedis, free_port
+from gateway.embedded import EmbeddedRedis
 from gateway.errors import ConfigError
 
 IDENTITY_NAMES = ("x-wx-openid", "x-wx-unionid", "x-wx-appid")
@@ -34,27 +30,7 @@ SPOOF = "spoofed-identity-0000"
 WAIT = 10.0  # upper bound for any single network wait in this file
 
 
-# --- a raw HTTP/1.1 client: aiohttp's own client would normalise what these tests send ------
-
-
-def assert_json_error(resp: RawResponse | tuple[int, str, Any], status: int,
-                      code: str | None) -> dict[str, Any]:
-    if isinstance(resp, RawResponse):
-        got_status, content_type, body = resp.status, resp.header("Content-Type")[0], resp.json()
-    else:
-        got_status, content_type, body = resp
-    assert got_status == status, body
-    assert content_type.replace(" ", "").lower() == "application/json;charset=utf-8"
-    assert set(body) == {"error", "message"}, body
-    if code is not None:
-        assert body["error"] == code, body
-    assert isinstance(body["message"], str) and body["message"]
-    return dict(body)
-
-
-async def client_error(resp: aiohttp.ClientResponse, status: int, code: str) -> dict[str, Any]:
-    return assert_json_error((resp.status, resp.headers["Content-Type"], await resp.json()),
-                             status, code)
+# --- what the upstream could read ------------------------------------------------------------
 
 
 def identity_headers_seen(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -65,53 +41,23 @@ def identity_headers_seen(headers: list[tuple[str, str]]) -> list[tuple[str, str
 # --- a real gateway process (the runner in gateway/server.py is only there) ------------------
 
 
-@dataclass
-class RealGateway:
-    port: int
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text(encoding="utf-8", errors="replace")
-
-    async def raw(self, payload: bytes) -> RawResponse:
-        return await raw_exchange("127.0.0.1", self.port, payload)
+RealGateway = Callable[[dict[str, Any]], AbstractAsyncContextManager[GatewayProcess]]
 
 
-@contextlib.asynccontextmanager
-async def real_gateway(tmp_path: Path, data: dict[str, Any]) -> AsyncIterator[RealGateway]:
-    """``python -m gateway`` on a free port with this configuration; killed on exit."""
-    port = free_port()
-    data = {**data, "listen": f"127.0.0.1:{port}"}
-    name = f"gw-{uuid.uuid4().hex[:8]}"
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    log_path = tmp_path / f"{name}.log"
-    env = {k: v for k, v in os.environ.items() if k != "GATEWAY_CONFIG"}
-    with open(log_path, "wb") as log:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", "--config", str(path), cwd=tmp_path, env=env,
-            stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        gateway = RealGateway(port, log_path)
+@pytest.fixture
+def real_gateway(launch: Launch) -> RealGateway:
+    """``async with real_gateway(config) as gw``: ``python -m gateway`` on a free port with this
+    configuration, healthy; killed on exit."""
+    @contextlib.asynccontextmanager
+    async def running(data: dict[str, Any]) -> AsyncIterator[GatewayProcess]:
+        gw = await launch(data, healthy_within=WAIT)
         try:
             async with aiohttp.ClientSession() as http:
-                deadline = time.monotonic() + WAIT
-                while True:
-                    assert proc.returncode is None, f"gateway exited:\n{gateway.output()}"
-                    assert time.monotonic() < deadline, f"not healthy:\n{gateway.output()}"
-                    try:
-                        async with http.get(f"http://127.0.0.1:{port}/healthz",
-                                            timeout=aiohttp.ClientTimeout(total=1)) as resp:
-                            if resp.status == 200:
-                                break
-                    except (aiohttp.ClientError, asyncio.TimeoutError):
-                        pass
-                    await asyncio.sleep(0.05)
-            yield gateway
+                await gw.wait_healthy(http)
+            yield gw
         finally:
-            if proc.returncode is None:
-                proc.kill()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(proc.wait(), WAIT)
+            await gw.close()
+    return running
 
 
 @pytest.fixture
@@ -121,7 +67,7 @@ def real_config(redis_server: EmbeddedRedis, wechat: TestServer,
                        f"http://127.0.0.1:{wechat.port}", upstream.url)
 
 
-async def real_login(gw: RealGateway) -> dict[str, Any]:
+async def real_login(gw: GatewayProcess) -> dict[str, Any]:
     async with aiohttp.ClientSession() as http:
         async with http.post(f"http://127.0.0.1:{gw.port}/auth/login",
                              json={"code": f"hard-{uuid.uuid4().hex[:12]}"}) as resp:
@@ -228,7 +174,7 @@ LOOKALIKES = [
 @pytest.mark.parametrize("target", ESCAPES)
 async def test_path_escapes_are_refused(gw: TestClient, upstream: Upstream, target: str) -> None:
     resp = await raw_request(gw, "GET", target)
-    assert_json_error(resp, 400, "invalid_path")
+    await expect_error(resp, 400, "invalid_path")
     assert upstream.seen == []
 
 
@@ -238,7 +184,7 @@ async def test_path_escapes_are_refused_with_a_token_and_on_every_method(
     auth = ("Authorization", f"Bearer {session['token']}")
     for method, target in [("POST", "/public/%2e%2e/api/orders"), ("DELETE", "/maybe/../api/x"),
                            ("PUT", "/public/..%2fapi/x"), ("GET", "/api/x/../../public/y")]:
-        assert_json_error(await raw_request(gw, method, target, [auth]), 400, "invalid_path")
+        await expect_error(await raw_request(gw, method, target, [auth]), 400, "invalid_path")
     assert upstream.seen == []
 
 
@@ -270,8 +216,8 @@ ODD_LINES = [b"X-WX-OpenID : " + SPOOF.encode(), b"X-WX-OpenID\t: " + SPOOF.enco
 
 
 async def test_real_process_identity_spellings_never_reach_upstream(
-        tmp_path: Path, real_config: dict[str, Any], upstream: Upstream) -> None:
-    async with real_gateway(tmp_path, real_config) as gw:
+        real_gateway: RealGateway, real_config: dict[str, Any], upstream: Upstream) -> None:
+    async with real_gateway(real_config) as gw:
         session = await real_login(gw)
         genuine = sorted([("x-wx-openid", session["openid"]), ("x-wx-appid", APPID),
                           ("x-wx-unionid", session["unionid"])])
@@ -324,19 +270,19 @@ async def test_duplicate_authorization_headers_are_refused(
               "differing-case": [f"Bearer {token}", f"bearer {token}"]}[pair]
     names = ["Authorization", "authorization" if pair == "differing-case" else "Authorization"]
     resp = await raw_request(gw, "GET", path, list(zip(names, values)))
-    assert_json_error(resp, 400, "invalid_request")
+    await expect_error(resp, 400, "invalid_request")
     assert upstream.seen == []
 
 
 async def test_real_process_oversize_and_too_many_headers_are_431_json(
-        tmp_path: Path, real_config: dict[str, Any], upstream: Upstream) -> None:
-    async with real_gateway(tmp_path, real_config) as gw:
+        real_gateway: RealGateway, real_config: dict[str, Any], upstream: Upstream) -> None:
+    async with real_gateway(real_config) as gw:
         big = build_request("GET", "/public/x", [b"X-Big: " + b"a" * 20_000])
-        assert_json_error(await gw.raw(big), 431, "request_header_fields_too_large")
+        await expect_error(await gw.raw(big), 431, "request_header_fields_too_large")
         big_name = build_request("GET", "/public/x", [b"X-" + b"n" * 20_000 + b": v"])
-        assert_json_error(await gw.raw(big_name), 431, "request_header_fields_too_large")
+        await expect_error(await gw.raw(big_name), 431, "request_header_fields_too_large")
         many = build_request("GET", "/public/x", [f"X-H{i}: v".encode() for i in range(300)])
-        assert_json_error(await gw.raw(many), 431, "request_header_fields_too_large")
+        await expect_error(await gw.raw(many), 431, "request_header_fields_too_large")
         assert upstream.seen == []
         # ...and the process still serves normal requests afterwards.
         ok = await gw.raw(build_request("GET", "/public/x", [b"X-Fine: " + b"a" * 4000]))
@@ -352,9 +298,9 @@ async def test_real_process_oversize_and_too_many_headers_are_431_json(
     b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40 + b"\r\n\r\n",  # TLS hello
 ], ids=["word", "sentence", "no-target", "header-without-colon", "tls-hello"])
 async def test_real_process_garbage_is_400_json(
-        tmp_path: Path, real_config: dict[str, Any], upstream: Upstream, payload: bytes) -> None:
-    async with real_gateway(tmp_path, real_config) as gw:
-        assert_json_error(await gw.raw(payload), 400, "invalid_request")
+        real_gateway: RealGateway, real_config: dict[str, Any], upstream: Upstream, payload: bytes) -> None:
+    async with real_gateway(real_config) as gw:
+        await expect_error(await gw.raw(payload), 400, "invalid_request")
         assert upstream.seen == []
 
 
@@ -559,7 +505,7 @@ async def test_connect_timeout_is_applied(make_gateway: GatewayFactory) -> None:
         started = time.monotonic()
         resp = await client.get("/slowconn/x")
         elapsed = time.monotonic() - started
-        await client_error(resp, 504, "upstream_timeout")
+        await expect_error(resp, 504, "upstream_timeout")
         assert 0.25 <= elapsed < 2.5, elapsed  # the connect timeout, not the 6 s route timeout
     finally:
         for s in fillers:
@@ -568,7 +514,7 @@ async def test_connect_timeout_is_applied(make_gateway: GatewayFactory) -> None:
 
 
 async def test_real_process_client_disconnect_cancels_upstream_request(
-        tmp_path: Path, real_config: dict[str, Any], aiohttp_server: Any) -> None:
+        real_gateway: RealGateway, real_config: dict[str, Any], aiohttp_server: Any) -> None:
     started = asyncio.Event()
     cancelled = asyncio.Event()
 
@@ -586,7 +532,7 @@ async def test_real_process_client_disconnect_cancels_upstream_request(
     slow_server = await aiohttp_server(app)  # cancels handlers when their client goes away
     real_config["routes"] = [{"path": "/public/", "auth": "public", "timeout": "20s",
                               "upstream": f"http://127.0.0.1:{slow_server.port}"}]
-    async with real_gateway(tmp_path, real_config) as gw:
+    async with real_gateway(real_config) as gw:
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
         try:
             writer.write(build_request("GET", "/public/slow"))
@@ -615,7 +561,7 @@ async def test_non_bearer_schemes_are_ignored(
     token = (await login(gw))["token"]
     value = f"{scheme} {token}".strip()
     resp = await gw.get("/api/orders", headers={"Authorization": value})
-    await client_error(resp, 401, "unauthorized")
+    await expect_error(resp, 401, "unauthorized")
     assert resp.headers["WWW-Authenticate"].startswith("Bearer")
     assert upstream.seen == []
     # On an optional route the same header means anonymous, never an identity.
@@ -639,10 +585,10 @@ async def test_token_in_query_string_is_not_accepted(
         gw: TestClient, upstream: Upstream, param: str) -> None:
     token = (await login(gw))["token"]
     resp = await gw.get(f"/api/orders?{param}={token}")
-    await client_error(resp, 401, "unauthorized")
+    await expect_error(resp, 401, "unauthorized")
     assert upstream.seen == []
     resp = await gw.get(f"/maybe/orders?{param}={token}")
     assert resp.status == 200
     assert identity_headers_seen(upstream.last.headers) == []
     resp = await gw.get(f"/auth/session?{param}={token}")
-    await client_error(resp, 401, "unauthorized")
+    await expect_error(resp, 401, "unauthorized")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
 import uuid
 from typing import Any
 
@@ -11,30 +9,13 @@ import pytest
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from rawhttp import raw_request
+from checks import JSON_UTF8, Samples, assert_json_error, metric_samples, value
 from conftest import GatewayFactory, Upstream, bearer, closed_port_url, login
 from gateway.embedded import free_port
-
-JSON_UTF8 = "application/json;charset=utf-8"
-
-
-def metric_samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
-    """Sample name → [(labels, value)] from Prometheus text."""
-    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            samples.setdefault(s.name, []).append((dict(s.labels), s.value))
-    return samples
+from rawhttp import raw_request
 
 
-def value(samples: dict[str, list[tuple[dict[str, str], float]]], name: str,
-          **labels: str) -> float | None:
-    found = [v for ls, v in samples.get(name, []) if ls == labels]
-    assert len(found) <= 1, (name, labels, found)
-    return found[0] if found else None
-
-
-async def scrape(client: TestClient) -> dict[str, list[tuple[dict[str, str], float]]]:
+async def scrape(client: TestClient) -> Samples:
     resp = await client.get("/metrics")
     assert resp.status == 200
     return metric_samples(await resp.text())
@@ -43,16 +24,6 @@ async def scrape(client: TestClient) -> dict[str, list[tuple[dict[str, str], flo
 async def raw_get(client: TestClient, target: str) -> tuple[int, dict[str, str], bytes]:
     resp = await raw_request(client, "GET", target, host="gw.test")
     return resp.status, {k.lower(): v for k, v in resp.headers}, resp.body
-
-
-def assert_json_error(status: int, content_type: str, body: bytes, want_status: int,
-                      want_code: str) -> None:
-    assert status == want_status, body
-    assert content_type.replace(" ", "").lower() == JSON_UTF8
-    data = json.loads(body.decode("utf-8"))
-    assert set(data) == {"error", "message"}, data
-    assert data["error"] == want_code
-    assert isinstance(data["message"], str) and data["message"]
 
 
 # --- health and readiness --------------------------------------------------------------------

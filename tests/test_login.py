@@ -12,38 +12,16 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable
 
-import jwt
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import (APPID, APPID2, SECRET, SECRET2, GatewayFactory, bearer, closed_port_url,
-                      login)
+from checks import expect_error
+from conftest import (APPID, APPID2, SECRET, SECRET2, TWO_APPS, GatewayFactory, bearer, claims_of,
+                      closed_port_url, fresh, login)
 from gateway import simulator
 from gateway.embedded import free_port
-
-TWO_APPS = [{"appid": APPID, "secret": SECRET}, {"appid": APPID2, "secret": SECRET2}]
-
-
-def fresh(prefix: str = "user-") -> str:
-    return f"{prefix}{uuid.uuid4().hex[:12]}"
-
-
-async def expect_error(resp: Any, status: int, code: str) -> dict[str, Any]:
-    """Assert the contract's error shape: status, JSON content type, exactly error+message."""
-    text = await resp.text()
-    assert resp.status == status, text
-    assert resp.content_type == "application/json", resp.headers
-    body = json.loads(text)
-    assert set(body) == {"error", "message"}, body
-    assert body["error"] == code, body
-    assert isinstance(body["message"], str) and body["message"], body
-    return body  # type: ignore[no-any-return]
-
-
-def claims(token: str) -> dict[str, Any]:
-    return jwt.decode(token, options={"verify_signature": False})  # type: ignore[no-any-return]
 
 
 # --- a scriptable WeChat, for replies the simulator cannot make and to see the query ------------
@@ -195,7 +173,7 @@ async def test_explicit_appid_with_two_apps_logs_in_to_that_app(
     code = fresh()
     data = await login(gw2, code, appid=appid)
     assert data["openid"] == simulator.openid_for(appid, code)
-    assert claims(data["token"])["aud"] == appid
+    assert claims_of(data["token"])["aud"] == appid
     resp = await gw2.get("/auth/verify", headers=bearer(data["token"]))
     assert resp.status == 200
     assert resp.headers["X-WX-AppID"] == appid
@@ -205,7 +183,7 @@ async def test_explicit_appid_with_two_apps_logs_in_to_that_app(
 
 async def test_single_app_accepts_its_appid_explicitly(gw: TestClient) -> None:
     data = await login(gw, appid=APPID)
-    assert claims(data["token"])["aud"] == APPID
+    assert claims_of(data["token"])["aud"] == APPID
 
 
 # --- WeChat's answers ---------------------------------------------------------------------------
@@ -340,7 +318,7 @@ async def test_success_body_shape(gw: TestClient, wechat: TestServer) -> None:
     assert data["openid"] == simulator.openid_for(APPID, code)
     assert data["unionid"] == simulator.unionid_for(code)
     assert isinstance(data["token"], str) and data["token"].count(".") == 2
-    c = claims(data["token"])
+    c = claims_of(data["token"])
     assert c["sub"] == data["openid"] and c["aud"] == APPID and c["sid"]
     assert before + 3590 <= c["exp"] <= int(time.time()) + 3600
     assert wechat.app[simulator.CALLS]["jscode2session"] == 1
@@ -368,7 +346,7 @@ async def test_two_logins_give_two_sessions(gw: TestClient) -> None:
     second = await login(gw)
     assert first["openid"] != second["openid"]
     assert first["token"] != second["token"]
-    assert claims(first["token"])["sid"] != claims(second["token"])["sid"]
+    assert claims_of(first["token"])["sid"] != claims_of(second["token"])["sid"]
 
 
 async def test_text_plain_json_reply_is_parsed(with_wechat: Any, scripted: ScriptedWeChat) -> None:
@@ -522,5 +500,5 @@ async def test_login_responses_do_not_leak_secret_or_session_key(
     session_key = base64.b64encode(
         hashlib.sha256(f"sk/{APPID}/{code}".encode()).digest()[:16]).decode()
     assert SECRET not in text and session_key not in text
-    assert SECRET not in json.dumps(claims(json.loads(text)["token"]))
-    assert session_key not in json.dumps(claims(json.loads(text)["token"]))
+    assert SECRET not in json.dumps(claims_of(json.loads(text)["token"]))
+    assert session_key not in json.dumps(claims_of(json.loads(text)["token"]))

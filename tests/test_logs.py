@@ -15,270 +15,36 @@ captured:
   later how many it held back; Redis going down and coming back is logged once each way;
 - start-up and stop are logged once each.
 
-The process helpers here (``Gateway``, ``launch``, ``Client``) are shared with
-``test_reload.py`` and ``test_metrics.py``.
+The process (``launch``, with stdout and stderr in files of their own) and ``Client`` come from
+process.py; the line parsers from checks.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import secrets
-import signal
 import time
 import uuid
-from dataclasses import dataclass, field
-from datetime import datetime
-from pathlib import Path
+from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, Iterable
 
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
+from checks import parse_json_lines, parse_lines
 from conftest import APPID, Upstream
 from gateway import logs, simulator
 from gateway.embedded import EmbeddedRedis, free_port
 from gateway.keys import Keyring
-from test_cli import GATEWAY, child_env, write
+from process import Client, GatewayProcess, Launch, Sent, launch_with_client
 
 WINDOW = 7  # a piece of a secret longer than 6 characters is a leak
-LEVELS = {"debug", "info", "warning", "error", "critical"}
-TEXT_LINE = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2},\d{3} "
-                       r"(DEBUG|INFO|WARNING|ERROR|CRITICAL) ([\w.]+): (.*)$")
 ACCESS_KEYS = {"request_id", "client_ip", "method", "path", "route", "status", "duration_ms",
                "upstream_ms", "auth", "appid"}
-
-
-# --- a real gateway process, its output, and a client that counts what it asks ----------------
-
-
-class Gateway:
-    """A running ``python -m gateway``; stdout and stderr go to files of their own."""
-
-    def __init__(self, proc: asyncio.subprocess.Process, port: int, config: Path,
-                 out: Path, err: Path) -> None:
-        self.proc = proc
-        self.port = port
-        self.config = config
-        self.out = out
-        self.err = err
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stderr(self) -> str:
-        return self.err.read_text(encoding="utf-8", errors="replace")
-
-    def stdout(self) -> str:
-        return self.out.read_text(encoding="utf-8", errors="replace")
-
-    def output(self) -> str:
-        return self.stderr() + self.stdout()
-
-    def lines(self) -> list[str]:
-        """Every non-empty line the process wrote, stderr first."""
-        return [line for line in self.output().splitlines() if line.strip()]
-
-    def rewrite(self, data: dict[str, Any]) -> None:
-        write(self.config, data)
-
-    def hup(self) -> None:
-        self.proc.send_signal(signal.SIGHUP)
-
-    async def wait_for_line(self, predicate: Callable[[str], bool], *, after: int = 0,
-                            count: int = 1, within: float = 10.0) -> list[str]:
-        """Wait until ``count`` stderr lines past the first ``after`` satisfy ``predicate``."""
-        deadline = time.monotonic() + within
-        while True:
-            lines = self.stderr().splitlines()[after:]
-            found = [line for line in lines if predicate(line)]
-            if len(found) >= count:
-                return found
-            if self.proc.returncode is not None:
-                pytest.fail(f"gateway exited with {self.proc.returncode}:\n{self.output()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"no {count} matching log line(s) within {within}s:\n{self.output()}")
-            await asyncio.sleep(0.02)
-
-    def mark(self) -> int:
-        """How many stderr lines there are so far (for ``wait_for_line(after=...)``)."""
-        return len(self.stderr().splitlines())
-
-    async def stop(self, within: float = 15.0) -> int:
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return await asyncio.wait_for(self.proc.wait(), within)
-        except asyncio.TimeoutError:
-            pytest.fail(f"gateway still running {within}s after SIGTERM:\n{self.output()}")
-
-
-Launch = Callable[..., Awaitable[Gateway]]
-
-
-@pytest.fixture
-async def launch(tmp_path: Path) -> AsyncIterator[Launch]:
-    """``await launch(config_dict)`` → a started gateway (listening on ``config['listen']``,
-    set to a free port when absent); the config file stays in place for reloads."""
-    started: list[Gateway] = []
-
-    async def start(data: dict[str, Any]) -> Gateway:
-        n = len(started)
-        if "listen" not in data or data["listen"].endswith(":8080"):
-            data = {**data, "listen": f"127.0.0.1:{free_port()}"}
-        port = int(data["listen"].rpartition(":")[2])
-        path = write(tmp_path / f"gw-{n}.yaml", data)
-        out, err = tmp_path / f"gw-{n}.out", tmp_path / f"gw-{n}.err"
-        with open(out, "wb") as out_file, open(err, "wb") as err_file:
-            proc = await asyncio.create_subprocess_exec(
-                *GATEWAY, "--config", str(path), cwd=tmp_path, env=child_env(),
-                stdin=asyncio.subprocess.DEVNULL, stdout=out_file, stderr=err_file)
-        gw = Gateway(proc, port, path, out, err)
-        started.append(gw)
-        return gw
-
-    try:
-        yield start
-    finally:
-        for gw in started:
-            if gw.proc.returncode is None:
-                gw.proc.kill()
-                try:
-                    await asyncio.wait_for(gw.proc.wait(), 10)
-                except asyncio.TimeoutError:
-                    pass
-
-
-@dataclass
-class Sent:
-    """One request made to the gateway and what its access line must say."""
-
-    rid: str | None
-    method: str
-    path: str
-    status: int
-    route: str | None = None
-    auth: str = "none"
-    appid: str | None = None
-    openid: str | None = None
-    upstream: bool = False  # answered by the upstream: upstream_ms is expected
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-@dataclass
-class Client:
-    """Talks to one gateway and remembers every request that got an answer."""
-
-    base: str
-    http: aiohttp.ClientSession
-    sent: list[Sent] = field(default_factory=list)
-    fresh: bool = False  # a new connection per request (to spread over SO_REUSEPORT workers)
-
-    async def call(self, method: str, target: str, *, token: str | None = None,
-                   headers: dict[str, str] | None = None, json_body: Any = None,
-                   route: str | None = None, auth: str | None = None, appid: str | None = None,
-                   openid: str | None = None, upstream: bool = False,
-                   expect: int | None = None, timeout: float = 10.0) -> Reply:
-        rid = f"rq-{len(self.sent)}-{uuid.uuid4().hex[:8]}"
-        sent_headers = {"X-Request-ID": rid, **(headers or {})}
-        if token is not None:
-            sent_headers["Authorization"] = f"Bearer {token}"
-        if self.fresh:
-            sent_headers["Connection"] = "close"
-        async with self.http.request(method, self.base + target, headers=sent_headers,
-                                     json=json_body,
-                                     timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
-            reply = Reply(resp.status, dict(resp.headers), await resp.read())
-        if expect is not None:
-            assert reply.status == expect, (method, target, reply.status, reply.body)
-        if auth is None:
-            auth = "denied" if reply.status in (401, 403) else "none"
-        self.sent.append(Sent(rid, method, target.partition("?")[0], reply.status, route, auth,
-                              appid, openid, upstream))
-        return reply
-
-    async def wait_healthy(self, gw: Gateway, within: float = 15.0) -> None:
-        deadline = time.monotonic() + within
-        while time.monotonic() < deadline:
-            if gw.proc.returncode is not None:
-                pytest.fail(f"gateway exited with {gw.proc.returncode}:\n{gw.output()}")
-            try:
-                reply = await self.call("GET", "/healthz", route="/healthz", timeout=1)
-            except (aiohttp.ClientError, asyncio.TimeoutError):
-                await asyncio.sleep(0.05)
-                continue
-            if reply.status == 200:
-                return
-        pytest.fail(f"gateway not healthy within {within}s:\n{gw.output()}")
-
-    async def login(self, code: str, appid: str | None = None, expect: int = 200) -> Reply:
-        body: dict[str, Any] = {"code": code}
-        if appid is not None:
-            body["appid"] = appid
-        return await self.call("POST", "/auth/login", json_body=body, route="/auth/login",
-                               expect=expect)
-
-
-# --- parsing the output ---------------------------------------------------------------------
-
-
-def parse_json_lines(lines: Iterable[str]) -> list[dict[str, Any]]:
-    """Every line must be a JSON object with time, level, logger and message."""
-    records = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            pytest.fail(f"not a JSON log line: {line!r}")
-        assert isinstance(record, dict), line
-        for key in ("time", "level", "logger", "message"):
-            assert key in record, (key, line)
-        datetime.fromisoformat(record["time"])
-        assert record["level"] in LEVELS, line
-        assert isinstance(record["logger"], str) and record["logger"], line
-        assert isinstance(record["message"], str), line
-        records.append(record)
-    return records
-
-
-def parse_text_lines(lines: Iterable[str]) -> list[dict[str, Any]]:
-    """Every line must be ``<asctime> LEVEL logger: message [key=value ...]``; access lines'
-    fields are read back (values as strings, None ones are left out by the text format)."""
-    records = []
-    for line in lines:
-        match = TEXT_LINE.match(line)
-        assert match, f"not a text log line: {line!r}"
-        level, logger, message = match.groups()
-        record: dict[str, Any] = {"level": level.lower(), "logger": logger, "message": message}
-        if logger == logs.ACCESS:
-            record.update(dict(re.findall(r" (\w+)=(\S*)", message)))
-        records.append(record)
-    return records
-
-
-def parse_lines(fmt: str, lines: Iterable[str]) -> list[dict[str, Any]]:
-    return parse_json_lines(lines) if fmt == "json" else parse_text_lines(lines)
-
-
-def is_json(line: str) -> bool:
-    try:
-        return isinstance(json.loads(line), dict)
-    except ValueError:
-        return False
 
 
 @dataclass(frozen=True)
@@ -373,7 +139,7 @@ def fake_jwt() -> str:
             + secrets.token_urlsafe(32))
 
 
-async def full_session(gw: Gateway, client: Client, sim: TestServer, upstream: Upstream,
+async def full_session(gw: GatewayProcess, client: Client, sim: TestServer, upstream: Upstream,
                        log_openid: bool) -> list[Secret]:
     """Everything a user and a few attackers do; returns the secrets the log must not hold."""
     found: list[Secret] = []
@@ -557,7 +323,7 @@ async def test_full_session_log_is_well_formed_complete_and_leaks_nothing(
     signing_key = random_secret("sk-")
     data = gateway_config(redis_server.url, f"http://127.0.0.1:{sim.port}", upstream.url,
                           app_secret, signing_key, format=fmt, log_openid=log_openid)
-    gw = await launch(data)
+    gw = await launch(data, separate_stderr=True)
     async with aiohttp.ClientSession() as http:
         client = Client(gw.url, http)
         found = await full_session(gw, client, sim, upstream, log_openid)
@@ -613,10 +379,8 @@ async def test_access_durations_are_precise_and_cover_the_upstream_time(
     clock finer than a millisecond (upstream_ms has two decimals; so must duration_ms)."""
     data = gateway_config(redis_server.url, f"http://127.0.0.1:{sim.port}", upstream.url,
                           app_secret, random_secret("sk-"))
-    gw = await launch(data)
     async with aiohttp.ClientSession() as http:
-        client = Client(gw.url, http)
-        await client.wait_healthy(gw)
+        gw, client = await launch_with_client(launch, data, http)
         for i in range(30):
             await client.call("GET", f"/public/slow/{i % 4}", expect=200)
     assert await gw.stop() == 0, gw.output()
@@ -640,10 +404,8 @@ async def test_malformed_request_gets_one_access_line_and_no_traceback(
     is a request like any other: one access line, and no error in the log."""
     data = gateway_config(redis_server.url, f"http://127.0.0.1:{sim.port}", upstream.url,
                           app_secret, random_secret("sk-"))
-    gw = await launch(data)
     async with aiohttp.ClientSession() as http:
-        client = Client(gw.url, http)
-        await client.wait_healthy(gw)
+        gw, client = await launch_with_client(launch, data, http)
         for payload in (b"GET /public/x HTTP/1.1\r\nHost: gw\r\nBroken header line\r\n\r\n",
                         b"GET /public/y?token=abc HTTP/1.1\r\nHost: gw\r\n"
                         + b"X-Long: " + b"a" * 70000 + b"\r\n\r\n"):
@@ -673,10 +435,8 @@ async def test_wechat_down_50_logins_give_at_most_a_few_warnings(
     down = f"http://127.0.0.1:{free_port()}"
     data = gateway_config(redis_server.url, down, upstream.url, app_secret,
                           random_secret("sk-"))
-    gw = await launch(data)
     async with aiohttp.ClientSession() as http:
-        client = Client(gw.url, http)
-        await client.wait_healthy(gw)
+        gw, client = await launch_with_client(launch, data, http)
         for _ in range(50):
             reply = await client.login(f"login-{uuid.uuid4().hex}", expect=502)
             assert reply.json()["error"] == "wechat_error"
@@ -753,15 +513,6 @@ def test_storm_filter_holds_back_repeats_then_says_how_many(
     assert "1 more" in record.getMessage()
 
 
-@pytest.fixture
-def own_redis() -> Iterable[EmbeddedRedis]:
-    server = EmbeddedRedis().start()  # keeps its data over a restart
-    try:
-        yield server
-    finally:
-        server.close()
-
-
 def redis_lines(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Lines (not access lines) about Redis or the session cache that follows it."""
     return [r for r in records if r["logger"] != logs.ACCESS
@@ -777,10 +528,8 @@ async def test_redis_down_and_up_are_logged_once_each(
     data["redis"]["timeout"] = "300ms"
     if cache_size is not None:
         data["session"]["cache_size"] = cache_size
-    gw = await launch(data)
     async with aiohttp.ClientSession() as http:
-        client = Client(gw.url, http)
-        await client.wait_healthy(gw)
+        gw, client = await launch_with_client(launch, data, http)
         token = (await client.login(f"login-{uuid.uuid4().hex}")).json()["token"]
         await client.call("GET", "/api/x", token=token, expect=200)
         await asyncio.sleep(0.5)
@@ -819,10 +568,8 @@ async def test_start_and_stop_are_logged_once(launch: Launch, redis_server: Embe
                                               app_secret: str) -> None:
     data = gateway_config(redis_server.url, f"http://127.0.0.1:{sim.port}", upstream.url,
                           app_secret, random_secret("sk-"))
-    gw = await launch(data)
     async with aiohttp.ClientSession() as http:
-        client = Client(gw.url, http)
-        await client.wait_healthy(gw)
+        gw, client = await launch_with_client(launch, data, http)
         for _ in range(20):
             await client.call("GET", "/public/x", expect=200)
     assert await gw.stop() == 0

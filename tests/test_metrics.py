@@ -26,18 +26,17 @@ import aiohttp
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.metrics import MetricWrapperBase
 
+from checks import Samples, metric_samples, value
 from conftest import (APPID, APPID2, SECRET, SECRET2, SIGNING_KEY, GatewayFactory, Upstream,
                       base_config, bearer, closed_port_url, login)
 from gateway.embedded import EmbeddedRedis, free_port
 from gateway.metrics import Metrics
 from gateway.services import SERVICES
-from test_health import metric_samples, value
-from test_logs import Client, Launch, launch  # noqa: F401
+from process import Launch, launch_with_client
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 DASHBOARD = ROOT / "deploy" / "grafana-dashboard.json"
-Samples = dict[str, list[tuple[dict[str, str], float]]]
 
 
 # --- the metric families the code defines ------------------------------------------------------
@@ -305,10 +304,9 @@ async def test_workers_metrics_sum_every_worker(launch: Launch, redis_server: Em
                        f"http://127.0.0.1:{wechat.port}", upstream.url)
     data["listen"] = f"127.0.0.1:{free_port()}"
     data["workers"] = 2
-    gw = await launch(data)
     async with aiohttp.ClientSession() as http:
-        client = Client(gw.url, http, fresh=True)  # a connection each: both workers answer
-        await client.wait_healthy(gw)
+        # A connection per request: both workers answer.
+        gw, client = await launch_with_client(launch, data, http, fresh=True)
         await gw.wait_for_line(lambda line: "listening" in line, count=2)
         for i in range(40):
             await client.call("GET", f"/public/{i}", expect=200)

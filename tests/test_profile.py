@@ -10,7 +10,6 @@ import copy
 import hashlib
 import json
 import os
-import uuid
 from typing import Any
 
 import aiohttp
@@ -19,32 +18,17 @@ from aiohttp.test_utils import TestClient, TestServer
 from cryptography.hazmat.primitives import padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from conftest import (APPID, APPID2, SECRET, SECRET2, SIGNING_KEY, GatewayFactory, Upstream,
-                      base_config, bearer, closed_port_url, login)
+from checks import expect_error
+from conftest import (APPID, APPID2, SIGNING_KEY, TWO_APPS, GatewayFactory, Upstream, base_config,
+                      bearer, closed_port_url, fresh, login)
 from gateway import config as config_
 from gateway import sessions as S
 from gateway import simulator
 from gateway.errors import ConfigError
 from gateway.embedded import free_port
 
-TWO_APPS = [{"appid": APPID, "secret": SECRET}, {"appid": APPID2, "secret": SECRET2}]
 STORE_PHONE = {"signing_keys": [SIGNING_KEY], "ttl": "1h", "store_phone": True}
 IV = base64.b64encode(bytes(16)).decode()
-
-
-def fresh(prefix: str = "user-") -> str:
-    return f"{prefix}{uuid.uuid4().hex[:12]}"
-
-
-async def expect_error(resp: Any, status: int, code: str) -> dict[str, Any]:
-    text = await resp.text()
-    assert resp.status == status, text
-    assert resp.content_type == "application/json", resp.headers
-    body = json.loads(text)
-    assert set(body) == {"error", "message"}, body
-    assert body["error"] == code, body
-    assert isinstance(body["message"], str) and body["message"], body
-    return body  # type: ignore[no-any-return]
 
 
 def calls(wechat: TestServer, name: str) -> int:

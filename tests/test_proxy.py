@@ -4,40 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import json
 import os
 import re
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from checks import expect_error
 from conftest import APPID, GatewayFactory, Upstream, bearer, closed_port_url, login
-from rawhttp import RawResponse, raw_request
 from gateway.embedded import free_port
+from rawhttp import raw_request
 
 IDENTITY_NAMES = ("x-wx-openid", "x-wx-unionid", "x-wx-appid")
 SPOOF = "spoofed-identity-0000"
-
-
-async def assert_error(resp: Any, status: int, code: str) -> dict[str, Any]:
-    """An aiohttp ClientResponse or a RawResponse carrying the gateway's JSON error."""
-    if isinstance(resp, RawResponse):
-        got_status, body = resp.status, resp.json()
-        content_type = resp.header("Content-Type")[0]
-    else:
-        got_status, body = resp.status, await resp.json()
-        content_type = resp.headers["Content-Type"]
-    assert got_status == status, body
-    assert content_type.replace(" ", "").lower() == "application/json;charset=utf-8"
-    assert set(body) == {"error", "message"}, body
-    assert body["error"] == code
-    assert isinstance(body["message"], str) and body["message"]
-    return body
 
 
 def identity_headers_seen(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -51,7 +34,7 @@ def identity_headers_seen(headers: list[tuple[str, str]]) -> list[tuple[str, str
 async def test_required_without_token_is_401_and_nothing_reaches_upstream(
         gw: TestClient, upstream: Upstream) -> None:
     resp = await gw.get("/api/orders")
-    await assert_error(resp, 401, "unauthorized")
+    await expect_error(resp, 401, "unauthorized")
     assert resp.headers["WWW-Authenticate"].startswith("Bearer")
     assert upstream.seen == []
 
@@ -61,7 +44,7 @@ async def test_required_without_token_is_401_and_nothing_reaches_upstream(
 async def test_required_with_bad_credentials_is_401(
         gw: TestClient, upstream: Upstream, authorization: str) -> None:
     resp = await gw.get("/api/orders", headers={"Authorization": authorization})
-    await assert_error(resp, 401, "unauthorized")
+    await expect_error(resp, 401, "unauthorized")
     assert resp.headers["WWW-Authenticate"].startswith("Bearer")
     assert upstream.seen == []
 
@@ -71,7 +54,7 @@ async def test_required_with_logged_out_token_is_401(gw: TestClient, upstream: U
     resp = await gw.post("/auth/logout", headers=bearer(session["token"]))
     assert resp.status == 204
     resp = await gw.get("/api/orders", headers=bearer(session["token"]))
-    await assert_error(resp, 401, "unauthorized")
+    await expect_error(resp, 401, "unauthorized")
     assert upstream.seen == []
 
 
@@ -201,7 +184,7 @@ async def test_authorization_is_never_forwarded(
         value = "Basic dXNlcjpwYXNzd29yZA=="
     resp = await gw.get(path, headers={"Authorization": value})
     if path.startswith("/api/") and scheme == "Basic":
-        await assert_error(resp, 401, "unauthorized")
+        await expect_error(resp, 401, "unauthorized")
         assert upstream.seen == []
         return
     assert resp.status == 200
@@ -291,8 +274,8 @@ async def test_longest_prefix_wins(make_gateway: GatewayFactory, upstream: Upstr
     client = await make_gateway(routes=[
         {"path": "/api/", "upstream": upstream.url, "auth": "public"},
         {"path": "/api/admin/", "upstream": upstream.url, "auth": "required"}])
-    await assert_error(await client.get("/api/admin/users"), 401, "unauthorized")
-    await assert_error(await client.get("/api/admin"), 401, "unauthorized")
+    await expect_error(await client.get("/api/admin/users"), 401, "unauthorized")
+    await expect_error(await client.get("/api/admin"), 401, "unauthorized")
     assert upstream.seen == []
     assert (await client.get("/api/users")).status == 200
     assert upstream.last.raw_path == "/api/users"
@@ -307,7 +290,7 @@ async def test_longest_prefix_wins(make_gateway: GatewayFactory, upstream: Upstr
 @pytest.mark.parametrize("path", ["/apiary", "/api-v2/x", "/publicity", "/maybes/x"])
 async def test_prefix_matches_whole_segments_only(
         gw: TestClient, upstream: Upstream, path: str) -> None:
-    await assert_error(await gw.get(path), 404, "not_found")
+    await expect_error(await gw.get(path), 404, "not_found")
     assert upstream.seen == []
 
 
@@ -380,10 +363,10 @@ async def test_request_id_is_generated_when_none_is_sent(
 
 async def test_request_id_is_on_gateway_error_responses(gw: TestClient) -> None:
     resp = await gw.get("/api/x", headers={"X-Request-ID": "err-trace-1"})
-    await assert_error(resp, 401, "unauthorized")
+    await expect_error(resp, 401, "unauthorized")
     assert resp.headers["X-Request-ID"] == "err-trace-1"
     resp = await gw.get("/nowhere")
-    await assert_error(resp, 404, "not_found")
+    await expect_error(resp, 404, "not_found")
     assert re.fullmatch(r"[A-Za-z0-9._:@/+=-]{8,128}", resp.headers["X-Request-ID"])
 
 
@@ -526,15 +509,15 @@ async def test_cookies_are_not_kept_between_users(gw: TestClient, upstream: Upst
 
 @pytest.mark.parametrize("path", ["/", "/nowhere", "/auth", "/auth/unknown", "/health"])
 async def test_unknown_path_is_404(gw: TestClient, upstream: Upstream, path: str) -> None:
-    await assert_error(await gw.get(path), 404, "not_found")
+    await expect_error(await gw.get(path), 404, "not_found")
     assert upstream.seen == []
 
 
 async def test_unreachable_upstream_is_502(make_gateway: GatewayFactory) -> None:
     client = await make_gateway(routes=[
         {"path": "/api/", "upstream": f"http://127.0.0.1:{free_port()}", "auth": "public"}])
-    await assert_error(await client.get("/api/x"), 502, "upstream_unavailable")
-    await assert_error(await client.post("/api/x", data=b"body"), 502, "upstream_unavailable")
+    await expect_error(await client.get("/api/x"), 502, "upstream_unavailable")
+    await expect_error(await client.post("/api/x", data=b"body"), 502, "upstream_unavailable")
 
 
 async def test_slow_upstream_is_504_after_the_route_timeout(
@@ -544,7 +527,7 @@ async def test_slow_upstream_is_504_after_the_route_timeout(
     started = time.monotonic()
     resp = await client.get("/api/slow/1500")
     elapsed = time.monotonic() - started
-    await assert_error(resp, 504, "upstream_timeout")
+    await expect_error(resp, 504, "upstream_timeout")
     assert 0.25 <= elapsed < 1.2
     assert (await client.get("/api/slow/10")).status == 200  # within the timeout: fine
 
@@ -558,7 +541,7 @@ async def test_redis_down_required_route_fails_closed(
         gw: TestClient, redis_down: TestClient, upstream: Upstream) -> None:
     session = await login(gw)  # a genuine token, signed with the same key
     resp = await redis_down.get("/api/x", headers=bearer(session["token"]))
-    await assert_error(resp, 503, "store_unavailable")
+    await expect_error(resp, 503, "store_unavailable")
     assert upstream.seen == []
 
 
@@ -566,7 +549,7 @@ async def test_redis_down_optional_route_with_token_fails_closed(
         gw: TestClient, redis_down: TestClient, upstream: Upstream) -> None:
     session = await login(gw)
     resp = await redis_down.get("/maybe/x", headers=bearer(session["token"]))
-    await assert_error(resp, 503, "store_unavailable")
+    await expect_error(resp, 503, "store_unavailable")
     assert upstream.seen == []
 
 
@@ -602,7 +585,7 @@ async def test_ambiguous_paths_are_refused(
         gw: TestClient, upstream: Upstream, target: str) -> None:
     session = await login(gw)
     resp = await raw_request(gw, "GET", target, [("Authorization", f"Bearer {session['token']}")])
-    await assert_error(resp, 400, "invalid_path")
+    await expect_error(resp, 400, "invalid_path")
     assert upstream.seen == []
 
 
@@ -623,7 +606,7 @@ async def test_gateway_endpoints_win_over_a_catch_all_route(
     assert await resp.json() == {"status": "ok"}
     session = await login(client)
     assert session["token_type"] == "Bearer"
-    await assert_error(await client.get("/auth/login"), 405, "method_not_allowed")
+    await expect_error(await client.get("/auth/login"), 405, "method_not_allowed")
     resp = await client.get("/metrics")
     assert resp.status == 200 and "wxgw_requests_total" in await resp.text()
     assert upstream.seen == []

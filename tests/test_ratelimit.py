@@ -14,24 +14,19 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from conftest import (APPID, APPID2, SECRET, SECRET2, GatewayFactory, base_config,
-                      closed_port_url)
+from checks import assert_json_error
+from conftest import APPID, APPID2, TWO_APPS, GatewayFactory, base_config, closed_port_url, fresh
 from gateway import config as config_
 from gateway import simulator
 from gateway.config import RateLimit
 from gateway.embedded import EmbeddedRedis
 from gateway.errors import ConfigError
 
-TWO_APPS = [{"appid": APPID, "secret": SECRET}, {"appid": APPID2, "secret": SECRET2}]
 OFF = {"ip_limit": 0, "app_limit": 0, "max_retries": 0}
 
 
 def limits(**values: Any) -> dict[str, Any]:
     return {"rate_limit": {**OFF, **values}}
-
-
-def fresh(prefix: str = "user-") -> str:
-    return f"{prefix}{uuid.uuid4().hex[:12]}"
 
 
 def jscode2session_calls(wechat: TestServer) -> int:
@@ -53,10 +48,7 @@ async def ok(gw: TestClient, **kwargs: Any) -> None:
 async def limited(gw: TestClient, **kwargs: Any) -> int:
     """Assert a 429 rate_limited in the contract's shape; return Retry-After (seconds)."""
     status, body, headers = await attempt(gw, **kwargs)
-    assert status == 429, body
-    assert headers.get("Content-Type", "").startswith("application/json")
-    assert set(body) == {"error", "message"} and body["error"] == "rate_limited", body
-    assert isinstance(body["message"], str) and body["message"]
+    assert_json_error(status, headers.get("Content-Type", ""), body, 429, "rate_limited")
     retry_after = headers.get("Retry-After", "")
     assert retry_after.isdigit(), headers
     return int(retry_after)
@@ -320,9 +312,8 @@ async def test_redis_down_is_store_unavailable(make_gateway: GatewayFactory, wec
     gw = await make_gateway(redis={"url": closed_port_url(), "key_prefix": "x:"},
                             auth={"rate_limit": rate_limit})
     started = time.monotonic()
-    status, body, _ = await attempt(gw)
-    assert status == 503, body
-    assert set(body) == {"error", "message"} and body["error"] == "store_unavailable", body
+    status, body, headers = await attempt(gw)
+    assert_json_error(status, headers.get("Content-Type", ""), body, 503, "store_unavailable")
     assert jscode2session_calls(wechat) == 0  # the code was not spent at WeChat
     assert time.monotonic() - started < 3
 

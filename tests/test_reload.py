@@ -20,12 +20,12 @@ import jwt
 import pytest
 from aiohttp.test_utils import TestServer
 
+from checks import is_json, metric_samples, parse_json_lines, value
 from conftest import (APPID, APPID2, OLD_SIGNING_KEY, SECRET, SECRET2, SIGNING_KEY, Upstream,
                       base_config)
 from gateway.embedded import EmbeddedRedis, free_port
 from gateway.keys import Keyring
-from test_health import metric_samples, value
-from test_logs import Client, Gateway, Launch, is_json, launch, parse_json_lines  # noqa: F401
+from process import Client, GatewayProcess, Launch, launch_with_client
 
 RELOADED = "configuration reloaded"
 REFUSED = "reload refused: the running configuration stays in force"
@@ -42,7 +42,7 @@ def make_config(redis_server: EmbeddedRedis, wechat: TestServer, upstream: Upstr
     return make
 
 
-async def reload(gw: Gateway, data: dict[str, Any], *, outcome: str = RELOADED,
+async def reload(gw: GatewayProcess, data: dict[str, Any], *, outcome: str = RELOADED,
                  processes: int = 1) -> list[str]:
     """Rewrite the file, SIGHUP, wait until the reload is done; the stderr lines it wrote."""
     mark = gw.mark()
@@ -54,14 +54,6 @@ async def reload(gw: Gateway, data: dict[str, Any], *, outcome: str = RELOADED,
     outcomes = [line for line in lines if RELOADED in line or REFUSED in line]
     assert all(outcome in line for line in outcomes), (outcome, lines)
     return lines
-
-
-async def start(launch: Launch, data: dict[str, Any], http: aiohttp.ClientSession,
-                fresh: bool = False) -> tuple[Gateway, Client]:
-    gw = await launch(data)
-    client = Client(gw.url, http, fresh=fresh)
-    await client.wait_healthy(gw)
-    return gw, client
 
 
 async def token_for(client: Client, appid: str | None = None) -> str:
@@ -86,7 +78,7 @@ async def test_routes_change_for_new_requests_while_in_flight_one_completes(
     data["routes"].append({"path": "/old", "upstream": upstream.url, "auth": "public",
                            "timeout": "10s"})
     async with aiohttp.ClientSession() as http:
-        gw, client = await start(launch, data, http)
+        gw, client = await launch_with_client(launch, data, http)
         await client.call("GET", "/old/x", expect=200)
         await client.call("GET", "/new/x", expect=404)
 
@@ -129,7 +121,7 @@ async def test_added_app_can_log_in_and_removed_one_is_unknown(
         launch: Launch, make_config: Any) -> None:
     data = make_config()
     async with aiohttp.ClientSession() as http:
-        gw, client = await start(launch, data, http)
+        gw, client = await launch_with_client(launch, data, http)
         old_token = await token_for(client, APPID)
         reply = await client.login(f"reload-{uuid.uuid4().hex}", appid=APPID2, expect=400)
         assert reply.json()["error"] == "unknown_app"
@@ -166,7 +158,7 @@ async def test_signing_key_rotation_then_retirement(launch: Launch, make_config:
     data = make_config()
     data["session"]["signing_keys"] = [OLD_SIGNING_KEY]
     async with aiohttp.ClientSession() as http:
-        gw, client = await start(launch, data, http)
+        gw, client = await launch_with_client(launch, data, http)
         await gw.wait_for_line(lambda line: "session cache on" in line)
         old_token = await token_for(client)
         assert kid_of(old_token) == kid_for(OLD_SIGNING_KEY)
@@ -207,7 +199,7 @@ async def test_identity_header_names_change(launch: Launch, make_config: Any,
                                             upstream: Upstream) -> None:
     data = make_config()
     async with aiohttp.ClientSession() as http:
-        gw, client = await start(launch, data, http)
+        gw, client = await launch_with_client(launch, data, http)
         token = await token_for(client)
         openid = (await client.call("GET", "/auth/session", token=token,
                                     expect=200)).json()["openid"]
@@ -255,7 +247,7 @@ async def test_invalid_file_is_refused_and_the_old_configuration_keeps_serving(
         launch: Launch, make_config: Any, upstream: Upstream) -> None:
     data = make_config()
     async with aiohttp.ClientSession() as http:
-        gw, client = await start(launch, data, http)
+        gw, client = await launch_with_client(launch, data, http)
         token = await token_for(client)
 
         lines = await reload(gw, broken(data, upstream.url), outcome=REFUSED)
@@ -295,7 +287,7 @@ async def test_every_refused_reload_is_logged(launch: Launch, make_config: Any,
     must see the remaining one named again (not held back as a repeat)."""
     data = make_config()
     async with aiohttp.ClientSession() as http:
-        gw, client = await start(launch, data, http)
+        gw, client = await launch_with_client(launch, data, http)
         await reload(gw, broken(data, upstream.url), outcome=REFUSED)
 
         half_fixed = broken(data, upstream.url)
@@ -324,7 +316,7 @@ async def test_listen_workers_and_redis_need_a_restart_everything_else_applies(
         launch: Launch, make_config: Any, upstream: Upstream) -> None:
     data = make_config()
     async with aiohttp.ClientSession() as http:
-        gw, client = await start(launch, data, http)
+        gw, client = await launch_with_client(launch, data, http)
         token = await token_for(client)
 
         new = copy.deepcopy(data)
@@ -362,7 +354,7 @@ async def test_logging_format_and_level_switch(launch: Launch, make_config: Any,
                                                upstream: Upstream) -> None:
     data = make_config(logging={"format": "text"})
     async with aiohttp.ClientSession() as http:
-        gw, client = await start(launch, data, http)
+        gw, client = await launch_with_client(launch, data, http)
         await client.call("GET", "/public/before", expect=200)
         await gw.wait_for_line(lambda line: "/public/before" in line)
         before = gw.mark()
@@ -405,7 +397,7 @@ async def test_sighup_to_the_supervisor_reloads_every_worker(
     data = make_config(workers=2)
     data["routes"].append({"path": "/old", "upstream": upstream.url, "auth": "public"})
     async with aiohttp.ClientSession() as http:
-        gw, client = await start(launch, data, http, fresh=True)
+        gw, client = await launch_with_client(launch, data, http, fresh=True)
         await gw.wait_for_line(lambda line: "listening" in line, count=2)
         for _ in range(6):
             await client.call("GET", "/new/x", expect=404)
@@ -429,7 +421,7 @@ async def test_supervisor_switches_its_own_log_format_too(
     ("stopping 2 workers") included: a log shipper parses one format."""
     data = make_config(workers=2, logging={"format": "text"})
     async with aiohttp.ClientSession() as http:
-        gw, client = await start(launch, data, http, fresh=True)
+        gw, client = await launch_with_client(launch, data, http, fresh=True)
         await gw.wait_for_line(lambda line: "listening" in line, count=2)
         before = gw.mark()
         as_json = copy.deepcopy(data)

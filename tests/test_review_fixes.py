@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import aiohttp
 import pytest
@@ -94,6 +94,18 @@ async def test_non_websocket_upgrade_closes_the_connection(gw: TestClient) -> No
     assert [v.lower() for v in resp.header("Connection")] == ["close"]
 
 
+async def ws_gateway(make_gateway: GatewayFactory, aiohttp_server: Any,
+                     handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+                     auth: str) -> TestClient:
+    """A gateway whose /ws/ route (with this ``auth``) leads to an upstream served by
+    ``handler``."""
+    up = web.Application()
+    up.router.add_get("/{t:.*}", handler)
+    server = await aiohttp_server(up)
+    return await make_gateway(routes=[{"path": "/ws/", "auth": auth,
+                                       "upstream": f"http://127.0.0.1:{server.port}"}])
+
+
 async def test_broken_websocket_handshake_never_dials_the_upstream(
         make_gateway: GatewayFactory, aiohttp_server: Any) -> None:
     dialled = []
@@ -104,11 +116,7 @@ async def test_broken_websocket_handshake_never_dials_the_upstream(
         await ws.prepare(request)
         return ws
 
-    up = web.Application()
-    up.router.add_get("/{t:.*}", ws_handler)
-    server = await aiohttp_server(up)
-    gw = await make_gateway(routes=[{"path": "/ws/", "upstream": f"http://127.0.0.1:{server.port}",
-                                     "auth": "public"}])
+    gw = await ws_gateway(make_gateway, aiohttp_server, ws_handler, "public")
     resp = await raw_request(gw, "GET", "/ws/x", [("Connection", "Upgrade"),
                                                   ("Upgrade", "websocket")])
     assert resp.status == 400 and resp.json()["error"] == "invalid_request"
@@ -126,11 +134,7 @@ async def test_oversize_websocket_message_is_refused_not_buffered(
             received.append(len(msg.data))
         return ws
 
-    up = web.Application()
-    up.router.add_get("/{t:.*}", ws_handler)
-    server = await aiohttp_server(up)
-    gw = await make_gateway(routes=[{"path": "/ws/", "upstream": f"http://127.0.0.1:{server.port}",
-                                     "auth": "public"}])
+    gw = await ws_gateway(make_gateway, aiohttp_server, ws_handler, "public")
     async with gw.session.ws_connect(gw.make_url("/ws/x"), max_msg_size=0) as ws:
         # The gateway stops reading mid-frame, so the send may never finish: run it aside.
         sending = asyncio.ensure_future(ws.send_bytes(b"x" * (5 * 1024 * 1024)))
@@ -159,11 +163,7 @@ async def test_logout_closes_an_open_websocket_at_once(
             await ws.send_str("echo:" + msg.data)
         return ws
 
-    up = web.Application()
-    up.router.add_get("/{t:.*}", ws_handler)
-    server = await aiohttp_server(up)
-    gw = await make_gateway(routes=[{"path": "/ws/", "upstream": f"http://127.0.0.1:{server.port}",
-                                     "auth": "required"}])
+    gw = await ws_gateway(make_gateway, aiohttp_server, ws_handler, "required")
     await _live_cache(gw)
     session = await login(gw)
     async with gw.session.ws_connect(gw.make_url("/ws/x"), headers=bearer(session["token"])) as ws:

@@ -11,12 +11,12 @@ import time
 import uuid
 from typing import Any
 
-import jwt
 import pytest
 from aiohttp.test_utils import TestClient
 
-from conftest import (APPID, SIGNING_KEY, GatewayFactory, Upstream, bearer, closed_port_url,
-                      login)
+import checks
+from conftest import (APPID, SIGNING_KEY, GatewayFactory, Upstream, bearer, claims_of,
+                      closed_port_url, fresh, login)
 from gateway import simulator
 from gateway.embedded import EmbeddedRedis
 from gateway.keys import Keyring
@@ -27,17 +27,9 @@ TTL = 3600  # conftest's session.ttl ("1h")
 KEYRING = Keyring((SIGNING_KEY.encode(),))
 
 
-def fresh(prefix: str = "user-") -> str:
-    return f"{prefix}{uuid.uuid4().hex[:12]}"
-
-
 def wechat_session_key(appid: str, code: str) -> str:
     """What the simulator hands out as session_key for this app and code."""
     return base64.b64encode(hashlib.sha256(f"sk/{appid}/{code}".encode()).digest()[:16]).decode()
-
-
-def claims_of(token: str) -> dict[str, Any]:
-    return jwt.decode(token, options={"verify_signature": False})  # type: ignore[no-any-return]
 
 
 def sid_of(token: str) -> str:
@@ -45,15 +37,11 @@ def sid_of(token: str) -> str:
 
 
 async def expect_error(resp: Any, status: int, code: str) -> dict[str, Any]:
-    text = await resp.text()
-    assert resp.status == status, text
-    assert resp.content_type == "application/json"
-    body = json.loads(text)
-    assert set(body) == {"error", "message"} and body["error"] == code, body
-    assert isinstance(body["message"], str) and body["message"]
+    """The JSON error (checks.py), and a 401 asks for a Bearer token."""
+    body = await checks.expect_error(resp, status, code)
     if status == 401:
         assert resp.headers.get("WWW-Authenticate") == "Bearer"
-    return body  # type: ignore[no-any-return]
+    return body
 
 
 # --- Redis contents -----------------------------------------------------------------------------

@@ -13,11 +13,7 @@ The 1 GiB figures, side by side with nginx, come from ``bench/stream.py``.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import os
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -25,12 +21,12 @@ from typing import Any, AsyncIterator
 
 import aiohttp
 import pytest
-import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from conftest import APPID, SECRET, SIGNING_KEY
 from gateway.embedded import EmbeddedRedis, free_port
+from process import GatewayProcess, Launch
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(),
                                 reason="peak RSS is read from /proc/<pid>/status (Linux)")
@@ -103,49 +99,11 @@ async def stream_upstream(aiohttp_server: Any) -> TestServer:
 # --- the real gateway process ---------------------------------------------------------------
 
 
-class GatewayProcess:
-    def __init__(self, proc: asyncio.subprocess.Process, port: int, log: Path) -> None:
-        self.proc, self.port, self.log = proc, port, log
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def output(self) -> str:
-        return self.log.read_text(encoding="utf-8", errors="replace")
-
-    def memory_mb(self) -> dict[str, float]:
-        """VmRSS (now) and VmHWM (peak over the process's life), in MB (10^6 bytes)."""
-        fields: dict[str, float] = {}
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            name, _, value = line.partition(":")
-            if name in ("VmRSS", "VmHWM"):
-                kib = int(value.split()[0])
-                fields[name] = kib * 1024 / 1e6
-        return fields
-
-    async def wait_healthy(self, http: aiohttp.ClientSession, within: float = 15.0) -> None:
-        deadline = time.monotonic() + within
-        while time.monotonic() < deadline:
-            if self.proc.returncode is not None:
-                pytest.fail(f"gateway exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                async with http.get(f"{self.url}/healthz",
-                                    timeout=aiohttp.ClientTimeout(total=1)) as resp:
-                    if resp.status == 200:
-                        return
-            except (aiohttp.ClientError, asyncio.TimeoutError):
-                pass
-            await asyncio.sleep(0.05)
-        pytest.fail(f"gateway not healthy within {within}s:\n{self.output()}")
-
-
 @pytest.fixture
-async def gateway(tmp_path: Path, redis_server: EmbeddedRedis,
-                  stream_upstream: TestServer) -> AsyncIterator[GatewayProcess]:
-    port = free_port()
+async def gateway(redis_server: EmbeddedRedis, stream_upstream: TestServer,
+                  launch: Launch) -> GatewayProcess:
     config = {
-        "listen": f"127.0.0.1:{port}",
+        "listen": f"127.0.0.1:{free_port()}",
         "redis": {"url": redis_server.url, "key_prefix": f"wxgw-stream-{uuid.uuid4().hex[:8]}:"},
         "wechat": {"api_base": "http://127.0.0.1:1", "timeout": "1s"},
         "apps": [{"appid": APPID, "secret": SECRET}],
@@ -154,25 +112,7 @@ async def gateway(tmp_path: Path, redis_server: EmbeddedRedis,
         "routes": [{"path": "/public/", "upstream": f"http://127.0.0.1:{stream_upstream.port}",
                     "auth": "public", "timeout": f"{TRANSFER_TIMEOUT}s"}],
     }
-    path = tmp_path / "gateway.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-    log_path = tmp_path / "gateway.log"
-    env = {k: v for k, v in os.environ.items() if k != "GATEWAY_CONFIG"}
-    with open(log_path, "wb") as log:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", "--config", str(path), cwd=tmp_path, env=env,
-            stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-    gw = GatewayProcess(proc, port, log_path)
-    try:
-        yield gw
-    finally:
-        if proc.returncode is None:
-            proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), 10)
-            except asyncio.TimeoutError:
-                proc.kill()
-                await proc.wait()
+    return await launch(config, graceful_stop=True)
 
 
 # --- transfers ------------------------------------------------------------------------------

@@ -17,8 +17,9 @@ from aiohttp.test_utils import TestClient
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from multidict import CIMultiDict
 
-from conftest import (APPID, APPID2, OLD_SIGNING_KEY, SECRET, SECRET2, SIGNING_KEY, GatewayFactory,
-                      Upstream, bearer, login)
+from checks import expect_error
+from conftest import (APPID, APPID2, OLD_SIGNING_KEY, SECRET, SECRET2, SIGNING_KEY,
+                      GatewayFactory, Upstream, bearer, claims_of, login)
 from gateway import sessions as sessions_
 from gateway.keys import Keyring
 
@@ -34,12 +35,7 @@ TARGETS = [REQUIRED, SESSION, "/auth/verify"]
 
 
 async def expect_unauthorized(resp: Any) -> None:
-    text = await resp.text()
-    assert resp.status == 401, text
-    assert resp.content_type == "application/json"
-    body = json.loads(text)
-    assert set(body) == {"error", "message"} and body["error"] == "unauthorized", body
-    assert isinstance(body["message"], str) and body["message"]
+    await expect_error(resp, 401, "unauthorized")
     assert resp.headers.get("WWW-Authenticate") == "Bearer"
 
 
@@ -63,10 +59,6 @@ def sign(payload: dict[str, Any], key: Any = KEY, alg: str = "HS256",
          kid: Any = KID) -> str:
     headers = {} if kid is None else {"kid": kid}
     return jwt.encode(payload, key, algorithm=alg, headers=headers)
-
-
-def claims_of(token: str) -> dict[str, Any]:
-    return jwt.decode(token, options={"verify_signature": False})  # type: ignore[no-any-return]
 
 
 def without(d: dict[str, Any], key: str) -> dict[str, Any]:
@@ -303,13 +295,7 @@ async def test_two_authorization_headers_are_invalid_request(
              "other-session": (await login(gw))["token"]}[second]
     headers = CIMultiDict([("Authorization", f"Bearer {token}"),
                            ("Authorization", f"Bearer {other}")])
-    resp = await gw.get(target, headers=headers)
-    text = await resp.text()
-    assert resp.status == 400, text
-    assert resp.content_type == "application/json"
-    body = json.loads(text)
-    assert set(body) == {"error", "message"} and body["error"] == "invalid_request", body
-    assert isinstance(body["message"], str) and body["message"]
+    await expect_error(await gw.get(target, headers=headers), 400, "invalid_request")
     assert upstream.seen == []
 
 

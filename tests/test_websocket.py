@@ -14,6 +14,7 @@ import pytest
 from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient, TestServer
 
+from checks import expect_error
 from conftest import APPID, GatewayFactory, bearer, login
 from gateway.embedded import free_port
 
@@ -138,13 +139,6 @@ async def close_and_settle(ws: aiohttp.ClientWebSocketResponse, up: WsUpstream) 
                 return
 
 
-async def assert_json_error(resp: aiohttp.ClientResponse, status: int, code: str) -> None:
-    body = await resp.json()
-    assert resp.status == status, body
-    assert resp.headers["Content-Type"].replace(" ", "").lower() == "application/json;charset=utf-8"
-    assert set(body) == {"error", "message"} and body["error"] == code, body
-
-
 # --- auth on the handshake -------------------------------------------------------------------
 
 
@@ -152,7 +146,7 @@ async def test_required_route_without_token_refuses_handshake(
         ws_gw: TestClient, ws_upstream: WsUpstream) -> None:
     # As a plain upgrade request: the gateway's JSON 401, no 101.
     resp = await ws_gw.get("/ws/chat/echo", headers=UPGRADE)
-    await assert_json_error(resp, 401, "unauthorized")
+    await expect_error(resp, 401, "unauthorized")
     assert resp.headers["WWW-Authenticate"].startswith("Bearer")
     assert "Sec-WebSocket-Accept" not in resp.headers
     # And as a real WebSocket client: the handshake fails with that status.
@@ -319,7 +313,7 @@ async def test_unreachable_upstream_is_502(make_gateway: GatewayFactory) -> None
     client = await make_gateway(routes=[
         {"path": "/pub/", "upstream": f"http://127.0.0.1:{free_port()}", "auth": "public"}])
     resp = await client.get("/pub/x", headers=UPGRADE)
-    await assert_json_error(resp, 502, "upstream_unavailable")
+    await expect_error(resp, 502, "upstream_unavailable")
     with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
         await client.ws_connect("/pub/x")
     assert refused.value.status == 502
