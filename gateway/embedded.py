@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from .children import die_with_parent
+
 
 def redis_server_binary() -> str:
     found = shutil.which("redis-server")
@@ -57,7 +59,8 @@ class EmbeddedRedis:
         args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
                 "--dir", self._dir.name, "--save", "", "--daemonize", "no",
                 "--appendonly", "yes" if self._persist else "no", "--loglevel", "warning"]
-        self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                      preexec_fn=die_with_parent)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:

@@ -8,8 +8,6 @@ are aggregated across workers through prometheus-client's multiprocess mode.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import os
 import shutil
@@ -21,6 +19,7 @@ import time
 from types import FrameType
 
 from . import config as config_
+from .children import die_with_parent
 from . import logs
 from .errors import ConfigError
 
@@ -88,15 +87,7 @@ def _spawn(command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     # Own session: a terminal's Ctrl+C or a group-wide signal reaches the supervisor only,
     # which forwards exactly one SIGTERM. PDEATHSIG: no orphan outlives a killed supervisor.
     return subprocess.Popen(command, env=env, start_new_session=True,
-                            preexec_fn=_die_with_parent)
-
-
-def _die_with_parent() -> None:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG (Linux)
-    except (OSError, AttributeError):
-        pass
+                            preexec_fn=die_with_parent)
 
 
 def _terminate(procs: dict[int, tuple[subprocess.Popen[bytes], float]], grace: float) -> int:
