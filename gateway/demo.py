@@ -93,7 +93,7 @@ wx-gateway demo is running on {base}
 
 2. Call a protected route with the token (the upstream sees X-WX-OpenID, never the token):
    TOKEN=$(curl -s -X POST {base}/auth/login -d '{{"code": "alice"}}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
-   curl -s {base}/api/orders?page=1 -H "Authorization: Bearer $TOKEN"
+   curl -s '{base}/api/orders?page=1' -H "Authorization: Bearer $TOKEN"
 
 3. Without a token, or with forged identity headers:
    curl -s -i {base}/api/orders
