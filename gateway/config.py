@@ -127,8 +127,8 @@ class _ConfigReader(Reader):
         ttl = self.optional(key, s, "ttl", self.duration, d.ttl)
         issuer = self.optional(key, s, "issuer", self.string, d.issuer)
         if header is not None and (not _HEADER_NAME_RE.match(header)
-                                   or header.lower() in _RESERVED_HEADERS
-                                   or header.lower() in {n.lower() for n in (
+                                   or spelling(header) in _RESERVED_HEADERS
+                                   or spelling(header) in {spelling(n) for n in (
                                        headers.names() if headers else ())}):
             self.fail(f"{key}.header", f"{header!r} is not a free, valid header name")
             header = None
@@ -217,6 +217,11 @@ class _ConfigReader(Reader):
         service = self.optional("redis", s, "service_name", self.string, "mymaster")
         if sentinels and cluster:
             self.fail("redis.cluster", "cannot be combined with redis.sentinels")
+            return None
+        if sentinels and str(s.get("url", "")).startswith("rediss://"):
+            # The primary is found through the sentinels; TLS to it is not supported (yet),
+            # and a password must not silently cross the network in clear.
+            self.fail("redis.url", "rediss:// (TLS) cannot be combined with redis.sentinels")
             return None
         if s.get("url") is None and sentinels:
             s = {**s, "url": "redis://"}  # sentinels name the servers; no db or password
@@ -360,9 +365,9 @@ class _ConfigReader(Reader):
                 continue
             if not _HEADER_NAME_RE.match(text):
                 self.fail(key, f"{text!r} is not a valid HTTP header name")
-            elif text.lower() in {n.lower() for n in names.values()}:
+            elif spelling(text) in {spelling(n) for n in names.values()}:
                 self.fail(key, f"{text!r} is already used for another identity header")
-            elif text.lower() in _RESERVED_HEADERS:
+            elif spelling(text) in _RESERVED_HEADERS:
                 self.fail(key, f"{text!r} is a header the gateway or HTTP itself uses")
             else:
                 names[name] = text
@@ -443,6 +448,11 @@ def _route_path(text: str) -> str | None:
     if trimmed != "/" and any(seg in ("", ".", "..") for seg in segments):
         return None
     return trimmed
+
+
+def spelling(name: str) -> str:
+    """A header name as frameworks may read it: any case, '_' for '-'."""
+    return name.strip().lower().replace("_", "-")
 
 
 def _base_path(r: Reader, key: str, url: URL, text: str) -> str | None:

@@ -14,7 +14,7 @@ from yarl import URL
 
 from . import websocket
 from .auth import Identity, bearer_token
-from .config import Config, Route
+from .config import Config, Route, spelling
 from .forwarded import forwarded_headers
 from .errors import (AppForbidden, InvalidPath, NotFound, StoreUnavailable, Unauthorized,
                      UpstreamTimeout, UpstreamUnavailable)
@@ -73,23 +73,18 @@ def close_after_upgrade_attempt(request: web.Request, response: web.StreamRespon
         response.force_close()
 
 
-def _spelling(name: str) -> str:
-    """A header name as frameworks may read it: any case, '_' for '-', padding ignored."""
-    return name.strip().lower().replace("_", "-")
-
-
 def forward_headers(request: web.Request, identity: Identity | None, services: Services,
                     route: Route, request_id: str) -> CIMultiDict[str]:
     config = services.config
     names = config.identity_headers
     drop = HOP_BY_HOP | _REPLACED | connection_tokens(request.headers)
-    spoofable = {_spelling(n) for n in (*names.names(), config.identity_assertion.header)}
+    spoofable = {spelling(n) for n in (*names.names(), config.identity_assertion.header)}
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in request.headers.items():
         lowered = name.lower()
         # Clients (and some proxies) spell header names loosely; any spelling that an upstream
         # framework could read as an identity header is a forgery attempt and goes.
-        if lowered in drop or _spelling(name) in spoofable:
+        if lowered in drop or spelling(name) in spoofable:
             continue
         out.add(name, value)
     out.update(forwarded_headers(request, config))

@@ -55,8 +55,10 @@ class Runner(web.AppRunner):
 
 def runner(app: web.Application, shutdown_grace: float, **kwargs: Any) -> Runner:
     # handler_cancellation: a client that goes away cancels its upstream request too.
+    # auto_decompress off: a gzip request body is forwarded as the client sent it (with its
+    # Content-Encoding and Content-Length), never inflated on the way.
     return Runner(app, access_log_class=AccessLogger, handler_cancellation=True,
-                  shutdown_timeout=shutdown_grace, **kwargs)
+                  auto_decompress=False, shutdown_timeout=shutdown_grace, **kwargs)
 
 
 async def serve(config: Config, path: str | None = None, reuse_port: bool = False) -> None:

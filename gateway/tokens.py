@@ -40,6 +40,8 @@ class TokenCodec:
         """Return the claims of a genuine, unexpired token for a configured app, else raise."""
         if len(token) > MAX_TOKEN_LENGTH:
             raise Unauthorized("token is too long")
+        if not token.isascii():  # a JWT is ASCII; undecodable header bytes arrive as surrogates
+            raise Unauthorized("token is invalid")
         try:
             header = jwt.get_unverified_header(token)
             kid = header.get("kid")

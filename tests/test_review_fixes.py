@@ -174,3 +174,60 @@ async def test_logout_closes_an_open_websocket_at_once(
         msg = await asyncio.wait_for(ws.receive(), 2)
         assert msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSED)
         assert ws.close_code == aiohttp.WSCloseCode.POLICY_VIOLATION
+
+
+# --- final review -------------------------------------------------------------------------
+
+
+async def test_real_process_forwards_a_gzip_request_body_untouched(
+        launch: Any, config_dict: dict[str, Any], upstream: Any) -> None:
+    import gzip
+
+    from rawhttp import build_request, raw_exchange
+    gw = await launch(config_dict)
+    async with aiohttp.ClientSession() as http:
+        await gw.wait_healthy(http)
+    body = gzip.compress(b"A" * 5000)
+    request = build_request("POST", "/public/upload",
+                            [b"Content-Encoding: gzip", b"Content-Type: text/plain"], body=body)
+    resp = await raw_exchange("127.0.0.1", gw.port, request)
+    assert resp.status == 200
+    seen = upstream.last
+    # The test upstream is an aiohttp server, which inflates what it receives itself: the full
+    # 5000 bytes mean it got the whole gzip stream, as sent (the gateway used to inflate it
+    # and forward a body cut to the compressed Content-Length).
+    assert seen.body == b"A" * 5000
+    assert seen.header("Content-Encoding") == ["gzip"]
+    assert seen.header("Content-Length") == [str(len(body))]
+    # and a gzip login body is bad input (400), not a crash
+    login_req = build_request("POST", "/auth/login", [b"Content-Encoding: gzip"],
+                              body=b"\x1f\x8bnot really gzip")
+    answer = await raw_exchange("127.0.0.1", gw.port, login_req)
+    assert answer.status == 400 and answer.json()["error"] == "invalid_request"
+
+
+@pytest.mark.parametrize("route,status", [("/api/x", 401), ("/maybe/x", 200)])
+async def test_undecodable_authorization_bytes_are_an_invalid_token(
+        gw: TestClient, upstream: Upstream, route: str, status: int) -> None:
+    resp = await raw_request(gw, "GET", route, [("Authorization", b"Bearer \xff\xfe\x80")])
+    assert resp.status == status, resp.body
+    if status == 401:
+        assert resp.json()["error"] == "unauthorized"
+    else:
+        assert not [v for k, v in upstream.last.headers if k.lower() == "x-wx-openid"]
+
+
+def test_header_names_differing_only_by_underscore_are_duplicates(
+        config_dict: dict[str, Any]) -> None:
+    data = copy.deepcopy(config_dict)
+    data["identity_headers"] = {"openid": "X_WX_AppID"}  # the appid header keeps X-WX-AppID
+    assert [p for p in problems(data) if p.startswith("identity_headers.appid: ")]
+    data = copy.deepcopy(config_dict)
+    data["identity_assertion"] = {"header": "X_WX_OpenID"}
+    assert [p for p in problems(data) if p.startswith("identity_assertion.header: ")]
+
+
+def test_tls_redis_url_with_sentinels_is_refused(config_dict: dict[str, Any]) -> None:
+    data = copy.deepcopy(config_dict)
+    data["redis"] = {"url": "rediss://:secret@h/0", "sentinels": ["127.0.0.1:26379"]}
+    assert [p for p in problems(data) if p.startswith("redis.url: ")]
