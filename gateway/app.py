@@ -64,7 +64,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         if cache is not None:
             follower = asyncio.ensure_future(follow_invalidations(
                 lambda: sessions.subscriber(config.redis, redis),
-                f"{config.redis.key_prefix}invalidate", cache, config.redis.timeout))
+                sessions.invalidation_channel(config.redis.key_prefix), cache,
+                config.redis.timeout))
             stack.push_async_callback(_cancel, follower)
         connections = Connections(redis, http, wechat_http, cache, app[METRICS])
         app[SERVICES] = Live(Services.build(config, connections), connections)

@@ -62,14 +62,10 @@ def request_path(raw_path: str) -> str:
     return decoded
 
 
-def connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
-    return {t.strip().lower() for v in headers.getall("Connection", []) for t in v.split(",")}
-
-
 def close_after_upgrade_attempt(request: web.Request, response: web.StreamResponse) -> None:
     """aiohttp's parser treats a connection that asked for an upgrade as taken over, whatever
     the answer, so it can carry no further request: close it after this response."""
-    if "upgrade" in connection_tokens(request.headers):
+    if "upgrade" in websocket.connection_tokens(request.headers):
         response.force_close()
 
 
@@ -77,7 +73,7 @@ def forward_headers(request: web.Request, identity: Identity | None, services: S
                     route: Route, request_id: str) -> CIMultiDict[str]:
     config = services.config
     names = config.identity_headers
-    drop = HOP_BY_HOP | _REPLACED | connection_tokens(request.headers)
+    drop = HOP_BY_HOP | _REPLACED | websocket.connection_tokens(request.headers)
     spoofable = {spelling(n) for n in (*names.names(), config.identity_assertion.header)}
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in request.headers.items():
@@ -189,7 +185,7 @@ async def _authenticate(request: web.Request, route: Route) -> Identity | None:
 
 
 async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
-    drop = HOP_BY_HOP | connection_tokens(upstream.headers)
+    drop = HOP_BY_HOP | websocket.connection_tokens(upstream.headers)
     headers = CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in drop)
     headers["X-Request-ID"] = request[REQUEST_ID]
     length = upstream.content_length

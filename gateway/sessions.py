@@ -80,7 +80,7 @@ class SessionStore:
         self._set_field = client.register_script(_SET_FIELD)
         self._delete = client.register_script(_DELETE)
         self._create = client.register_script(_CREATE)
-        self.channel = f"{key_prefix}invalidate"
+        self.channel = invalidation_channel(key_prefix)
 
     def key(self, sid: str) -> str:
         return f"{self._prefix}session:{sid}"
@@ -147,6 +147,11 @@ class SessionStore:
     def _context(sid: str, appid: str) -> bytes:
         return f"{appid}/{sid}".encode()
 
+
+
+def invalidation_channel(key_prefix: str) -> str:
+    """Where session changes are announced to every replica's cache."""
+    return f"{key_prefix}invalidate"
 
 
 class _RedisHealth:

@@ -101,10 +101,12 @@ class Route:
     preserve_host: bool = False
     apps: tuple[str, ...] = ()  # when set, only tokens of these appids are accepted
     audience: str | None = None  # the identity assertion's aud; None: the upstream's origin
+    client_timeout: ClientTimeout = field(init=False, repr=False, compare=False)
 
-    @property
-    def client_timeout(self) -> ClientTimeout:
-        return ClientTimeout(total=self.timeout, sock_connect=self.connect_timeout)
+    def __post_init__(self) -> None:
+        # Built once here rather than on every proxied request.
+        object.__setattr__(self, "client_timeout",
+                           ClientTimeout(total=self.timeout, sock_connect=self.connect_timeout))
 
     def matches(self, path: str) -> bool:
         return self.path == "/" or path == self.path or path.startswith(self.path + "/")

@@ -22,10 +22,13 @@ _HANDSHAKE = ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Exten
               "Sec-WebSocket-Protocol", "Sec-WebSocket-Accept")
 
 
+def connection_tokens(headers: MultiMapping[str]) -> set[str]:
+    """The options named in ``Connection`` headers, lower-cased."""
+    return {t.strip().lower() for v in headers.getall("Connection", []) for t in v.split(",")}
+
+
 def is_upgrade(request: web.Request) -> bool:
-    connection = {t.strip().lower() for v in request.headers.getall("Connection", [])
-                  for t in v.split(",")}
-    return (request.method == "GET" and "upgrade" in connection
+    return (request.method == "GET" and "upgrade" in connection_tokens(request.headers)
             and request.headers.get("Upgrade", "").lower() == "websocket")
 
 
