@@ -163,9 +163,6 @@ def main() -> int:
                     port, redis.url, f"http://127.0.0.1:{simulator_port}",
                     f"http://127.0.0.1:{upstream_port}", args.workers))
             except RuntimeError as exc:
-                if args.workers:
-                    print("(--workers writes `workers:` into the config: this gateway may not "
-                          "know that key yet)", file=sys.stderr)
                 raise SystemExit(f"{name} did not start: {exc}")
         print(f"gateway A on :{port_a}, B on :{port_b}, one Redis; {args.trials} trials",
               flush=True)

@@ -342,9 +342,6 @@ def main() -> int:
                 gateway_port, redis.url, f"http://127.0.0.1:{simulator_port}",
                 f"http://127.0.0.1:{upstream_port}", args.workers))
         except RuntimeError as exc:
-            if args.workers:
-                print("(--workers writes `workers:` into the config: this gateway may not know "
-                      "that key yet)", file=sys.stderr)
             raise SystemExit(f"gateway did not start: {exc}")
         base = f"http://127.0.0.1:{gateway_port}"
         token = login(base, f"bench-user-{secrets.token_hex(4)}")
