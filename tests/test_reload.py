@@ -423,6 +423,9 @@ async def test_supervisor_switches_its_own_log_format_too(
     async with aiohttp.ClientSession() as http:
         gw, client = await launch_with_client(launch, data, http, fresh=True)
         await gw.wait_for_line(lambda line: "listening" in line, count=2)
+        # The start-up health check's access line is written after its response was sent:
+        # wait for it, or it can land after the mark and be counted as post-reload output.
+        await gw.wait_for_line(lambda line: "GET /healthz" in line)
         before = gw.mark()
         as_json = copy.deepcopy(data)
         as_json["logging"] = {"format": "json"}
