@@ -19,6 +19,7 @@ from .config import Config
 from .errors import (GatewayError, InternalError, InvalidRequest, MethodNotAllowed, NotFound,
                      PayloadTooLarge, StoreUnavailable)
 from .metrics import Metrics
+from .pool import Pool
 from .services import (METRICS, REQUEST_ID, ROUTE_LABEL, SERVICES, STARTED, Connections, Live,
                        Services)
 
@@ -50,9 +51,11 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     async with contextlib.AsyncExitStack() as stack:
         redis = sessions.connect(config.redis)
         stack.push_async_callback(redis.aclose)
-        # No cookie jar: one client session serves every user, so it must never remember
-        # cookies. No connection cap: long-lived WebSockets and downloads must not starve
-        # other requests (as with nginx, the OS's file limit is the bound).
+        upstreams = Pool()
+        stack.push_async_callback(upstreams.close)
+        # For WebSockets. No cookie jar: one client session serves every user, so it must
+        # never remember cookies. No connection cap: long-lived WebSockets must not starve
+        # each other (as with nginx, the OS's file limit is the bound).
         http = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(),
                                      connector=aiohttp.TCPConnector(limit=0))
         stack.push_async_callback(http.close)
@@ -67,7 +70,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
                 sessions.invalidation_channel(config.redis.key_prefix), cache,
                 config.redis.timeout))
             stack.push_async_callback(_cancel, follower)
-        connections = Connections(redis, http, wechat_http, cache, app[METRICS])
+        connections = Connections(redis, upstreams, http, wechat_http, cache, app[METRICS])
         app[SERVICES] = Live(Services.build(config, connections), connections)
         yield
 

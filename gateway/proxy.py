@@ -7,12 +7,11 @@ import logging
 import time
 from urllib.parse import unquote
 
-import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 from yarl import URL
 
-from . import websocket
+from . import pool, websocket
 from .auth import Identity, bearer_token
 from .config import Config, Route, spelling
 from .forwarded import forwarded_headers
@@ -28,8 +27,6 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "proxy-a
 # Set by the gateway itself, so client copies must never pass.
 _REPLACED = frozenset({"host", "authorization", "forwarded", "x-forwarded-for",
                        "x-forwarded-proto", "x-forwarded-host", "x-request-id", "expect"})
-_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
-_CHUNK = 64 * 1024
 _SMALL_BODY = 64 * 1024
 SESSION_RECHECK = 15.0  # seconds between checks that an open WebSocket's session still lives
 
@@ -116,28 +113,43 @@ async def handle(request: web.Request) -> web.StreamResponse:
     request[ROUTE_LABEL] = route.path
     identity = await _authenticate(request, route)
     headers = forward_headers(request, identity, services, route, request[REQUEST_ID])
-    url = URL(f"{route.origin}{route.base_path}{request.raw_path}", encoded=True)
     if websocket.is_upgrade(request):
+        url = URL(f"{route.origin}{route.base_path}{request.raw_path}", encoded=True)
         end = session_end(services, identity) if identity is not None else None
         return await websocket.relay(request, services.http, url, headers, route.timeout, end)
 
-    skip = [h for h in _AUTO_HEADERS if h not in headers]
+    body = await _request_body(request)
     started = time.perf_counter()
+    # The route's timeout bounds the whole exchange, the upstream's body included (_relay).
+    deadline = asyncio.get_running_loop().time() + route.timeout
     try:
-        upstream = await services.http.request(
-            request.method, url, headers=headers, skip_auto_headers=skip,
-            data=request.content if request.body_exists else None, allow_redirects=False,
-            auto_decompress=False, timeout=route.client_timeout)
-    except asyncio.TimeoutError:
+        async with asyncio.timeout_at(deadline):
+            upstream = await services.pool.send(
+                route.upstream, request.method, route.base_path + request.raw_path, headers,
+                body, route.connect_timeout)
+    except TimeoutError:
         log.warning("upstream for %s timed out after %gs", route.path, route.timeout)
         raise UpstreamTimeout(f"the upstream for {route.path} did not answer in time") from None
-    except aiohttp.ClientError as exc:
+    except pool.FAILURES as exc:
         log.warning("upstream for %s unavailable: %s", route.path, type(exc).__name__)
         raise UpstreamUnavailable(f"the upstream for {route.path} is unavailable") from None
     request[UPSTREAM_SECONDS] = elapsed = time.perf_counter() - started
     services.metrics.upstream_seconds.labels(route.path).observe(elapsed)
-    async with upstream:
-        return await _relay(request, upstream)
+    try:
+        return await _relay(request, upstream, deadline)
+    finally:
+        upstream.release()
+
+
+async def _request_body(request: web.Request) -> pool.Body:
+    """A small body is read whole, to go out with the headers in one write (and be sent again
+    if a pooled connection fails under it); anything else streams."""
+    if not request.body_exists:
+        return None
+    length = request.content_length
+    if length is not None and length <= _SMALL_BODY:
+        return await request.read()
+    return request.content
 
 
 async def session_end(services: Services, identity: Identity) -> None:
@@ -184,7 +196,8 @@ async def _authenticate(request: web.Request, route: Route) -> Identity | None:
     return identity
 
 
-async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+async def _relay(request: web.Request, upstream: pool.Exchange,
+                 deadline: float) -> web.StreamResponse:
     drop = HOP_BY_HOP | websocket.connection_tokens(upstream.headers)
     headers = CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in drop)
     headers["X-Request-ID"] = request[REQUEST_ID]
@@ -193,8 +206,11 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.
         # A small body is read whole (bounded by its Content-Length) and sent with the
         # headers in one write; an upstream failing mid-body still gets an honest 502.
         try:
-            body = await upstream.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+            async with asyncio.timeout_at(deadline):
+                body = await upstream.read()
+        except TimeoutError:
+            raise UpstreamTimeout("the upstream did not finish its response in time") from None
+        except pool.FAILURES:
             raise UpstreamUnavailable("the upstream broke off its response") from None
         small = web.Response(status=upstream.status, reason=upstream.reason, body=body,
                              headers=headers)
@@ -204,10 +220,15 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.
                                   headers=headers)
     close_after_upgrade_attempt(request, response)
     await response.prepare(request)
+    chunks = upstream.chunks()
     try:
-        async for chunk in upstream.content.iter_chunked(_CHUNK):
+        while True:
+            async with asyncio.timeout_at(deadline):
+                chunk = await anext(chunks, b"")
+            if not chunk:
+                break
             await response.write(chunk)
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, *pool.FAILURES) as exc:
         # Headers are gone already: the only honest signal left is a broken connection.
         log.warning("upstream body for %s failed: %s", request[ROUTE_LABEL], type(exc).__name__)
         if request.transport is not None:

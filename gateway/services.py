@@ -16,6 +16,7 @@ from .config import Config
 from .credentials import AccessTokens
 from .keys import Keyring
 from .metrics import Metrics
+from .pool import Pool
 from .ratelimit import LoginLimiter
 from .sessions import SessionStore
 from .tokens import TokenCodec
@@ -27,7 +28,8 @@ class Connections:
     """What outlives a reload: pools and the session cache."""
 
     redis: aioredis.Redis
-    http: aiohttp.ClientSession  # upstreams
+    pool: Pool  # upstream HTTP
+    http: aiohttp.ClientSession  # upstream WebSockets
     wechat_http: aiohttp.ClientSession
     cache: SessionCache | None
     metrics: Metrics
@@ -36,6 +38,7 @@ class Connections:
 @dataclass(frozen=True, slots=True)
 class Services:
     config: Config
+    pool: Pool
     http: aiohttp.ClientSession
     wechat: WeChatClient
     keyring: Keyring
@@ -55,7 +58,7 @@ class Services:
         wechat = WeChatClient(c.wechat_http, config.wechat.api_base, config.wechat.timeout,
                               c.metrics)
         return cls(
-            config=config, http=c.http, wechat=wechat, keyring=keyring, sessions=store,
+            config=config, pool=c.pool, http=c.http, wechat=wechat, keyring=keyring, sessions=store,
             tokens=codec, authenticator=Authenticator(codec, store, c.cache), metrics=c.metrics,
             access_tokens=AccessTokens(c.redis, config.redis.key_prefix, keyring, wechat,
                                        lock_ttl=config.wechat.timeout + 1),

@@ -6,7 +6,6 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Literal
 
-from aiohttp import ClientTimeout
 from yarl import URL
 
 AuthMode = Literal["required", "optional", "public"]
@@ -101,12 +100,6 @@ class Route:
     preserve_host: bool = False
     apps: tuple[str, ...] = ()  # when set, only tokens of these appids are accepted
     audience: str | None = None  # the identity assertion's aud; None: the upstream's origin
-    client_timeout: ClientTimeout = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        # Built once here rather than on every proxied request.
-        object.__setattr__(self, "client_timeout",
-                           ClientTimeout(total=self.timeout, sock_connect=self.connect_timeout))
 
     def matches(self, path: str) -> bool:
         return self.path == "/" or path == self.path or path.startswith(self.path + "/")

@@ -225,12 +225,12 @@ async def test_raw_path_and_query_reach_upstream_unchanged(
     assert upstream.last.raw_path == target
 
 
-async def test_empty_query_reaches_upstream_as_no_query(gw: TestClient, upstream: Upstream) -> None:
-    # yarl, aiohttp's URL type, cannot hold an empty query; "/x?" and "/x" are the same
-    # resource to every framework we know, and README documents this one normalisation.
-    resp = await raw_request(gw, "GET", "/public/x?")
-    assert resp.status == 200, resp.body
-    assert upstream.last.raw_path == "/public/x"
+async def test_empty_query_reaches_upstream_as_sent(gw: TestClient, upstream: Upstream) -> None:
+    # The request target is forwarded byte for byte, an empty query included.
+    for target in ("/public/x?", "/public/x", "/public/x?&", "/public/x?a=%2F&b"):
+        resp = await raw_request(gw, "GET", target)
+        assert resp.status == 200, resp.body
+        assert upstream.last.raw_path == target
 
 
 async def test_binary_body_of_several_mib_arrives_intact(
