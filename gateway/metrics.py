@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -41,6 +42,25 @@ class Metrics:
         self.cache_lookups = Counter(
             "wxgw_session_cache_lookups", "Session cache lookups by result (hit or miss)",
             ["result"], registry=self.registry)
+
+        # Label children of the per-request series, looked up once: labels() costs more than
+        # the increment it leads to.
+        self._answered: dict[tuple[str, int], tuple[Any, Any]] = {}
+        self._upstream: dict[str, Any] = {}
+
+    def answered(self, route: str, status: int, seconds: float) -> None:
+        children = self._answered.get((route, status))
+        if children is None:
+            children = self._answered[(route, status)] = (
+                self.requests.labels(route, str(status)), self.request_seconds.labels(route))
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def upstream_answered(self, route: str, seconds: float) -> None:
+        child = self._upstream.get(route)
+        if child is None:
+            child = self._upstream[route] = self.upstream_seconds.labels(route)
+        child.observe(seconds)
 
     def render(self) -> bytes:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

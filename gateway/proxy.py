@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from urllib.parse import unquote
@@ -13,7 +14,7 @@ from yarl import URL
 
 from . import pool, websocket
 from .auth import Identity, bearer_token
-from .config import Config, Route, spelling
+from .config import Config, IdentityHeaders, Route, spelling
 from .forwarded import forwarded_headers
 from .errors import (AppForbidden, InvalidPath, NotFound, StoreUnavailable, Unauthorized,
                      UpstreamTimeout, UpstreamUnavailable)
@@ -25,7 +26,7 @@ log = logging.getLogger("gateway.proxy")
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "proxy-authenticate",
                         "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade"})
 # Set by the gateway itself, so client copies must never pass.
-_REPLACED = frozenset({"host", "authorization", "forwarded", "x-forwarded-for",
+REPLACED = frozenset({"host", "authorization", "forwarded", "x-forwarded-for",
                        "x-forwarded-proto", "x-forwarded-host", "x-request-id", "expect"})
 _SMALL_BODY = 64 * 1024
 SESSION_RECHECK = 15.0  # seconds between checks that an open WebSocket's session still lives
@@ -66,20 +67,24 @@ def close_after_upgrade_attempt(request: web.Request, response: web.StreamRespon
         response.force_close()
 
 
+@functools.lru_cache(maxsize=8)
+def _dropped(names: IdentityHeaders, assertion: str) -> frozenset[str]:
+    """Request headers never forwarded, as spelled by ``spelling``: built once per config."""
+    return HOP_BY_HOP | REPLACED | {spelling(n) for n in (*names.names(), assertion)}
+
+
 def forward_headers(request: web.Request, identity: Identity | None, services: Services,
                     route: Route, request_id: str) -> CIMultiDict[str]:
     config = services.config
-    names = config.identity_headers
-    drop = HOP_BY_HOP | _REPLACED | websocket.connection_tokens(request.headers)
-    spoofable = {spelling(n) for n in (*names.names(), config.identity_assertion.header)}
+    drop = _dropped(config.identity_headers, config.identity_assertion.header)
+    if "Connection" in request.headers:
+        drop = drop | websocket.connection_tokens(request.headers)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in request.headers.items():
-        lowered = name.lower()
         # Clients (and some proxies) spell header names loosely; any spelling that an upstream
         # framework could read as an identity header is a forgery attempt and goes.
-        if lowered in drop or spelling(name) in spoofable:
-            continue
-        out.add(name, value)
+        if spelling(name) not in drop:
+            out.add(name, value)
     out.update(forwarded_headers(request, config))
     out["X-Request-ID"] = request_id
     if route.preserve_host and request.host:
@@ -134,7 +139,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         log.warning("upstream for %s unavailable: %s", route.path, type(exc).__name__)
         raise UpstreamUnavailable(f"the upstream for {route.path} is unavailable") from None
     request[UPSTREAM_SECONDS] = elapsed = time.perf_counter() - started
-    services.metrics.upstream_seconds.labels(route.path).observe(elapsed)
+    services.metrics.upstream_answered(route.path, elapsed)
     try:
         return await _relay(request, upstream, deadline)
     finally:
@@ -148,7 +153,7 @@ async def _request_body(request: web.Request) -> pool.Body:
         return None
     length = request.content_length
     if length is not None and length <= _SMALL_BODY:
-        return await request.read()
+        return await request.content.read()  # not request.read(): client_max_size is ours
     return request.content
 
 
@@ -181,7 +186,9 @@ async def _authenticate(request: web.Request, route: Route) -> Identity | None:
     authenticator = request.app[SERVICES].current.authenticator
     token = bearer_token(request.headers.getall("Authorization", []))
     if route.auth == "required":
-        identity = await authenticator.authenticate(token)
+        hit = authenticator.cached(token) if token is not None else None
+        # fresh: the cache was just asked; a miss goes to Redis (and fills the cache)
+        identity = hit or await authenticator.authenticate(token, fresh=True)
     elif token is None:
         return None
     else:

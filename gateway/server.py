@@ -11,7 +11,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
-from .app import IN_FLIGHT, create_app
+from .app import IN_FLIGHT, create_app, dispatcher
 from .logs import AccessLogger
 from .reload import reload
 from .config import Config
@@ -49,8 +49,8 @@ class _Server(web.Server):
 class Runner(web.AppRunner):
     async def _make_server(self) -> web.Server:
         base = await super()._make_server()
-        return _Server(base.request_handler, request_factory=base.request_factory,
-                       **self._kwargs)
+        return _Server(dispatcher(self.app, base.request_handler),
+                       request_factory=base.request_factory, **self._kwargs)
 
 
 def runner(app: web.Application, shutdown_grace: float, **kwargs: Any) -> Runner:
