@@ -31,6 +31,8 @@ KEEPALIVE = 15.0  # seconds an idle upstream connection is kept (aiohttp's defau
 # upstream just as it was reused (RFC 9110 §9.2.2; Go's and aiohttp's clients do the same).
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _CHUNK = 64 * 1024
+# What a connection closed by the upstream raises; a malformed answer is not sent again.
+_CLOSED_UNDER_US = (OSError, aiohttp.ClientConnectionError)
 _Key = tuple[str, str, int]
 
 Body = bytes | StreamReader | None
@@ -81,6 +83,7 @@ class Pool:
         self._idle: dict[_Key, deque[tuple[float, ResponseHandler]]] = {}
         self._tls: ssl.SSLContext | None = None
         self._sweeper: asyncio.TimerHandle | None = None
+        self._closed = False
 
     async def send(self, origin: URL, method: str, target: str, headers: CIMultiDict[str],
                    body: Body, connect_timeout: float) -> Exchange:
@@ -94,6 +97,8 @@ class Pool:
         key = (origin.scheme, origin.host, origin.port)
         if "Host" not in headers:
             headers["Host"] = origin.host_port_subcomponent or origin.host
+        if isinstance(body, bytes) and "Content-Length" not in headers:
+            headers["Content-Length"] = str(len(body))
         head = f"{method} {target} HTTP/1.1"
         replayable = method in _IDEMPOTENT and not isinstance(body, StreamReader)
         while True:
@@ -105,7 +110,7 @@ class Pool:
                 return await self._exchange(conn, key, method, head, headers, body)
             except BaseException as exc:
                 conn.close()
-                if reused and replayable and isinstance(exc, FAILURES):
+                if reused and replayable and isinstance(exc, _CLOSED_UNDER_US):
                     # Closed under us before answering (an upstream's idle timeout, or a
                     # restart, which makes every idle connection stale): once more, fresh.
                     self._drop(key)
@@ -113,8 +118,10 @@ class Pool:
                 raise
 
     async def close(self) -> None:
+        self._closed = True
         if self._sweeper is not None:
             self._sweeper.cancel()
+            self._sweeper = None
         for idle in self._idle.values():
             for _, conn in idle:
                 conn.close()
@@ -172,7 +179,9 @@ class Pool:
         deadline = asyncio.get_running_loop().time() - KEEPALIVE
         while idle:
             since, conn = idle.pop()
-            if since > deadline and conn.is_connected():
+            # should_close also covers bytes the upstream sent unasked while the connection
+            # sat idle (a "408 Request Timeout" before closing): never the next answer.
+            if since > deadline and conn.is_connected() and not conn.should_close:
                 return conn
             conn.close()
         return None
@@ -182,6 +191,9 @@ class Pool:
             conn.close()
 
     def _put(self, key: _Key, conn: ResponseHandler) -> None:
+        if self._closed:  # an exchange that outlived the pool
+            conn.close()
+            return
         loop = asyncio.get_running_loop()
         self._idle.setdefault(key, deque()).append((loop.time(), conn))
         if self._sweeper is None:
