@@ -16,7 +16,7 @@ import pytest
 
 from gateway.embedded import EmbeddedRedis
 from gateway.logs import FLUSH_INTERVAL
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestServer
 
 from conftest import GatewayFactory, Upstream, base_config
 from process import GatewayProcess, Launch
@@ -100,7 +100,7 @@ async def test_bodies_around_the_read_whole_limit_arrive_intact(
         make_gateway: GatewayFactory, upstream: Upstream, size: int) -> None:
     # Up to 64 KiB a request body is read whole and sent with the headers; beyond, it streams.
     # Neither is bound by the 16 KiB limit of the gateway's own endpoints.
-    gw: TestClient = await make_gateway()
+    gw = await make_gateway()
     body = os.urandom(size)
     resp = await gw.post("/public/upload", data=body,
                          headers={"Content-Type": "application/octet-stream"})
