@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import ssl
 from collections import deque
-from typing import AsyncIterator
 
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
@@ -30,7 +29,7 @@ KEEPALIVE = 15.0  # seconds an idle upstream connection is kept (aiohttp's defau
 # Methods safe to send again when a pooled connection turns out to have been closed by the
 # upstream just as it was reused (RFC 9110 §9.2.2; Go's and aiohttp's clients do the same).
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-_CHUNK = 64 * 1024
+CHUNK = 64 * 1024  # bytes per read of a streamed body
 # What a connection closed by the upstream raises; a malformed answer is not sent again.
 _CLOSED_UNDER_US = (OSError, aiohttp.ClientConnectionError)
 _Key = tuple[str, str, int]
@@ -56,10 +55,6 @@ class Exchange:
 
     async def read(self) -> bytes:
         return await self.body.read()
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        while chunk := await self.body.read(_CHUNK):
-            yield chunk
 
     def release(self) -> None:
         """Done with the exchange: the connection goes back to the pool when it is clean
@@ -218,7 +213,7 @@ def _retrieve(task: asyncio.Task[None]) -> None:
 
 async def _send(writer: StreamWriter, body: StreamReader, conn: ResponseHandler) -> None:
     try:
-        while chunk := await body.read(_CHUNK):
+        while chunk := await body.read(CHUNK):
             await writer.write(chunk)
         await writer.write_eof()
     except asyncio.CancelledError:

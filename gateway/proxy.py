@@ -227,11 +227,10 @@ async def _relay(request: web.Request, upstream: pool.Exchange,
                                   headers=headers)
     close_after_upgrade_attempt(request, response)
     await response.prepare(request)
-    chunks = upstream.chunks()
     try:
         while True:
             async with asyncio.timeout_at(deadline):
-                chunk = await anext(chunks, b"")
+                chunk = await upstream.body.read(pool.CHUNK)
             if not chunk:
                 break
             await response.write(chunk)

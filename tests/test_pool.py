@@ -366,7 +366,7 @@ async def test_large_answer_read_slowly_is_intact_and_reused(
         async with asyncio.timeout(WAIT):
             exchange = await pool.send(origin, "GET", "/", CIMultiDict(), None, CONNECT)
             received = bytearray()
-            async for chunk in exchange.chunks():
+            while chunk := await exchange.body.read(pool_module.CHUNK):
                 received += chunk
                 if len(received) % (1 << 20) < len(chunk):
                     await asyncio.sleep(0.005)  # a slow client, now and then
