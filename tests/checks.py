@@ -3,10 +3,12 @@ log lines."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import socket
 from datetime import datetime
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -114,3 +116,25 @@ def is_json(line: str) -> bool:
         return isinstance(json.loads(line), dict)
     except ValueError:
         return False
+
+
+@contextlib.contextmanager
+def unaccepting_port() -> Iterator[int]:
+    """A listener whose accept queue is full: further SYNs are dropped, connect() hangs."""
+    listener = socket.socket()
+    fillers: list[socket.socket] = []
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        for _ in range(4):
+            filler = socket.socket()
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", port))
+            fillers.append(filler)
+        yield port
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 import uuid
 from contextlib import AbstractAsyncContextManager
@@ -17,7 +16,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from checks import expect_error
+from checks import expect_error, unaccepting_port
 from conftest import APPID, GatewayFactory, Upstream, base_config, login
 from process import GatewayProcess, Launch
 from rawhttp import build_request, raw_request
@@ -484,19 +483,7 @@ def test_connect_timeout_config(config_dict: dict[str, Any]) -> None:
 
 
 async def test_connect_timeout_is_applied(make_gateway: GatewayFactory) -> None:
-    # A listener whose accept queue is full: further SYNs are dropped, so connect() hangs.
-    listener = socket.socket()
-    fillers: list[socket.socket] = []
-    try:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(0)
-        port = listener.getsockname()[1]
-        for _ in range(4):
-            filler = socket.socket()
-            filler.setblocking(False)
-            with contextlib.suppress(BlockingIOError):
-                filler.connect(("127.0.0.1", port))
-            fillers.append(filler)
+    with unaccepting_port() as port:
         with pytest.raises(asyncio.TimeoutError):  # the trick works on this machine
             await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 0.5)
         client = await make_gateway(routes=[
@@ -507,10 +494,6 @@ async def test_connect_timeout_is_applied(make_gateway: GatewayFactory) -> None:
         elapsed = time.monotonic() - started
         await expect_error(resp, 504, "upstream_timeout")
         assert 0.25 <= elapsed < 2.5, elapsed  # the connect timeout, not the 6 s route timeout
-    finally:
-        for s in fillers:
-            s.close()
-        listener.close()
 
 
 async def test_real_process_client_disconnect_cancels_upstream_request(

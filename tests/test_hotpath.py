@@ -5,7 +5,6 @@ access log."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import uuid
@@ -18,6 +17,7 @@ from gateway.embedded import EmbeddedRedis
 from gateway.logs import FLUSH_INTERVAL
 from aiohttp.test_utils import TestServer
 
+from checks import is_json, parse_json_lines
 from conftest import GatewayFactory, Upstream, base_config
 from process import GatewayProcess, Launch
 
@@ -40,11 +40,8 @@ async def started(launch: Launch, data: dict[str, Any]) -> GatewayProcess:
 
 
 def access_lines(gw: GatewayProcess) -> list[dict[str, Any]]:
-    out = []
-    for line in gw.stderr().splitlines():
-        if line.startswith("{") and '"logger": "gateway.access"' in line:
-            out.append(json.loads(line))
-    return out
+    records = parse_json_lines(line for line in gw.stderr().splitlines() if is_json(line))
+    return [r for r in records if r["logger"] == "gateway.access"]
 
 
 async def test_endpoints_and_proxy_paths_are_told_apart_as_the_router_would(

@@ -23,6 +23,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from checks import unaccepting_port
 from gateway import pool as pool_module
 from gateway.embedded import free_port
 from gateway.pool import FAILURES, Body, Pool
@@ -835,28 +836,6 @@ async def test_connecting_to_a_closed_port_raises_oserror(pool: Pool) -> None:
     with raises_failure() as caught:
         await fetch(pool, URL(f"http://127.0.0.1:{free_port()}"))
     assert isinstance(caught.value, OSError)
-
-
-@contextlib.contextmanager
-def unaccepting_port() -> Iterator[int]:
-    """A listener whose accept queue is full: further SYNs are dropped, connect() hangs."""
-    listener = socket.socket()
-    fillers: list[socket.socket] = []
-    try:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(0)
-        port = listener.getsockname()[1]
-        for _ in range(4):
-            filler = socket.socket()
-            filler.setblocking(False)
-            with contextlib.suppress(BlockingIOError):
-                filler.connect(("127.0.0.1", port))
-            fillers.append(filler)
-        yield port
-    finally:
-        for s in fillers:
-            s.close()
-        listener.close()
 
 
 async def test_connect_timeout_raises_timeout_error(pool: Pool) -> None:
