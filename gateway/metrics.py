@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -45,8 +44,8 @@ class Metrics:
 
         # Label children of the per-request series, looked up once: labels() costs more than
         # the increment it leads to.
-        self._answered: dict[tuple[str, int], tuple[Any, Any]] = {}
-        self._upstream: dict[str, Any] = {}
+        self._answered: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
+        self._upstream: dict[str, Histogram] = {}
 
     def answered(self, route: str, status: int, seconds: float) -> None:
         children = self._answered.get((route, status))
