@@ -26,7 +26,7 @@ log = logging.getLogger("gateway.proxy")
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "proxy-authenticate",
                         "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade"})
 # Set by the gateway itself, so client copies must never pass.
-REPLACED = frozenset({"host", "authorization", "forwarded", "x-forwarded-for",
+_REPLACED = frozenset({"host", "authorization", "forwarded", "x-forwarded-for",
                        "x-forwarded-proto", "x-forwarded-host", "x-request-id", "expect"})
 _SMALL_BODY = 64 * 1024
 SESSION_RECHECK = 15.0  # seconds between checks that an open WebSocket's session still lives
@@ -70,7 +70,7 @@ def close_after_upgrade_attempt(request: web.Request, response: web.StreamRespon
 @functools.lru_cache(maxsize=8)
 def _dropped(names: IdentityHeaders, assertion: str) -> frozenset[str]:
     """Request headers never forwarded, as spelled by ``spelling``: built once per config."""
-    return HOP_BY_HOP | REPLACED | {spelling(n) for n in (*names.names(), assertion)}
+    return HOP_BY_HOP | _REPLACED | {spelling(n) for n in (*names.names(), assertion)}
 
 
 def forward_headers(request: web.Request, identity: Identity | None, services: Services,
