@@ -262,15 +262,16 @@ class _ConfigReader(Reader):
         return tuple(found)
 
     def wechat(self, value: Any) -> WeChatConfig | None:
-        s = self.section("wechat", value, ("api_base", "timeout"))
+        s = self.section("wechat", value, ("api_base", "timeout", "force_refresh"))
         if s is None:
             return None
         base = self.optional("wechat", s, "api_base", self.string, "https://api.weixin.qq.com")
         timeout = self.optional("wechat", s, "timeout", self.duration, 5.0)
+        force = self.optional("wechat", s, "force_refresh", self.boolean, True)
         url = _http_url(self, "wechat.api_base", base) if base is not None else None
-        if url is None or timeout is None:
+        if url is None or timeout is None or force is None:
             return None
-        return WeChatConfig(url, timeout)
+        return WeChatConfig(url, timeout, force)
 
     def apps(self, value: Any) -> tuple[App, ...] | None:
         items = self.items("apps", value)

@@ -5,6 +5,15 @@ missing or rejected by WeChat, one caller takes a Redis lock (SET NX PX with a r
 released only by that owner) and calls ``stable_token``; every other caller, in this process or
 another, keeps using the still-valid token or waits for the new one instead of calling WeChat.
 Within one process, concurrent callers share a single refresh.
+
+A token WeChat rejects (40001/42001/40014) is refreshed in normal mode, as WxJava's
+``BaseWxMaServiceImpl`` does: it returns the current token, which is a new one when another
+holder revoked ours, and revokes nobody. ``force_refresh`` revokes the token every other holder
+of the appid (the company's other backends) uses, is limited to 20 calls a day and does nothing
+within 30 s of the previous one ("获取稳定版接口调用凭据", developers.weixin.qq.com/doc/service/
+api/base/api_getstableaccesstoken.html). So it is used only when normal mode hands back the very
+token just rejected, at most once per ``FORCE_INTERVAL`` per appid for the whole deployment, and
+never when ``wechat.force_refresh`` is false; otherwise the call fails with 503.
 """
 
 from __future__ import annotations
@@ -29,7 +38,9 @@ log = logging.getLogger("gateway.credentials")
 REFRESH_AT = 0.8
 _POLL = 0.05
 _RETRY_PAUSE = 1.0
+FORCE_INTERVAL = 30.0  # WeChat ignores a force_refresh sooner than 30 s after the previous one
 _T = TypeVar("_T")
+_STUCK = "WeChat rejects the access_token it hands out; try again shortly"
 
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -46,15 +57,18 @@ class _Cached:
 
 class AccessTokens:
     def __init__(self, client: aioredis.Redis, key_prefix: str, keyring: Keyring,
-                 wechat: WeChatClient, lock_ttl: float) -> None:
+                 wechat: WeChatClient, lock_ttl: float, force_refresh: bool = True) -> None:
         self._redis = client
         self._prefix = key_prefix
         self._keyring = keyring
         self._wechat = wechat
         self._lock_ttl = lock_ttl
+        self._force_refresh = force_refresh
         self._release = client.register_script(_RELEASE)
         self._flights: dict[str, asyncio.Future[str]] = {}
         self._quiet_until: dict[str, float] = {}  # appid → no refresh attempt before this
+        # appid → (a rejected token normal mode still hands out, until when not to ask again)
+        self._stuck: dict[str, tuple[str, float]] = {}
 
     async def call(self, app: App, operation: Callable[[str], Awaitable[_T]]) -> _T:
         """Run ``operation(access_token)``; if WeChat rejects the token, refresh once and retry."""
@@ -69,6 +83,10 @@ class AccessTokens:
         cached = await self._read(app)
         if cached is not None and cached.token == rejected:
             cached = None
+            stuck_token, stuck_until = self._stuck.get(app.appid, ("", 0.0))
+            if stuck_token == rejected and time.time() < stuck_until:
+                # WeChat handed out this very token a moment ago: do not ask on every call.
+                raise WeChatUnavailable(_STUCK)
         now = time.time()
         if cached is not None and (now < cached.refresh_at
                                    or now < self._quiet_until.get(app.appid, 0)):
@@ -120,8 +138,12 @@ class AccessTokens:
         cached = await self._read(app)
         if cached is not None and cached.token != rejected and time.time() < cached.refresh_at:
             return cached.token
-        force = rejected is not None and (cached is None or cached.token == rejected)
-        fresh = await self._wechat.stable_token(app, force_refresh=force)
+        fresh = await self._wechat.stable_token(app)
+        if rejected is not None and fresh.token == rejected:
+            await self._allow_force(app, rejected)
+            log.warning("WeChat rejects the access_token for %s that it still hands out; "
+                        "forcing a new one (this revokes it for every other holder)", app.appid)
+            fresh = await self._wechat.stable_token(app, force_refresh=True)
         now = time.time()
         entry: dict[str, Any] = {"token": fresh.token, "refresh_at": now + fresh.expires_in * REFRESH_AT,
                  "expires_at": now + fresh.expires_in}
@@ -131,6 +153,20 @@ class AccessTokens:
         log.info("refreshed the WeChat access_token for %s (valid %ds)", app.appid,
                  fresh.expires_in)
         return fresh.token
+
+    async def _allow_force(self, app: App, rejected: str) -> None:
+        """Return if this replica may force a refresh now; raise WeChatUnavailable if not."""
+        if not self._force_refresh:
+            reason = "wechat.force_refresh is off"
+        elif await guarded(lambda: self._redis.set(self._force_key(app), "1", nx=True,
+                                                   px=int(FORCE_INTERVAL * 1000))):
+            return
+        else:
+            reason = f"it was forced less than {FORCE_INTERVAL:.0f}s ago"
+        log.warning("WeChat rejects the access_token for %s that it still hands out, and %s",
+                    app.appid, reason)
+        self._stuck[app.appid] = (rejected, time.time() + _RETRY_PAUSE)
+        raise WeChatUnavailable(_STUCK)
 
     async def _read(self, app: App) -> _Cached | None:
         sealed: Any = await guarded(lambda: self._redis.get(self._key(app)))
@@ -142,6 +178,9 @@ class AccessTokens:
         except (ValueError, KeyError, TypeError):
             return None  # sealed under a retired signing key, or damaged: fetch a new one
         return cached if time.time() < cached.expires_at else None
+
+    def _force_key(self, app: App) -> str:
+        return f"{self._prefix}access_token_force:{app.appid}"
 
     def _key(self, app: App) -> str:
         return f"{self._prefix}access_token:{app.appid}"

@@ -61,7 +61,9 @@ class Services:
             config=config, pool=c.pool, http=c.http, wechat=wechat, keyring=keyring, sessions=store,
             tokens=codec, authenticator=Authenticator(codec, store, c.cache), metrics=c.metrics,
             access_tokens=AccessTokens(c.redis, config.redis.key_prefix, keyring, wechat,
-                                       lock_ttl=config.wechat.timeout + 1),
+                                       # a refresh may take two WeChat calls (normal, force)
+                                       lock_ttl=2 * config.wechat.timeout + 1,
+                                       force_refresh=config.wechat.force_refresh),
             limiter=LoginLimiter(c.redis, config.redis.key_prefix, config.rate_limit),
             asserter=_asserter(config))
 

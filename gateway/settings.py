@@ -31,6 +31,7 @@ class RedisConfig:
 class WeChatConfig:
     api_base: URL = URL("https://api.weixin.qq.com")
     timeout: float = 5.0
+    force_refresh: bool = True  # may revoke a token WeChat rejects but keeps handing out
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,13 @@ It answers, like WeChat (JSON labelled ``text/plain``):
 
 - ``GET /sns/jscode2session``: any code logs in as a stable fake user (openid per app and code,
   unionid per code); session_key per app and code.
-- ``POST /cgi-bin/stable_token``: access tokens that expire after ``token_ttl`` seconds.
+- ``POST /cgi-bin/stable_token``: access tokens that expire after ``token_ttl`` seconds. Normal
+  mode hands out the current token (same token, decreasing ``expires_in``); ``force_refresh``
+  revokes it and issues a new one, unless the previous force was under ``force_interval``
+  seconds ago (then the current token is returned and nothing is revoked); a force beyond
+  ``force_daily_limit`` a day gets errcode 45009. ``SimulatorState.force_calls`` counts force
+  requests per appid; ``SimulatorState.reject_access_token`` makes WeChat refuse a token that
+  normal mode still hands out.
 - ``POST /wxa/business/getuserphonenumber``: a stable fake phone number per code.
 - ``GET /wxa/checksession``: errcode 87009 unless the signature matches the user's current
   session_key (``SimulatorState.revoke_session_key`` makes it stale).
@@ -17,6 +23,7 @@ A code asks for a failure by its prefix (login and phone codes alike):
 
 =====================  ===================================================================
 ``errcode-<N>-...``    WeChat's error ``<N>`` (e.g. ``errcode-40029-x``, ``errcode--1-x``)
+``errstr-<S>-...``     errcode as the JSON string ``<S>`` (``errstr-40029-x``, ``errstr-busy-x``)
 ``slow-<ms>-...``      answer after ``<ms>`` milliseconds
 ``http-<status>-...``  an HTTP error status with an HTML page, as WeChat's front ends do
 ``garbage-...``        a 200 reply that is not JSON
@@ -50,6 +57,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 CALLS = web.AppKey("calls", Counter[str])
 _PREFIXED = re.compile(r"^(errcode|slow|http)-(-?\d+)-")
+_ERRSTR = re.compile(r"^errstr-(-?[^-]*)-")
 
 
 @dataclass
@@ -60,10 +68,22 @@ class SimulatorState:
     used: set[str] = field(default_factory=set)
     tokens: dict[str, tuple[str, float]] = field(default_factory=dict)  # token → (appid, exp)
     session_keys: dict[str, str] = field(default_factory=dict)  # openid → current session_key
+    force_interval: float = 30.0
+    force_daily_limit: int = 20
+    force_calls: Counter[str] = field(default_factory=Counter)  # appid → force_refresh requests
+    forced_at: dict[str, list[float]] = field(default_factory=dict)  # appid → effective forces
+    rejected: set[str] = field(default_factory=set)  # refused by the APIs, still handed out
 
     def expire_access_tokens(self) -> None:
         """Make every issued access_token invalid (WeChat then answers 40001)."""
         self.tokens.clear()
+
+    def reject_access_token(self, appid: str) -> str:
+        """WeChat refuses ``appid``'s current token (40001) yet normal mode keeps handing it out:
+        the state ``force_refresh`` exists for (a leaked token). Returns that token."""
+        token, _ = _current_token(self, appid, time.time())
+        self.rejected.add(token)
+        return token
 
     def revoke_session_key(self, openid: str) -> None:
         """The user logged in elsewhere: the session_key the gateway holds is now stale."""
@@ -74,10 +94,11 @@ STATE = web.AppKey("state", SimulatorState)
 
 
 def create_app(apps: Mapping[str, str], *, single_use: bool = False,
-               token_ttl: int = 7200) -> web.Application:
+               token_ttl: int = 7200, force_interval: float = 30.0) -> web.Application:
     """A simulator that knows ``apps`` (appid → secret)."""
     app = web.Application()
-    app[STATE] = SimulatorState(dict(apps), single_use, token_ttl)
+    app[STATE] = SimulatorState(dict(apps), single_use, token_ttl,
+                                force_interval=force_interval)
     app[CALLS] = Counter()
     app.router.add_get("/sns/jscode2session", jscode2session)
     app.router.add_post("/cgi-bin/stable_token", stable_token)
@@ -124,6 +145,9 @@ def _reply(body: Mapping[str, object]) -> web.Response:
 
 async def _fault(request: web.Request, code: str) -> web.StreamResponse | None:
     """The failure a prefixed code asks for, or None to answer normally."""
+    text = _ERRSTR.match(code)
+    if text:  # some WeChat front ends send errcode as a string
+        return _reply({"errcode": text.group(1), "errmsg": "simulated error"})
     match = _PREFIXED.match(code)
     if match and match.group(1) == "errcode":
         return _reply({"errcode": int(match.group(2)), "errmsg": "simulated error"})
@@ -143,8 +167,9 @@ async def _fault(request: web.Request, code: str) -> web.StreamResponse | None:
 
 def _token_app(request: web.Request) -> str | None:
     state = request.app[STATE]
-    entry = state.tokens.get(request.query.get("access_token", ""))
-    if entry is None or entry[1] < time.time():
+    token = request.query.get("access_token", "")
+    entry = state.tokens.get(token)
+    if entry is None or entry[1] < time.time() or token in state.rejected:
         return None
     return entry[0]
 
@@ -190,16 +215,40 @@ async def stable_token(request: web.Request) -> web.StreamResponse:
         return _reply({"errcode": 40002, "errmsg": "invalid grant_type"})
     if appid not in state.apps or state.apps[appid] != secret:
         return _reply({"errcode": 40125, "errmsg": "invalid appsecret"})
-    # Like WeChat, the current token is served until its last fifth of life, then renewed
-    # (the old one stays valid until it expires).
-    renew_after = time.time() + state.token_ttl / 5
-    current = [(t, e) for t, (a, e) in state.tokens.items() if a == appid and e > renew_after]
-    if current and not body.get("force_refresh"):
-        token, expires = max(current, key=lambda item: item[1])
-        return _reply({"access_token": token, "expires_in": math.ceil(expires - time.time())})
+    # getStableAccessToken ("获取稳定版接口调用凭据", developers.weixin.qq.com/doc/service/api/
+    # base/api_getstableaccesstoken.html): normal mode returns the current token while it is
+    # valid; force_refresh "会导致上次获取的access_token失效,并返回新的access_token", is limited
+    # to 20 calls a day, and "连续使用该模式时,请保证调用时间隔至少为30s,否则不会刷新": a force
+    # within 30 s of the previous one refreshes nothing (the doc names no errcode for it).
+    now = time.time()
+    if body.get("force_refresh") is True:
+        state.force_calls[appid] += 1
+        forced = [t for t in state.forced_at.get(appid, []) if t > now - 86400]
+        if len(forced) >= state.force_daily_limit:
+            return _reply({"errcode": 45009, "errmsg": "reach max api daily quota limit"})
+        if not forced or now - forced[-1] >= state.force_interval:
+            state.forced_at[appid] = [*forced, now]
+            for token in [t for t, (a, _) in state.tokens.items() if a == appid]:
+                del state.tokens[token]
+                state.rejected.discard(token)
+    token, expires = _current_token(state, appid, now)
+    return _reply({"access_token": token, "expires_in": math.ceil(expires - now)})
+
+
+def _current_token(state: SimulatorState, appid: str, now: float) -> tuple[str, float]:
+    """``appid``'s current token and its expiry, issuing one when due.
+
+    The doc: "平台会提前5分钟更新access_token ... 新旧access_token都可用" — a new token is issued
+    in the last 5 minutes of the current one's life (the last fifth, for short test lifetimes),
+    and the old one stays valid until it expires, so ``expires_in`` is never under that window.
+    """
+    window = min(300.0, state.token_ttl / 5)
+    current = [(t, e) for t, (a, e) in state.tokens.items() if a == appid and e > now + window]
+    if current:
+        return max(current, key=lambda item: item[1])
     token = f"AT.{appid}.{base64.urlsafe_b64encode(os.urandom(12)).decode()}"
-    state.tokens[token] = (appid, time.time() + state.token_ttl)
-    return _reply({"access_token": token, "expires_in": state.token_ttl})
+    state.tokens[token] = (appid, now + state.token_ttl)
+    return token, now + state.token_ttl
 
 
 async def phone_number(request: web.Request) -> web.StreamResponse:

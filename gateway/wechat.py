@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -94,7 +95,8 @@ class WeChatClient:
                             session_key)
 
     async def stable_token(self, app: App, force_refresh: bool = False) -> AccessToken:
-        """``cgi-bin/stable_token``: unlike ``cgi-bin/token`` it does not revoke other holders."""
+        """``cgi-bin/stable_token``. In normal mode it hands out the current token and revokes
+        nobody; ``force_refresh`` revokes the token every other holder of the appid uses."""
         reply = await self._call("POST", "cgi-bin/stable_token", _TOKEN, body={
             "grant_type": "client_credential", "appid": app.appid, "secret": app.secret,
             "force_refresh": force_refresh})
@@ -164,12 +166,38 @@ class WeChatClient:
         if not isinstance(reply, dict):
             log.warning("WeChat %s reply is not a JSON object", name)
             raise WeChatError("WeChat's reply was not JSON")
-        errcode = reply.get("errcode", 0)
-        if errcode not in (0, None):
-            log.warning("WeChat %s errcode %s: %s", name, errcode, str(reply.get("errmsg"))[:200])
-            if isinstance(errcode, int) and errcode in ACCESS_TOKEN_REJECTED:
+        errcode = _errcode(reply.get("errcode"))
+        if errcode is None:
+            log.warning("WeChat %s errcode is not a number: %.40r", name, reply.get("errcode"))
+            raise WeChatError("WeChat answered an errcode that is not a number")
+        if errcode != 0:
+            log.warning("WeChat %s errcode %d: %s", name, errcode, str(reply.get("errmsg"))[:200])
+            if errcode in ACCESS_TOKEN_REJECTED:
                 raise AccessTokenRejected(f"WeChat rejected the access_token ({errcode})")
-            known = errcodes.get(errcode) if isinstance(errcode, int) else None
-            kind, message = known or (WeChatError, f"WeChat answered errcode {errcode!r}")
+            kind, message = errcodes.get(errcode) or (WeChatError,
+                                                      f"WeChat answered errcode {errcode}")
             raise kind(message)
         return reply
+
+
+_ERRCODE = re.compile(r"-?[0-9]{1,12}")
+
+
+def _errcode(value: Any) -> int | None:
+    """WeChat's errcode as an int (0 when absent), or None when it is not a number.
+
+    Some WeChat front ends send it as a string ("40001", "-1"); wechatpy reads it with
+    ``int(result["errcode"])`` (wechatpy/client/base.py) and so do we, but strictly: no
+    whitespace, underscores, non-ASCII digits or booleans.
+    """
+    if value is None:
+        return 0
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    if isinstance(value, str) and _ERRCODE.fullmatch(value):
+        return int(value)
+    return None

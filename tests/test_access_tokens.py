@@ -2,10 +2,11 @@
 
 Each "replica" is an independent ``AccessTokens`` with its own Redis client and its own HTTP
 session, all sharing one Redis key prefix and one simulated WeChat. The simulator counts its
-``stable_token`` calls, which is what the issue asks to prove: N replicas × M concurrent
-callers cause one WeChat call; refreshes happen ahead of expiry; a rejected token is refreshed
-once (force_refresh) and retried once; the lock is released only by its owner; access tokens
-never reach a client, an upstream or a log line.
+``stable_token`` calls: N replicas × M concurrent callers cause one WeChat call; refreshes
+happen ahead of expiry; a rejected token is refreshed in normal mode and the call retried once;
+``force_refresh`` (which revokes every other holder's token) only when normal mode hands back
+the rejected token, at most once per 30 s for the deployment, never when disabled; the lock is
+released only by its owner; access tokens never reach a client, an upstream or a log line.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from gateway import simulator
 from gateway.config import App
 from gateway.credentials import AccessTokens
 from gateway.embedded import EmbeddedRedis, free_port
-from gateway.errors import InvalidPhoneCode, WeChatError
+from gateway.errors import InvalidPhoneCode, WeChatError, WeChatUnavailable
 from gateway.keys import Keyring
 from gateway.wechat import AccessTokenRejected, WeChatClient
 
@@ -107,7 +108,7 @@ async def replicas(redis_server: EmbeddedRedis, key_prefix: str) -> AsyncIterato
     """``await replicas(n, api_base)`` → n independent managers sharing Redis and the prefix."""
     async with AsyncExitStack() as stack:
         async def make(n: int, api_base: str, lock_ttl: float = LOCK_TTL,
-                       timeout: float = 5.0) -> list[AccessTokens]:
+                       timeout: float = 5.0, force_refresh: bool = True) -> list[AccessTokens]:
             managers = []
             for _ in range(n):
                 client = aioredis.from_url(redis_server.url)
@@ -115,7 +116,8 @@ async def replicas(redis_server: EmbeddedRedis, key_prefix: str) -> AsyncIterato
                 http = await stack.enter_async_context(aiohttp.ClientSession())
                 wechat = WeChatClient(http, URL(api_base), timeout)
                 managers.append(AccessTokens(client, key_prefix, Keyring((SIGNING_KEY.encode(),)),
-                                             wechat, lock_ttl=lock_ttl))
+                                             wechat, lock_ttl=lock_ttl,
+                                             force_refresh=force_refresh))
             return managers
         yield make
 
@@ -135,6 +137,20 @@ def token_key(prefix: str, appid: str = APPID) -> str:
 
 def lock_key(prefix: str, appid: str = APPID) -> str:
     return f"{prefix}access_token_lock:{appid}"
+
+
+def force_key(prefix: str, appid: str = APPID) -> str:
+    return f"{prefix}access_token_force:{appid}"
+
+
+async def other_holder_forces(sim: Sim, appid: str = APPID, secret: str = SECRET) -> str:
+    """What another backend of the same appid does: stable_token with force_refresh."""
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{sim.url}/cgi-bin/stable_token", json={
+                "grant_type": "client_credential", "appid": appid, "secret": secret,
+                "force_refresh": True}) as resp:
+            token: str = json.loads(await resp.text())["access_token"]
+    return token
 
 
 # --- one WeChat call for N replicas × M callers ----------------------------------------------
@@ -277,9 +293,13 @@ async def test_expired_cache_is_refetched_once(
     assert sim.token_requests[-1]["force_refresh"] is False  # nothing was rejected
 
 
-# --- rejected by WeChat: refresh once (force_refresh) and retry once --------------------------
+# --- rejected by WeChat: refresh in normal mode, force only when that gives the same token ----
 
-async def test_rejected_token_is_force_refreshed_once_and_the_call_retried(
+def forced(sim: Sim) -> list[bool]:
+    return [bool(r.get("force_refresh")) for r in sim.token_requests]
+
+
+async def test_rejected_token_is_refreshed_in_normal_mode_and_the_call_retried(
         sim: Sim, replicas: Replicas) -> None:
     [manager] = await replicas(1, sim.url)
     old = await manager.get(APP)
@@ -292,12 +312,27 @@ async def test_rejected_token_is_force_refreshed_once_and_the_call_retried(
 
     info = await manager.call(APP, phone)
     assert info["purePhoneNumber"] == simulator.phone_for("code-rejected")
-    assert sim.calls("stable_token") == 2
-    assert sim.token_requests[-1]["force_refresh"] is True
+    assert forced(sim) == [False, False]  # normal mode already gives a new token
+    assert sim.state.force_calls[APPID] == 0
     assert sim.calls("getuserphonenumber") == 2
     assert seen[0] == old and seen[1] != old and len(seen) == 2
     assert await manager.get(APP) == seen[1]  # the new token is what is cached now
     assert sim.calls("stable_token") == 2
+
+
+async def test_force_only_when_normal_mode_hands_back_the_rejected_token(
+        sim: Sim, replicas: Replicas, redis: aioredis.Redis, key_prefix: str) -> None:
+    [manager] = await replicas(1, sim.url)
+    old = await manager.get(APP)
+    assert sim.state.reject_access_token(APPID) == old  # refused, yet still handed out
+    info = await manager.call(APP, lambda t: wechat_of(manager).phone_number(t, "code-forced"))
+    assert info["purePhoneNumber"] == simulator.phone_for("code-forced")
+    assert forced(sim) == [False, False, True]
+    assert sim.state.force_calls[APPID] == 1
+    new = await manager.get(APP)
+    assert new != old and old not in sim.state.tokens  # the forced refresh revoked it
+    # The deployment-wide gate: a Redis key under the prefix, expiring after 30 s.
+    assert 29_000 < await redis.pttl(force_key(key_prefix)) <= 30_000
 
 
 async def test_rejection_seen_by_many_replicas_causes_one_refresh(
@@ -312,8 +347,86 @@ async def test_rejection_seen_by_many_replicas_causes_one_refresh(
     assert [r["purePhoneNumber"] for r in results] == [
         simulator.phone_for(f"code-{i}") for _ in managers for i in range(8)]
     assert sim.calls("stable_token") - before == 1
-    assert sim.token_requests[-1]["force_refresh"] is True
+    assert not any(forced(sim))
     assert sim.calls("getuserphonenumber") <= 80  # at most one retry per call
+
+
+async def test_rejected_token_still_handed_out_is_forced_once_by_many_replicas(
+        sim: Sim, replicas: Replicas) -> None:
+    managers = await replicas(5, sim.url)
+    (old,) = set(await get_all(managers, 1))
+    sim.state.reject_access_token(APPID)
+    results = await asyncio.gather(*(
+        m.call(APP, lambda t, m=m, i=i: wechat_of(m).phone_number(t, f"code-{i}"))
+        for m in managers for i in range(8)))
+    assert [r["purePhoneNumber"] for r in results] == [
+        simulator.phone_for(f"code-{i}") for _ in managers for i in range(8)]
+    assert sim.state.force_calls[APPID] == 1
+    assert set(await get_all(managers, 1)) - {old}
+
+
+async def test_force_is_gated_for_30_seconds_across_replicas(
+        sim: Sim, replicas: Replicas, redis: aioredis.Redis, key_prefix: str) -> None:
+    """Another replica forced a moment ago (its gate key is set): WeChat would ignore a second
+    force within 30 s anyway, so the call fails with 503 instead of forcing or looping."""
+    a, b = await replicas(2, sim.url)
+    await a.get(APP)
+    await redis.set(force_key(key_prefix), "1", px=30_000)
+    sim.state.reject_access_token(APPID)
+    started = time.monotonic()
+    for manager in (a, b, a, b):
+        with pytest.raises(WeChatUnavailable):
+            await manager.call(APP, lambda t, m=manager: wechat_of(m).phone_number(t, "gated"))
+    assert time.monotonic() - started < 1
+    assert sim.state.force_calls[APPID] == 0
+    # One normal-mode call per replica: a replica that just saw WeChat hand the rejected token
+    # back does not ask again on every call.
+    assert forced(sim) == [False, False, False]
+    assert sim.calls("getuserphonenumber") == 4
+    # Once the gate is gone (30 s later), one replica forces and every call works again.
+    await redis.delete(force_key(key_prefix))
+    await asyncio.sleep(1.1)
+    info = await b.call(APP, lambda t: wechat_of(b).phone_number(t, "after-gate"))
+    assert info["purePhoneNumber"] == simulator.phone_for("after-gate")
+    assert sim.state.force_calls[APPID] == 1
+
+
+async def test_force_refresh_off_never_forces(
+        sim: Sim, replicas: Replicas, redis: aioredis.Redis, key_prefix: str) -> None:
+    [manager] = await replicas(1, sim.url, force_refresh=False)
+    old = await manager.get(APP)
+    sim.state.reject_access_token(APPID)
+    with pytest.raises(WeChatUnavailable) as caught:
+        await manager.call(APP, lambda t: wechat_of(manager).phone_number(t, "off"))
+    assert caught.value.status == 503 and caught.value.code == "wechat_unavailable"
+    assert sim.state.force_calls[APPID] == 0 and not any(forced(sim))
+    assert await redis.exists(force_key(key_prefix)) == 0
+    # It still recovers in normal mode once WeChat hands out another token.
+    sim.state.expire_access_tokens()
+    await asyncio.sleep(1.1)
+    info = await manager.call(APP, lambda t: wechat_of(manager).phone_number(t, "off-later"))
+    assert info["purePhoneNumber"] == simulator.phone_for("off-later")
+    assert await manager.get(APP) != old
+    assert sim.state.force_calls[APPID] == 0 and not any(forced(sim))
+
+
+async def test_another_holder_forcing_is_followed_in_normal_mode(
+        sim: Sim, replicas: Replicas) -> None:
+    """Another backend of the same appid force-refreshes: the gateway's token dies, and the
+    gateway takes the new one in normal mode, leaving the other holder's token alive."""
+    managers = await replicas(3, sim.url)
+    (mine,) = set(await get_all(managers, 1))
+    theirs = await other_holder_forces(sim)
+    assert theirs != mine and mine not in sim.state.tokens
+    results = await asyncio.gather(*(
+        m.call(APP, lambda t, m=m, i=i: wechat_of(m).phone_number(t, f"code-{i}"))
+        for m in managers for i in range(5)))
+    assert len(results) == 15
+    assert set(await get_all(managers, 1)) == {theirs}
+    assert sim.state.force_calls[APPID] == 1  # the other holder's, not ours
+    # Ours, the other holder's force, then our one refresh: normal mode.
+    assert forced(sim) == [False, True, False]
+    assert sim.state.tokens[theirs][0] == APPID  # still valid for the other holder
 
 
 @pytest.mark.parametrize("errcode", [40001, 42001, 40014])
@@ -325,8 +438,8 @@ async def test_wechat_that_keeps_rejecting_is_retried_once_only(
         # The simulator answers this errcode to every attempt, whatever the token.
         await manager.call(APP, lambda t: wechat_of(manager).phone_number(t, f"errcode-{errcode}-x"))
     assert sim.calls("getuserphonenumber") == 2
-    assert sim.calls("stable_token") == 2
-    assert [r["force_refresh"] for r in sim.token_requests] == [False, True]
+    # Normal mode gave the rejected token back: one force (the gate allows it), one retry.
+    assert forced(sim) == [False, False, True]
 
 
 async def test_other_wechat_errors_are_not_retried(sim: Sim, replicas: Replicas) -> None:
@@ -346,10 +459,17 @@ async def test_gateway_maps_persistent_rejection_to_wechat_error(
     started = time.monotonic()
     resp = await gw.post("/auth/phone", json={"code": f"errcode-{errcode}-x"},
                          headers=bearer(session["token"]))
-    await expect_error(resp, 502, "wechat_error")
+    await expect_error(resp, 502, "wechat_error")  # the forced token was refused too
     assert sim.calls("getuserphonenumber") == 2
-    assert sim.calls("stable_token") == 2
+    assert forced(sim) == [False, False, True]
     assert time.monotonic() - started < 2
+    # Within 30 s: no second force; the call fails at once with 503, no loop.
+    resp = await gw.post("/auth/phone", json={"code": f"errcode-{errcode}-y"},
+                         headers=bearer(session["token"]))
+    await expect_error(resp, 503, "wechat_unavailable")
+    assert sim.calls("getuserphonenumber") == 3
+    assert forced(sim) == [False, False, True, False]
+    assert sim.state.force_calls[APPID] == 1
 
 
 async def test_gateway_recovers_from_an_expired_access_token(
@@ -363,8 +483,7 @@ async def test_gateway_recovers_from_an_expired_access_token(
     resp = await gw.post("/auth/phone", json={"code": "p2"}, headers=bearer(session["token"]))
     assert resp.status == 200, await resp.text()
     assert (await resp.json())["pure_phone_number"] == simulator.phone_for("p2")
-    assert sim.calls("stable_token") == 2
-    assert [r["force_refresh"] for r in sim.token_requests] == [False, True]
+    assert forced(sim) == [False, False]
     assert sim.calls("getuserphonenumber") == 3
 
 
@@ -452,7 +571,7 @@ async def test_access_tokens_never_leave_the_gateway(
     auth = bearer(session["token"])
     await record("POST", "/auth/phone", json={"code": "p1"}, headers=auth)
     await record("GET", "/auth/session?check=true", headers=auth)
-    sim.state.expire_access_tokens()  # a refresh with force_refresh, logged as it happens
+    sim.state.reject_access_token(APPID)  # a forced refresh, logged as it happens
     await record("POST", "/auth/phone", json={"code": "p2"}, headers=auth)
     await record("GET", "/auth/session?check=true", headers=auth)
     await record("POST", "/auth/phone", json={"code": "errcode-40001-x"}, headers=auth)
@@ -472,8 +591,8 @@ async def test_access_tokens_never_leave_the_gateway(
     await record("GET", "/metrics")
 
     tokens = sim.issued()
-    assert len(tokens) >= 3, tokens  # the first, the forced refresh, the retry's refresh
-    assert {status for _, status, _, _ in exchanges} >= {200, 400, 502}
+    assert len(tokens) == 2, tokens  # the first and the forced one
+    assert {status for _, status, _, _ in exchanges} >= {200, 400, 502, 503}
     for name, status, headers, body in exchanges:
         for token in tokens:
             assert token not in body and token not in headers, (name, status)
