@@ -34,7 +34,7 @@ from gateway import simulator
 from gateway.config import App
 from gateway.credentials import AccessTokens
 from gateway.embedded import EmbeddedRedis, free_port
-from gateway.errors import InvalidPhoneCode, WeChatError, WeChatUnavailable
+from gateway.errors import GatewayError, InvalidPhoneCode, WeChatError, WeChatUnavailable
 from gateway.keys import Keyring
 from gateway.wechat import AccessTokenRejected, WeChatClient
 
@@ -440,6 +440,39 @@ async def test_wechat_that_keeps_rejecting_is_retried_once_only(
     assert sim.calls("getuserphonenumber") == 2
     # Normal mode gave the rejected token back: one force (the gate allows it), one retry.
     assert forced(sim) == [False, False, True]
+
+
+@pytest.mark.parametrize("code,raised", [
+    ("errstr-40001-x", AccessTokenRejected),
+    ("errstr-42001-x", AccessTokenRejected),
+    ("errstr-40029-x", InvalidPhoneCode),
+    ("errstr--1-x", WeChatUnavailable),
+    ("errstr-oops-x", WeChatError),
+])
+async def test_string_errcodes_are_read_as_numbers(
+        sim: Sim, replicas: Replicas, code: str, raised: type[Exception]) -> None:
+    [manager] = await replicas(1, sim.url)
+    with pytest.raises(raised) as caught:
+        await manager.call(APP, lambda t: wechat_of(manager).phone_number(t, code))
+    assert type(caught.value) is raised
+    rejected = raised is AccessTokenRejected
+    assert sim.calls("getuserphonenumber") == (2 if rejected else 1)  # retried only if rejected
+
+
+@pytest.mark.parametrize("errcode,code", [("45009", "rate_limited"), ("-1", "wechat_unavailable"),
+                                          ("n/a", "wechat_error")])
+async def test_string_errcode_from_stable_token(
+        aiohttp_server: Any, replicas: Replicas, errcode: str, code: str) -> None:
+    async def refuse(request: web.Request) -> web.Response:
+        return web.Response(text=json.dumps({"errcode": errcode, "errmsg": "x"}),
+                            content_type="text/plain")
+    app = web.Application()
+    app.router.add_post("/cgi-bin/stable_token", refuse)
+    server = await aiohttp_server(app)
+    [manager] = await replicas(1, f"http://127.0.0.1:{server.port}")
+    with pytest.raises(GatewayError) as caught:
+        await manager.get(APP)
+    assert caught.value.code == code
 
 
 async def test_other_wechat_errors_are_not_retried(sim: Sim, replicas: Replicas) -> None:

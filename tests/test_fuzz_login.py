@@ -66,7 +66,7 @@ ERRORS: dict[int, set[str]] = {
 ALLOWED_STATUSES = {200, *ERRORS}
 
 # Codes the simulator turns into a fault (gateway/simulator.py); anything else logs in.
-_SIM_FAULT = re.compile(r"^((errcode|slow|http)-(-?\d+)-|garbage-|reset-|noopenid-)")
+_SIM_FAULT = re.compile(r"^((errcode|slow|http)-(-?\d+)-|errstr--?[^-]*-|garbage-|reset-|noopenid-)")
 
 _ABSENT = object()  # a key left out of the object altogether
 

@@ -197,6 +197,15 @@ async def test_single_app_accepts_its_appid_explicitly(gw: TestClient) -> None:
     ("errcode-99999-x", 502, "wechat_error"),
     ("errcode-40125-x", 502, "wechat_error"),
     ("errcode-41008-x", 502, "wechat_error"),
+    # errcode as a JSON string, read as the number it spells
+    ("errstr-40029-x", 401, "invalid_code"),
+    ("errstr-40163-x", 401, "invalid_code"),
+    ("errstr-40226-x", 403, "user_blocked"),
+    ("errstr-45011-x", 429, "rate_limited"),
+    ("errstr--1-x", 503, "wechat_unavailable"),
+    ("errstr-99999-x", 502, "wechat_error"),
+    ("errstr-busy-x", 502, "wechat_error"),
+    ("errstr--x", 502, "wechat_error"),
     ("http-500-x", 502, "wechat_error"),
     ("http-502-x", 502, "wechat_error"),
     ("http-404-x", 502, "wechat_error"),
@@ -248,6 +257,32 @@ async def test_reply_without_openid_or_session_key_is_wechat_error(
     resp = await gw2.post("/auth/login", json={"code": fresh()})
     await expect_error(resp, 502, "wechat_error")
     assert len(scripted.queries) == 1
+    assert await redis.keys(f"{key_prefix}*") == []
+
+
+@pytest.mark.parametrize("errcode,status,error", [
+    ("40029", 401, "invalid_code"),
+    (40029.0, 401, "invalid_code"),
+    ("-1", 503, "wechat_unavailable"),
+    (" 40029", 502, "wechat_error"),  # int() would strip it; WeChat never pads
+    ("4_0029", 502, "wechat_error"),  # int() would accept it
+    ("\u0664\u0660\u0660\u0662\u0669", 502, "wechat_error"),  # Arabic-Indic digits
+    ("40029.0", 502, "wechat_error"),
+    (40029.5, 502, "wechat_error"),
+    (True, 502, "wechat_error"),
+    ([40029], 502, "wechat_error"),
+    ("9" * 5000, 502, "wechat_error"),
+])
+async def test_errcode_is_read_as_a_number_strictly(
+        with_wechat: Any, scripted: ScriptedWeChat, redis: Any, key_prefix: str,
+        errcode: Any, status: int, error: str) -> None:
+    async def answer(request: web.Request) -> web.Response:
+        return text_plain({"errcode": errcode, "errmsg": "x", "openid": "o-x",
+                           "session_key": "c2s="})
+    scripted.reply = answer
+    gw2 = await with_wechat(scripted.url)
+    resp = await gw2.post("/auth/login", json={"code": fresh()})
+    await expect_error(resp, status, error)
     assert await redis.keys(f"{key_prefix}*") == []
 
 
