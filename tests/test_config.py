@@ -84,6 +84,7 @@ def test_minimal_config_takes_every_documented_default() -> None:
     assert cfg.redis.timeout == 1.0
     assert cfg.wechat.api_base == URL("https://api.weixin.qq.com")
     assert cfg.wechat.timeout == 5.0
+    assert cfg.wechat.force_refresh is True
     assert cfg.session.ttl == 7 * 86400.0
     assert cfg.session.signing_keys == (SIGNING_KEY.encode(),)
     assert cfg.auth_prefix == "/auth"
@@ -444,6 +445,19 @@ def test_wechat_api_base_is_validated_like_an_upstream() -> None:
                  "wechat.api_base")
     with_problem(problems(modified(lambda d: d.update(wechat={"api_base": "ftp://x"}))),
                  "wechat.api_base")
+
+
+@pytest.mark.parametrize("value,expected", [(False, False), ("false", False), (True, True),
+                                            ("true", True)])
+def test_wechat_force_refresh_is_a_boolean(value: Any, expected: bool) -> None:
+    cfg = parse(modified(lambda d: d.update(wechat={"force_refresh": value})))
+    assert cfg.wechat.force_refresh is expected
+
+
+@pytest.mark.parametrize("value", ["no", 0, "sometimes", [True]])
+def test_wechat_force_refresh_rejects_anything_else(value: Any) -> None:
+    with_problem(problems(modified(lambda d: d.update(wechat={"force_refresh": value}))),
+                 "wechat.force_refresh", "expected true or false")
 
 
 # --- routes --------------------------------------------------------------------------------
