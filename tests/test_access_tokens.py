@@ -429,6 +429,50 @@ async def test_another_holder_forcing_is_followed_in_normal_mode(
     assert sim.state.tokens[theirs][0] == APPID  # still valid for the other holder
 
 
+async def test_gateway_with_force_refresh_off_answers_503_and_never_forces(
+        make_gateway: GatewayFactory, aiohttp_server: Any) -> None:
+    sim = await start_sim(aiohttp_server)
+    gw = await make_gateway(wechat={"api_base": sim.url, "timeout": "2s",
+                                    "force_refresh": False})
+    session = await login(gw)
+    resp = await gw.post("/auth/phone", json={"code": "p1"}, headers=bearer(session["token"]))
+    assert resp.status == 200, await resp.text()
+    sim.state.reject_access_token(APPID)
+    for code in ("p2", "p3"):
+        resp = await gw.post("/auth/phone", json={"code": code},
+                             headers=bearer(session["token"]))
+        await expect_error(resp, 503, "wechat_unavailable")
+    assert sim.state.force_calls[APPID] == 0 and not any(forced(sim))
+
+
+async def test_simulator_stable_token_follows_the_doc(sim: Sim) -> None:
+    async def ask(force: bool) -> dict[str, Any]:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{sim.url}/cgi-bin/stable_token", json={
+                    "grant_type": "client_credential", "appid": APPID, "secret": SECRET,
+                    "force_refresh": force}) as resp:
+                reply: dict[str, Any] = json.loads(await resp.text())
+        return reply
+
+    first = await ask(False)
+    await asyncio.sleep(1.1)
+    again = await ask(False)  # normal mode: the same token, its remaining lifetime
+    assert again["access_token"] == first["access_token"]
+    assert again["expires_in"] < first["expires_in"] == 7200
+    forced_once = await ask(True)  # revokes the previous one
+    assert forced_once["access_token"] != first["access_token"]
+    assert first["access_token"] not in sim.state.tokens
+    within_30s = await ask(True)  # ignored: the current token, nothing revoked
+    assert within_30s["access_token"] == forced_once["access_token"]
+    assert forced_once["access_token"] in sim.state.tokens
+    assert sim.state.force_calls[APPID] == 2
+    sim.state.force_interval = 0
+    for _ in range(19):  # 20 effective forces a day (the one ignored does not count)
+        assert "access_token" in await ask(True)
+    assert (await ask(True))["errcode"] == 45009
+    assert sim.state.force_calls[APPID] == 22
+
+
 @pytest.mark.parametrize("errcode", [40001, 42001, 40014])
 async def test_wechat_that_keeps_rejecting_is_retried_once_only(
         sim: Sim, replicas: Replicas, errcode: int) -> None:
