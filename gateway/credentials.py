@@ -144,6 +144,11 @@ class AccessTokens:
             log.warning("WeChat rejects the access_token for %s that it still hands out; "
                         "forcing a new one (this revokes it for every other holder)", app.appid)
             fresh = await self._wechat.stable_token(app, force_refresh=True)
+            if fresh.token == rejected:
+                # WeChat ignores a force within 30 s of another holder's: nothing to retry with.
+                log.warning("WeChat ignored the forced access_token refresh for %s", app.appid)
+                self._stuck[app.appid] = (rejected, time.time() + _RETRY_PAUSE)
+                raise WeChatUnavailable(_STUCK)
         now = time.time()
         entry: dict[str, Any] = {"token": fresh.token, "refresh_at": now + fresh.expires_in * REFRESH_AT,
                  "expires_at": now + fresh.expires_in}

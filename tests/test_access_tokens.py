@@ -391,6 +391,26 @@ async def test_force_is_gated_for_30_seconds_across_replicas(
     assert sim.state.force_calls[APPID] == 1
 
 
+async def test_force_that_wechat_ignores_fails_the_call_without_looping(
+        sim: Sim, replicas: Replicas) -> None:
+    """Our gate is free but another holder forced under 30 s ago: WeChat ignores our force and
+    returns the rejected token again. 503 at once, no retry with a token known to be refused,
+    never a second force."""
+    [manager] = await replicas(1, sim.url)
+    await manager.get(APP)
+    sim.state.forced_at[APPID] = [time.time()]  # someone else's force, a moment ago
+    sim.state.reject_access_token(APPID)
+    with pytest.raises(WeChatUnavailable):
+        await manager.call(APP, lambda t: wechat_of(manager).phone_number(t, "ignored"))
+    assert forced(sim) == [False, False, True]
+    assert sim.calls("getuserphonenumber") == 1
+    await asyncio.sleep(1.1)
+    with pytest.raises(WeChatUnavailable):  # and our gate now holds for 30 s
+        await manager.call(APP, lambda t: wechat_of(manager).phone_number(t, "ignored-2"))
+    assert forced(sim) == [False, False, True, False]
+    assert sim.state.force_calls[APPID] == 1
+
+
 async def test_force_refresh_off_never_forces(
         sim: Sim, replicas: Replicas, redis: aioredis.Redis, key_prefix: str) -> None:
     [manager] = await replicas(1, sim.url, force_refresh=False)
