@@ -209,6 +209,8 @@ async def stable_token(request: web.Request) -> web.StreamResponse:
     try:
         body = await request.json()
     except ValueError:
+        body = None
+    if not isinstance(body, dict):
         return _reply({"errcode": 47001, "errmsg": "data format error"})
     appid, secret = body.get("appid", ""), body.get("secret", "")
     if body.get("grant_type") != "client_credential":
