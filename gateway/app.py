@@ -163,7 +163,9 @@ def dispatcher(app: web.Application, routed: Callable[[web.BaseRequest], Awaitab
 def _refuse_http09(request: web.Request) -> web.StreamResponse:
     """A request line without a version (HTTP/0.9, which llhttp accepts): no headers could be
     checked and none answered, so it is refused, in HTTP/1.1, and the connection closed."""
-    request._version = HttpVersion11  # the status line echoes it
+    # The status line echoes the request's version (a reified property: cached already).
+    request._version = HttpVersion11
+    request._cache.pop("version", None)
     response = error_response(InvalidRequest("the request line has no HTTP version"))
     response.force_close()
     return response

@@ -184,8 +184,7 @@ async def _continue(request: web.Request) -> None:
 def body_refused(request: web.BaseRequest) -> bool:
     """A client waiting for "100 Continue" was answered without it: its body, if it sends it
     anyway, must not be read, so the connection closes after the answer."""
-    return ("Expect" in request.headers and not request.get(CONTINUED)
-            and request.body_exists and not request.content.is_eof())
+    return "Expect" in request.headers and not request.get(CONTINUED) and request.body_exists
 
 
 async def _request_body(request: web.Request) -> pool.Body:
