@@ -121,8 +121,9 @@ async def _pipeline(request: web.Request, handler: endpoints.Handler) -> web.Str
         proxy.close_after_upgrade_attempt(request, response)
         if proxy.body_refused(request):
             response.force_close()
-            await response.prepare(request)
-            await response.write_eof()
+            with contextlib.suppress(ConnectionError):  # the client may be gone already
+                await response.prepare(request)
+                await response.write_eof()
             # Closed now: aiohttp would otherwise read (and discard) the body for a while.
             request.protocol.force_close()
     label = request.get(ROUTE_LABEL) or _resource_label(request)

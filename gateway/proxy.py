@@ -140,7 +140,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
             raise InvalidRequest("a WebSocket upgrade request must not have a body")
         url = URL(f"{route.origin}{route.base_path}{request.raw_path}", encoded=True)
         # A factory: no coroutine exists unless the relay gets as far as needing it.
-        end = functools.partial(session_end, services, identity) if identity else None
+        end = (functools.partial(session_end, services, identity) if identity is not None
+               else None)
         return await websocket.relay(request, services.http, url, headers, route.timeout, end)
 
     await _continue(request)
