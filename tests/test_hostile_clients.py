@@ -18,10 +18,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import aiohttp
 import pytest
@@ -222,6 +224,47 @@ async def test_loose_identity_spellings_never_reach_a_starlette_upstream(
         # Served through CGI/WSGI instead, no variable would hold anything but the identity.
         variables = {v for k, _ in seen.headers[-1] for v in cgi_variables(k)}
         assert bool(variables & IDENTITY_VARIABLES) == bool(auth), seen.headers[-1]
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def wsgi_upstream() -> Iterator[tuple[str, list[dict[str, str]]]]:
+    """Python's reference WSGI server (wsgiref, what Django's runserver builds on), recording
+    each request's ``HTTP_*`` environ variables."""
+    environs: list[dict[str, str]] = []
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        environs.append({k: v for k, v in environ.items() if k.startswith("HTTP_")})
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+        return [b"ok"]
+
+    server = make_server("127.0.0.1", 0, app, handler_class=_QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", environs
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+async def test_loose_identity_spellings_never_reach_a_wsgi_environ(
+        running: Running, wsgi_upstream: tuple[str, list[dict[str, str]]]) -> None:
+    url, environs = wsgi_upstream
+    gw = await running(url)
+    session = await login(gw)
+    lines = [f"{name}: {SPOOF}".encode() for name in HOSTILE_NAMES]
+    for path, auth in (("/api/p", [token_line(session)]), ("/public/p", [])):
+        resp = await gw.raw(build_request("GET", path, [*lines, *auth]))
+        assert resp.status == 200, (path, resp.body)
+        environ = environs[-1]
+        assert not any(SPOOF in v for v in environ.values()), environ
+        # wsgiref joins X-WX-OpenID and X_WX_OpenID into one variable: only the real one
+        assert environ.get("HTTP_X_WX_OPENID") == (session["openid"] if auth else None), environ
 
 
 # --- 2. header values that are not UTF-8 ------------------------------------------------------
