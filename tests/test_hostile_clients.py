@@ -378,7 +378,7 @@ async def test_expect_on_a_protected_route_without_token_gets_401_without_100_an
             # The whole answer and the close come without the client sending its body
             # (aiohttp would otherwise wait up to 10 s for it, reading it).
             data = await asyncio.wait_for(reader.read(), WAIT)
-            assert time.monotonic() - started < 2.0
+            assert time.monotonic() - started < 5.0  # aiohttp's lingering read: 10 s
         finally:
             writer.close()
         assert b"100 Continue" not in data, data
@@ -452,10 +452,8 @@ async def test_websocket_upgrade_with_a_body_is_refused(
     else:
         payload = build_request("GET", "/public/ws", [*UPGRADE, b"Transfer-Encoding: chunked"])
         payload += b"5\r\nhello\r\n0\r\n\r\n"
-    started = time.monotonic()
     resp = await gw.raw(payload)
-    await expect_error(resp, 400, "invalid_request")
-    assert time.monotonic() - started < 1.5  # not the route's 2 s timeout
+    await expect_error(resp, 400, "invalid_request")  # not 504 after the route's timeout
     assert upstream.seen == []
 
 
