@@ -11,7 +11,7 @@ import time
 from typing import AsyncIterator, Awaitable, Callable
 
 import aiohttp
-from aiohttp import web
+from aiohttp import HttpVersion10, HttpVersion11, web
 from aiohttp.web_urldispatcher import UrlMappingMatchInfo
 
 from . import endpoints, proxy, sessions
@@ -119,6 +119,13 @@ async def _pipeline(request: web.Request, handler: endpoints.Handler) -> web.Str
     if not response.prepared:
         response.headers["X-Request-ID"] = request_id
         proxy.close_after_upgrade_attempt(request, response)
+        if proxy.body_refused(request):
+            response.force_close()
+            with contextlib.suppress(ConnectionError):  # the client may be gone already
+                await response.prepare(request)
+                await response.write_eof()
+            # Closed now: aiohttp would otherwise read (and discard) the body for a while.
+            request.protocol.force_close()
     label = request.get(ROUTE_LABEL) or _resource_label(request)
     request[ROUTE_LABEL] = label
     request.app[METRICS].answered(label, response.status, time.perf_counter() - started)
@@ -127,10 +134,11 @@ async def _pipeline(request: web.Request, handler: endpoints.Handler) -> web.Str
 
 def dispatcher(app: web.Application, routed: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
                ) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
-    """The server's request handler. Gateway endpoints (and any request with ``Expect``, which
-    the router's expect handler answers) go through ``routed``, aiohttp's router and
-    middleware; every other path can only reach the catch-all proxy route, so it goes to the
-    same pipeline directly: the router's per-request work was a tenth of a proxied request."""
+    """The server's request handler. Gateway endpoints go through ``routed``, aiohttp's router
+    and middleware; every other path can only reach the catch-all proxy route, so it goes to
+    the same pipeline directly: the router's per-request work was a tenth of a proxied
+    request. That also keeps the router's ``Expect`` handler, which sends "100 Continue"
+    before any middleware runs, away from proxied requests: they answer it once authorised."""
     catch_all = next((r for r in app.router.routes() if r.handler is proxy.handle), None)
     if catch_all is None:  # not a gateway (the demo serves its other apps with our runner)
         return routed
@@ -142,13 +150,26 @@ def dispatcher(app: web.Application, routed: Callable[[web.BaseRequest], Awaitab
 
     async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
         assert isinstance(request, web.Request)  # the app's request_factory makes them
+        if request.version < HttpVersion10:
+            return _refuse_http09(request)
         # path_safe: what the router itself matches endpoints on
-        if request.rel_url.path_safe in endpoint_paths or "Expect" in request.headers:
+        if request.rel_url.path_safe in endpoint_paths:
             return await routed(request)
         request._match_info = match_info  # what the router would have set; request.app needs it
         return await _pipeline(request, proxy.handle)
 
     return dispatch
+
+
+def _refuse_http09(request: web.Request) -> web.StreamResponse:
+    """A request line without a version (HTTP/0.9, which llhttp accepts): no headers could be
+    checked and none answered, so it is refused, in HTTP/1.1, and the connection closed."""
+    # The status line echoes the request's version (a reified property: cached already).
+    request._version = HttpVersion11
+    request._cache.pop("version", None)
+    response = error_response(InvalidRequest("the request line has no HTTP version"))
+    response.force_close()
+    return response
 
 
 def _resource_label(request: web.Request) -> str:

@@ -6,6 +6,7 @@ operator fixes a file in one pass. Nothing reads YAML or the environment after t
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import re
@@ -40,6 +41,7 @@ _RESERVED_HEADERS = frozenset({
     "forwarded", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id",
     "via", "sec-websocket-key", "sec-websocket-version", "sec-websocket-protocol",
     "sec-websocket-extensions", "sec-websocket-accept", "www-authenticate"})
+_NOT_ALNUM = re.compile(r"[^0-9a-z]")
 
 
 def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
@@ -127,7 +129,7 @@ class _ConfigReader(Reader):
         ttl = self.optional(key, s, "ttl", self.duration, d.ttl)
         issuer = self.optional(key, s, "issuer", self.string, d.issuer)
         if header is not None and (not _HEADER_NAME_RE.match(header)
-                                   or spelling(header) in _RESERVED_HEADERS
+                                   or spelling(header) in _RESERVED_SPELLINGS
                                    or spelling(header) in {spelling(n) for n in (
                                        headers.names() if headers else ())}):
             self.fail(f"{key}.header", f"{header!r} is not a free, valid header name")
@@ -368,7 +370,7 @@ class _ConfigReader(Reader):
                 self.fail(key, f"{text!r} is not a valid HTTP header name")
             elif spelling(text) in {spelling(n) for n in names.values()}:
                 self.fail(key, f"{text!r} is already used for another identity header")
-            elif spelling(text) in _RESERVED_HEADERS:
+            elif spelling(text) in _RESERVED_SPELLINGS:
                 self.fail(key, f"{text!r} is a header the gateway or HTTP itself uses")
             else:
                 names[name] = text
@@ -451,9 +453,24 @@ def _route_path(text: str) -> str | None:
     return trimmed
 
 
+@functools.lru_cache(maxsize=4096)  # folded on every request, for every header
 def spelling(name: str) -> str:
-    """A header name as frameworks may read it: any case, '_' for '-'."""
-    return name.strip().lower().replace("_", "-")
+    """A header name reduced to what any upstream framework may read it as: case folded,
+    every character but letters and digits removed, and a CGI-style ``HTTP_``/``HTTP-``
+    prefix dropped. Two names with the same spelling must be treated as the same header.
+
+    CGI and WSGI (RFC 3875 §4.1.18, PEP 3333) hand headers over as ``HTTP_`` + the name
+    upper-cased with ``-`` as ``_``, so ``X-WX-OpenID`` and ``X_WX_OpenID`` meet in one
+    variable; Apache httpd's ``ap_create_environment`` (server/util_script.c) turns every
+    other non-alphanumeric character into ``_`` too (``X.WX.OpenID``); Django, Werkzeug,
+    Rack and PHP read those variables, and hand-rolled ones accept a name that already
+    carries the prefix.
+    """
+    folded = _NOT_ALNUM.sub("", name.lower())
+    return folded[4:] if folded.startswith("http") else folded
+
+
+_RESERVED_SPELLINGS = frozenset(map(spelling, _RESERVED_HEADERS))
 
 
 def _base_path(r: Reader, key: str, url: URL, text: str) -> str | None:

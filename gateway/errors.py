@@ -83,6 +83,10 @@ class PayloadTooLarge(GatewayError):
     status, code = 413, "payload_too_large"
 
 
+class ExpectationFailed(GatewayError):
+    status, code = 417, "expectation_failed"
+
+
 class HeadersTooLarge(GatewayError):
     status, code = 431, "request_header_fields_too_large"
 

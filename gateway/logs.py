@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import time
 from datetime import datetime, timezone
 from typing import Any
@@ -25,6 +26,25 @@ from .settings import LoggingConfig
 
 ACCESS = "gateway.access"
 _FIELDS = "fields"  # LogRecord attribute holding a line's structured fields
+
+
+# Token-shaped text: a JWT (its header, base64url JSON, always starts "eyJ") or whatever follows
+# "Bearer". Redacted from every line, whoever wrote it: aiohttp, for one, logs the subprotocols
+# a WebSocket client offers, where browser clients put their tokens, in full.
+_TOKENISH = re.compile(r"eyJ[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]*){0,2}"
+                       r"|(?i:bearer)(?:\s|%20|\+)+[^\s\"'\\,;&]+")
+REDACTED = "[redacted]"
+
+
+def redact(line: str) -> str:
+    if "eyJ" not in line and "bearer" not in line.lower():  # most lines: 0.4 µs, not 2.5
+        return line
+    return _TOKENISH.sub(_redacted, line)
+
+
+def _redacted(match: re.Match[str]) -> str:
+    text = match.group()
+    return REDACTED if text.startswith("eyJ") else f"{text[:6]} {REDACTED}"
 
 
 FLUSH_INTERVAL = 0.5  # seconds an INFO line may wait in the buffer (Envoy's access logs: 1 s)
@@ -103,7 +123,7 @@ class BufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
     flush) each. INFO lines wait at most FLUSH_INTERVAL; a warning or worse flushes at once
     (after what was buffered, so order holds), as does 64 KiB of lines or a line logged
     outside the event loop. Process exit flushes (logging.shutdown); SIGKILL may lose up to
-    FLUSH_INTERVAL of access lines."""
+    FLUSH_INTERVAL of access lines. Every line, from any logger, is ``redact``-ed."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -113,7 +133,7 @@ class BufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            line = self.format(record)
+            line = redact(self.format(record))
         except Exception:
             self.handleError(record)
             return

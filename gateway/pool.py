@@ -147,6 +147,10 @@ class Pool:
                 # 1xx are interim (100 Continue, 103 Early Hints): the final answer follows.
                 if not 100 <= message.code < 200 or message.code == 101:
                     break
+            if message.code == 101 and "Upgrade" not in headers:
+                # RFC 9110 §15.2.2: a server switches only to a protocol the request asked
+                # for; the connection now speaks something nobody asked to relay.
+                raise HttpProcessingError(message="101 Switching Protocols, unasked")
         except BaseException:
             if sender is not None:
                 sender.cancel()

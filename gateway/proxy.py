@@ -8,7 +8,7 @@ import logging
 import time
 from urllib.parse import unquote
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -16,8 +16,8 @@ from . import pool, websocket
 from .auth import Identity, bearer_token
 from .config import Config, IdentityHeaders, Route, spelling
 from .forwarded import forwarded_headers
-from .errors import (AppForbidden, InvalidPath, NotFound, StoreUnavailable, Unauthorized,
-                     UpstreamTimeout, UpstreamUnavailable)
+from .errors import (AppForbidden, ExpectationFailed, InvalidPath, InvalidRequest, NotFound,
+                     StoreUnavailable, Unauthorized, UpstreamTimeout, UpstreamUnavailable)
 from .services import IDENTITY, REQUEST_ID, ROUTE_LABEL, SERVICES, UPSTREAM_SECONDS, Services
 
 log = logging.getLogger("gateway.proxy")
@@ -30,6 +30,8 @@ _REPLACED = frozenset({"host", "authorization", "forwarded", "x-forwarded-for",
                        "x-forwarded-proto", "x-forwarded-host", "x-request-id", "expect"})
 _SMALL_BODY = 64 * 1024
 SESSION_RECHECK = 15.0  # seconds between checks that an open WebSocket's session still lives
+# Set once "100 Continue" went out: the client was told to send its body.
+CONTINUED = web.RequestKey("continued", bool)
 
 
 def request_path(raw_path: str) -> str:
@@ -70,7 +72,7 @@ def close_after_upgrade_attempt(request: web.Request, response: web.StreamRespon
 @functools.lru_cache(maxsize=8)
 def _dropped(names: IdentityHeaders, assertion: str) -> frozenset[str]:
     """Request headers never forwarded, as spelled by ``spelling``: built once per config."""
-    return HOP_BY_HOP | _REPLACED | {spelling(n) for n in (*names.names(), assertion)}
+    return frozenset(map(spelling, (*HOP_BY_HOP, *_REPLACED, *names.names(), assertion)))
 
 
 def forward_headers(request: web.Request, identity: Identity | None, services: Services,
@@ -78,12 +80,14 @@ def forward_headers(request: web.Request, identity: Identity | None, services: S
     config = services.config
     drop = _dropped(config.identity_headers, config.identity_assertion.header)
     if "Connection" in request.headers:
-        drop = drop | websocket.connection_tokens(request.headers)
+        drop = drop | {spelling(t) for t in websocket.connection_tokens(request.headers)}
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in request.headers.items():
         # Clients (and some proxies) spell header names loosely; any spelling that an upstream
         # framework could read as an identity header is a forgery attempt and goes.
         if spelling(name) not in drop:
+            if not value.isascii() and _undecodable(value):
+                raise InvalidRequest(f"the value of {name} is not valid UTF-8")
             out.add(name, value)
     out.update(forwarded_headers(request, config))
     out["X-Request-ID"] = request_id
@@ -95,6 +99,17 @@ def forward_headers(request: web.Request, identity: Identity | None, services: S
             out[config.identity_assertion.header] = services.asserter.assertion(
                 identity.session, route.audience or route.origin)
     return out
+
+
+def _undecodable(value: str) -> bool:
+    """Whether a parsed header value holds bytes that were not UTF-8 (obs-text such as
+    ``\\xff``). aiohttp's parser keeps them as surrogate escapes and its header writer
+    silently drops those, so such a value could only be forwarded altered."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def identity_headers(identity: Identity, config: Config) -> dict[str, str]:
@@ -119,10 +134,17 @@ async def handle(request: web.Request) -> web.StreamResponse:
     identity = await _authenticate(request, route)
     headers = forward_headers(request, identity, services, route, request[REQUEST_ID])
     if websocket.is_upgrade(request):
+        if request.content_length or "Transfer-Encoding" in request.headers:
+            # Once upgraded, the connection carries frames: a body has nowhere to go (and
+            # aiohttp's parser would wait for it, as frames, until the timeout).
+            raise InvalidRequest("a WebSocket upgrade request must not have a body")
         url = URL(f"{route.origin}{route.base_path}{request.raw_path}", encoded=True)
-        end = session_end(services, identity) if identity is not None else None
+        # A factory: no coroutine exists unless the relay gets as far as needing it.
+        end = (functools.partial(session_end, services, identity) if identity is not None
+               else None)
         return await websocket.relay(request, services.http, url, headers, route.timeout, end)
 
+    await _continue(request)
     body = await _request_body(request)
     started = time.perf_counter()
     # The route's timeout bounds the whole exchange, the upstream's body included (_relay).
@@ -144,6 +166,26 @@ async def handle(request: web.Request) -> web.StreamResponse:
         return await _relay(request, upstream, deadline)
     finally:
         upstream.release()
+
+
+async def _continue(request: web.Request) -> None:
+    """Answer ``Expect`` only now that the request is authorised: a client that waits for
+    "100 Continue" sends no body to a request that will be refused (RFC 9110 §10.1.1)."""
+    expect = request.headers.get("Expect")
+    if expect is None:
+        return
+    if expect.strip().lower() != "100-continue":
+        raise ExpectationFailed(f"the expectation {expect[:64]!r} is not supported")
+    if request.version >= HttpVersion11 and request.body_exists:
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the final response has not started (as aiohttp does)
+    request[CONTINUED] = True
+
+
+def body_refused(request: web.BaseRequest) -> bool:
+    """A client waiting for "100 Continue" was answered without it: its body, if it sends it
+    anyway, must not be read, so the connection closes after the answer."""
+    return "Expect" in request.headers and not request.get(CONTINUED) and request.body_exists
 
 
 async def _request_body(request: web.Request) -> pool.Body:
@@ -207,6 +249,9 @@ async def _relay(request: web.Request, upstream: pool.Exchange,
                  deadline: float) -> web.StreamResponse:
     drop = HOP_BY_HOP | websocket.connection_tokens(upstream.headers)
     headers = CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in drop)
+    if any(not v.isascii() and _undecodable(v) for v in headers.values()):
+        log.warning("upstream for %s sent a header value that is not UTF-8", request[ROUTE_LABEL])
+        raise UpstreamUnavailable("the upstream's response has a header value that is not UTF-8")
     headers["X-Request-ID"] = request[REQUEST_ID]
     length = upstream.content_length
     if length is not None and length <= _SMALL_BODY and request.method != "HEAD":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Coroutine
+from typing import Any, Callable, Coroutine
 
 import aiohttp
 from aiohttp import WSMsgType, web
@@ -34,9 +34,10 @@ def is_upgrade(request: web.Request) -> bool:
 
 async def relay(request: web.Request, http: aiohttp.ClientSession, url: URL,
                 headers: CIMultiDict[str], handshake_timeout: float,
-                session_end: Coroutine[Any, Any, None] | None = None) -> web.StreamResponse:
-    """Relay a WebSocket; ``session_end`` completes when the user's session ends (logout),
-    which closes both sides with 1008."""
+                session_end: Callable[[], Coroutine[Any, Any, None]] | None = None
+                ) -> web.StreamResponse:
+    """Relay a WebSocket; ``session_end()`` completes when the user's session ends (logout),
+    which closes both sides with 1008. It is called only once both sides are connected."""
     protocols = [p.strip() for v in request.headers.getall("Sec-WebSocket-Protocol", [])
                  for p in v.split(",") if p.strip()]
     for name in _HANDSHAKE:
@@ -77,7 +78,7 @@ async def relay(request: web.Request, http: aiohttp.ClientSession, url: URL,
     async with upstream:
         tasks = {asyncio.ensure_future(_pump(client, upstream)),
                  asyncio.ensure_future(_pump(upstream, client))}
-        ended = asyncio.ensure_future(session_end) if session_end is not None else None
+        ended = asyncio.ensure_future(session_end()) if session_end is not None else None
         try:
             done, _ = await asyncio.wait(tasks | ({ended} if ended else set()),
                                          return_when=asyncio.FIRST_COMPLETED)

@@ -33,6 +33,7 @@ from typing import Any, Iterable
 
 import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from checks import parse_json_lines, parse_lines
@@ -424,6 +425,61 @@ async def test_malformed_request_gets_one_access_line_and_no_traceback(
     assert len(access) == len(client.sent) + 2, [r["message"] for r in access]
     for record in access:
         assert "?" not in record["path"], record
+
+
+async def test_tokens_in_odd_places_never_reach_the_log_from_any_logger(
+        launch: Launch, redis_server: EmbeddedRedis, sim: TestServer, upstream: Upstream,
+        aiohttp_server: Any, app_secret: str) -> None:
+    """Tokens where no token belongs: offered as WebSocket subprotocols (what browser clients
+    do; aiohttp logs the offer when no protocol is agreed), in query strings, paths, other
+    headers, malformed Authorization headers and unparsable requests. At debug level, with
+    every library's logger, no piece of any of them is written."""
+    async def ws_handle(request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse()  # no subprotocols: none of the offered ones is chosen
+        await ws.prepare(request)
+        await ws.close()
+        return ws
+
+    ws_app = web.Application()
+    ws_app.router.add_get("/{tail:.*}", ws_handle)
+    ws_server = await aiohttp_server(ws_app)
+    data = gateway_config(redis_server.url, f"http://127.0.0.1:{sim.port}", upstream.url,
+                          app_secret, random_secret("sk-"), level="debug")
+    data["routes"] += [
+        {"path": "/ws", "upstream": f"http://127.0.0.1:{ws_server.port}", "auth": "required"},
+        {"path": "/pubws", "upstream": f"http://127.0.0.1:{ws_server.port}", "auth": "public"}]
+    async with aiohttp.ClientSession() as http:
+        gw, client = await launch_with_client(launch, data, http)
+        token = (await client.login(f"odd-{uuid.uuid4().hex}")).json()["token"]
+        stranger = fake_jwt()  # token-shaped, not ours: no more loggable
+        found = [Secret("token", token), Secret("token-looking value", stranger)]
+        for path, auth in (("/ws/chat", {"Authorization": f"Bearer {token}"}),
+                           ("/pubws/chat", {})):
+            async with http.ws_connect(f"{gw.url}{path}", headers=auth,
+                                       protocols=(token, stranger, "chat")) as ws:
+                await ws.receive()
+        await client.call("GET", f"/api/x?token={token}", token=token, expect=200)
+        await client.call("GET", f"/public/{token}/{stranger}", expect=200)
+        await client.call("GET", f"/nowhere/{token}?t={stranger}", expect=404)
+        for name in ("X-Token", "Cookie", "Referer", "Sec-WebSocket-Protocol"):
+            await client.call("GET", "/public/x", headers={name: f"t={token}"}, expect=200)
+        for value in (f"Bearer  {token}", f"Bearer {token} extra", f"Token {token}", token,
+                      f"bearer {stranger}", f"Basic {token}", f"Bearer {token}, Bearer x"):
+            await client.call("GET", "/api/x", headers={"Authorization": value})
+            await client.call("GET", "/auth/verify", headers={"Authorization": value})
+        for line in (b"Authorization: Bearer " + token.encode() + b"\x01",
+                     b"Bearer " + token.encode(), b"X-A: \xff" + token.encode(),
+                     token.encode() + b": x"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+            writer.write(b"GET /public/x HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n"
+                         + line + b"\r\n\r\n")
+            raw = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            assert raw.split(b" ", 2)[1] in (b"200", b"400"), raw[:200]
+    assert await gw.stop() == 0, gw.output()
+    output = gw.output()
+    assert "overlap" in output  # aiohttp's warning about the offered subprotocols was written
+    assert leaks(output, found) == []
 
 
 # --- storms -----------------------------------------------------------------------------------
