@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 import time
+import unicodedata
+from dataclasses import dataclass
 from urllib.parse import unquote
 
 from aiohttp import web
@@ -15,6 +18,7 @@ from yarl import URL
 from . import pool, websocket
 from .auth import Identity, bearer_token
 from .config import Config, IdentityHeaders, Route, spelling
+from .settings import AuthMode
 from .forwarded import forwarded_headers
 from .errors import (AppForbidden, InvalidPath, NotFound, StoreUnavailable, Unauthorized,
                      UpstreamTimeout, UpstreamUnavailable)
@@ -30,6 +34,9 @@ _REPLACED = frozenset({"host", "authorization", "forwarded", "x-forwarded-for",
                        "x-forwarded-proto", "x-forwarded-host", "x-request-id", "expect"})
 _SMALL_BODY = 64 * 1024
 SESSION_RECHECK = 15.0  # seconds between checks that an open WebSocket's session still lives
+# IIS decodes the non-standard %uXXXX escape (e.g. %u0061 for "a"); nothing else does.
+_IIS_ESCAPE = re.compile(r"%u[0-9a-f]{4}")
+_STRICTNESS: dict[AuthMode, int] = {"public": 0, "optional": 1, "required": 2}
 
 
 def request_path(raw_path: str) -> str:
@@ -38,7 +45,8 @@ def request_path(raw_path: str) -> str:
     The path is forwarded exactly as received, so rather than normalising it (and forwarding
     something the client did not send), every form that different servers could resolve
     differently is refused: dot segments, empty segments, encoded or back slashes, NUL and
-    control characters, invalid UTF-8 (overlong encodings), and double-encoded dots or slashes.
+    control characters, invalid UTF-8 (overlong encodings), double-encoded dots or slashes,
+    and IIS's %u escapes.
     """
     path = raw_path.partition("?")[0]
     if not path.startswith("/"):
@@ -46,18 +54,89 @@ def request_path(raw_path: str) -> str:
     lowered = path.lower()
     if "//" in path or "\\" in path or "%2f" in lowered or "%5c" in lowered:
         raise InvalidPath("the request path contains an empty segment or an (encoded) slash")
+    if "%u" in lowered and _IIS_ESCAPE.search(lowered):
+        raise InvalidPath("the request path contains a %u escape")
     try:
         decoded = unquote(path, errors="strict")
     except UnicodeDecodeError:
         raise InvalidPath("the request path is not valid UTF-8 once decoded") from None
+    _refuse_ambiguous(decoded)
+    return decoded
+
+
+def _refuse_ambiguous(decoded: str) -> None:
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in decoded):
         raise InvalidPath("the request path contains a control character")
-    # ";params" included: Tomcat, Jetty and Spring drop them before resolving "..;".
-    if any(seg.split(";", 1)[0] in (".", "..") for seg in decoded.split("/")):
-        raise InvalidPath("the request path contains a '.' or '..' segment")
-    if any(enc in decoded.lower() for enc in ("%2e", "%2f", "%5c")):
+    if "//" in decoded or "\\" in decoded:
+        raise InvalidPath("the request path contains an empty segment or a back slash")
+    # ";params" included: Tomcat, Jetty and Spring drop them before resolving "..;" (and
+    # collapse the "//" that "/;x/" leaves); so are trailing dots and spaces, which Windows
+    # drops (".. " is "..", "..." is "" to IIS).
+    segments = decoded.split("/")
+    for i, seg in enumerate(segments):
+        bare = seg.split(";", 1)[0]
+        if bare and not bare.rstrip(". "):
+            raise InvalidPath("the request path contains a '.' or '..' segment")
+        if seg and not bare and 0 < i < len(segments) - 1:
+            raise InvalidPath("the request path contains a segment of only ';params'")
+    lowered = decoded.lower()
+    if any(enc in lowered for enc in ("%2e", "%2f", "%5c")) or _IIS_ESCAPE.search(lowered):
         raise InvalidPath("the request path contains a double-encoded dot or slash")
-    return decoded
+
+
+@dataclass(frozen=True, slots=True)
+class Access:
+    """What a request must present: the strictest of every route its path could resolve to."""
+
+    auth: AuthMode
+    apps: tuple[tuple[str, ...], ...] = ()  # the token's appid must be in each of these
+    where: str = "/"  # the route that set ``apps``, for the error message
+
+
+def _resolutions(decoded: str) -> set[str]:
+    """The paths ``decoded`` may become in common upstream frameworks (case folding is left to
+    ``Config.routes_matching``): each transformation applied or not, in every combination."""
+    forms = {decoded}
+    if not decoded.isascii():
+        # Best-fit and NFKC decoders (IIS, some Java and .NET stacks) turn full-width letters
+        # and other compatibility forms into ASCII ones, which may then spell a route.
+        compat = unicodedata.normalize("NFKC", decoded)
+        if compat != decoded:
+            _refuse_ambiguous(compat)  # e.g. full-width "／．．／" would become "/../"
+            forms.add(compat)
+    # Tomcat, Jetty and Spring drop ";params" from every segment before mapping.
+    forms |= {"/".join(seg.split(";", 1)[0] for seg in f.split("/")) for f in forms}
+    # Windows (IIS) drops trailing dots and spaces from every segment.
+    forms |= {"/".join(seg.rstrip(". ") for seg in f.split("/")) for f in forms}
+    # Spring MVC's suffix pattern match (the default before Spring 5.3): "/admin.json" runs
+    # the handler mapped at "/admin".
+    forms |= {_without_suffix(f) for f in forms}
+    return forms
+
+
+def _without_suffix(path: str) -> str:
+    body = path.rstrip("/")
+    head, _, last = body.rpartition("/")
+    stem = last.partition(".")[0]
+    return f"{head}/{stem}{path[len(body):]}" if stem else path
+
+
+def access_for(config: Config, decoded: str, route: Route) -> Access:
+    """The auth ``route`` needs, made as strict as any route the path could resolve to in a
+    common upstream framework. Most paths (lower-case ASCII, no ";", no dot or space) have no
+    other resolution, and cost nothing more than the route lookup."""
+    if (not config.folds and decoded.isascii() and ";" not in decoded and "." not in decoded
+            and " " not in decoded and decoded == decoded.lower()):
+        if not route.apps:
+            return Access(route.auth)
+        return Access(route.auth, (route.apps,), route.path)
+    routes = {route}
+    for form in _resolutions(decoded):
+        routes.update(config.routes_matching(form))
+    strictest = max(routes, key=lambda r: _STRICTNESS[r.auth])
+    limited = sorted((r for r in routes if r.apps), key=lambda r: r.path)
+    return Access(strictest.auth, tuple(r.apps for r in limited),
+                  limited[-1].path if limited else route.path)
 
 
 def close_after_upgrade_attempt(request: web.Request, response: web.StreamResponse) -> None:
@@ -116,7 +195,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     if route is None:
         raise NotFound(f"no route for {path}")
     request[ROUTE_LABEL] = route.path
-    identity = await _authenticate(request, route)
+    identity = await _authenticate(request, access_for(services.config, path, route))
     headers = forward_headers(request, identity, services, route, request[REQUEST_ID])
     if websocket.is_upgrade(request):
         url = URL(f"{route.origin}{route.base_path}{request.raw_path}", encoded=True)
@@ -180,12 +259,12 @@ async def session_end(services: Services, identity: Identity) -> None:
             unwatch()
 
 
-async def _authenticate(request: web.Request, route: Route) -> Identity | None:
-    if route.auth == "public":
+async def _authenticate(request: web.Request, access: Access) -> Identity | None:
+    if access.auth == "public":
         return None
     authenticator = request.app[SERVICES].current.authenticator
     token = bearer_token(request.headers.getall("Authorization", []))
-    if route.auth == "required":
+    if access.auth == "required":
         hit = authenticator.cached(token) if token is not None else None
         # fresh: the cache was just asked; a miss goes to Redis (and fills the cache)
         identity = hit or await authenticator.authenticate(token, fresh=True)
@@ -197,8 +276,9 @@ async def _authenticate(request: web.Request, route: Route) -> Identity | None:
         except Unauthorized:
             return None  # optional: an invalid token just means anonymous
         # StoreUnavailable propagates: a token that cannot be checked is never downgraded.
-    if route.apps and identity.session.appid not in route.apps:
-        raise AppForbidden(f"tokens of {identity.session.appid} are not accepted on {route.path}")
+    if any(identity.session.appid not in apps for apps in access.apps):
+        raise AppForbidden(f"tokens of {identity.session.appid} are not accepted on "
+                           f"{access.where}")
     request[IDENTITY] = identity
     return identity
 

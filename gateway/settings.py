@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -100,9 +101,28 @@ class Route:
     preserve_host: bool = False
     apps: tuple[str, ...] = ()  # when set, only tokens of these appids are accepted
     audience: str | None = None  # the identity assertion's aud; None: the upstream's origin
+    # ``path`` as case-insensitive routers compare it, computed once per configuration
+    folded: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "folded", fold(self.path))
 
     def matches(self, path: str) -> bool:
         return self.path == "/" or path == self.path or path.startswith(self.path + "/")
+
+    def matches_folded(self, folded: str) -> bool:
+        """``matches`` for a path already passed through ``fold``."""
+        return (self.folded == "/" or folded == self.folded
+                or folded.startswith(self.folded + "/"))
+
+
+def fold(text: str) -> str:
+    """Case-folded the way case-insensitive servers compare: upper- then lower-casing maps
+    the look-alikes that fold onto ASCII (dotless ``ı``, long ``ſ``, the Kelvin sign) too, and
+    NFKC the compatibility forms (full-width letters) that best-fit decoders turn into ASCII."""
+    if text.isascii():
+        return text.lower()
+    return unicodedata.normalize("NFKC", text).upper().lower()
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +142,12 @@ class Config:
     workers: int = 1
     logging: LoggingConfig = LoggingConfig()
     identity_assertion: AssertionConfig = AssertionConfig()
+    # Whether some route's path has upper-case (or foldable) characters: then even a
+    # lower-case request path may resolve to it in a case-insensitive upstream.
+    folds: bool = field(init=False, repr=False, compare=False, default=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "folds", any(r.folded != r.path for r in self.routes))
 
     def is_trusted_proxy(self, address: str | None) -> bool:
         if not self.trusted_proxies or not address:
@@ -138,3 +164,19 @@ class Config:
     def route_for(self, path: str) -> Route | None:
         """The route with the longest prefix matching ``path`` (routes are kept longest first)."""
         return next((r for r in self.routes if r.matches(path)), None)
+
+    def routes_matching(self, path: str) -> list[Route]:
+        """Every route ``path`` could be routed to: its longest-prefix route compared exactly
+        and compared case-insensitively (where routes differing only in case tie, all of them)."""
+        found = []
+        exact = self.route_for(path)
+        if exact is not None:
+            found.append(exact)
+        folded = fold(path)
+        best: str | None = None
+        for route in self.routes:
+            if best is None and route.matches_folded(folded):
+                best = route.folded
+            if best is not None and route.folded == best and route is not exact:
+                found.append(route)
+        return found
