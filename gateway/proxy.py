@@ -70,12 +70,12 @@ def _refuse_ambiguous(decoded: str) -> None:
     if "//" in decoded or "\\" in decoded:
         raise InvalidPath("the request path contains an empty segment or a back slash")
     # ";params" included: Tomcat, Jetty and Spring drop them before resolving "..;" (and
-    # collapse the "//" that "/;x/" leaves); so are trailing dots and spaces, which Windows
-    # drops (".. " is "..", "..." is "" to IIS).
+    # collapse the "//" that "/;x/" leaves); so are trailing spaces, which Windows drops
+    # (".. " may become ".."). Three or more dots are a name to Windows, and stay allowed.
     segments = decoded.split("/")
     for i, seg in enumerate(segments):
         bare = seg.split(";", 1)[0]
-        if bare and not bare.rstrip(". "):
+        if bare in (".", "..") or (" " in bare and not bare.rstrip(". ")):
             raise InvalidPath("the request path contains a '.' or '..' segment")
         if seg and not bare and 0 < i < len(segments) - 1:
             raise InvalidPath("the request path contains a segment of only ';params'")
@@ -106,12 +106,18 @@ def _resolutions(decoded: str) -> set[str]:
             forms.add(compat)
     # Tomcat, Jetty and Spring drop ";params" from every segment before mapping.
     forms |= {"/".join(seg.split(";", 1)[0] for seg in f.split("/")) for f in forms}
-    # Windows (IIS) drops trailing dots and spaces from every segment.
-    forms |= {"/".join(seg.rstrip(". ") for seg in f.split("/")) for f in forms}
+    # Windows (IIS) drops trailing dots and spaces from names; a name left empty ("...")
+    # is taken as if absent.
+    forms |= {_without_trailing_dots(f) for f in forms}
     # Spring MVC's suffix pattern match (the default before Spring 5.3): "/admin.json" runs
     # the handler mapped at "/admin".
     forms |= {_without_suffix(f) for f in forms}
     return forms
+
+
+def _without_trailing_dots(path: str) -> str:
+    first, *middle, last = (seg.rstrip(". ") for seg in path.split("/"))
+    return "/".join([first, *(seg for seg in middle if seg), last])
 
 
 def _without_suffix(path: str) -> str:
