@@ -15,16 +15,36 @@ token of each of two apps.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
-from typing import Any
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator
 from urllib.parse import unquote
 
 import pytest
+import uvicorn
 from aiohttp.test_utils import TestClient
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Mount, Route
+from werkzeug.exceptions import HTTPException
+from werkzeug.routing import Map, Rule
+from werkzeug.serving import make_server
+from werkzeug.wrappers import Request as WerkzeugRequest
+from werkzeug.wrappers import Response as WerkzeugResponse
 
 from checks import expect_error
 from conftest import APPID, APPID2, TWO_APPS, GatewayFactory, Upstream, closed_port_url, login
-from rawhttp import raw_request
+from gateway.embedded import free_port
+from packages import debian_package
+from process import Launcher, child_env
+from rawhttp import RawResponse, build_request, raw_exchange, raw_request
 
 IDENTITY = ("x-wx-openid", "x-wx-unionid", "x-wx-appid")
 # route prefix → (auth, apps, the base path its upstream URL carries)
@@ -275,3 +295,161 @@ async def test_route_prefixes_with_upper_case_protect_lower_case_spellings(
     assert resp.status == 200
     assert re.search(r"x-wx-openid", str(upstream.last.headers), re.I)
     assert (await raw_request(client, "GET", "/other")).status == 200
+
+
+# --- real upstream frameworks, with a handler mounted at /pub/admin/ ----------------------------
+#
+# Each answers "admin" from the handler it maps at /pub/admin/ and "other" from anything else.
+# Asked directly, each shows which spellings it resolves to the admin handler (the reason for
+# the rules above); through the gateway, none of them ever runs that handler without a token.
+
+SERVLET = Path(__file__).resolve().parent / "servlet" / "AdminServer.java"
+TOMCAT_JARS = ("catalina", "servlet-api", "coyote", "util", "util-scan", "api", "juli",
+               "jaspic-api", "annotations-api")
+# What each framework is known to resolve to its /pub/admin/ handler, beyond the plain path.
+RESOLVES_TO_ADMIN = {
+    "starlette": {"/pub/%61dmin/users"},
+    "werkzeug": {"/pub/%61dmin/users"},
+    # Tomcat drops ;params from every segment (the way Jetty and Spring do), then resolves
+    # "..;" as ".." and collapses the "//" a ";x" segment leaves: both are refused.
+    "tomcat": {"/pub/%61dmin/users", "/pub/admin;x/users", "/pub/admin;/x",
+               "/pub/admin;jsessionid=0123ABCD/users", "/pub/admin;a=b;c=d/users",
+               "/pub/admin;x", "/pub/admin;x./users", "/pub;x/admin/users",
+               "/pub/x/..;/admin/users", "/pub/;x/admin/users", "/pub//admin/users"},
+}
+
+
+def starlette_app() -> Starlette:
+    async def admin(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("admin")
+
+    async def other(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("other")
+
+    return Starlette(routes=[Mount("/pub/admin", routes=[Route("/{rest:path}", admin)]),
+                             Route("/{rest:path}", other)])
+
+
+WERKZEUG_URLS = Map([Rule("/pub/admin/", endpoint="admin"),
+                     Rule("/pub/admin/<path:rest>", endpoint="admin"),
+                     Rule("/", endpoint="other"), Rule("/<path:rest>", endpoint="other")])
+
+
+@WerkzeugRequest.application  # type: ignore[misc]
+def werkzeug_app(request: WerkzeugRequest) -> WerkzeugResponse | HTTPException:
+    try:
+        endpoint, _ = WERKZEUG_URLS.bind_to_environ(request.environ).match()
+    except HTTPException as exc:
+        return exc
+    return WerkzeugResponse(str(endpoint), content_type="text/plain")
+
+
+async def serve_starlette(stack: contextlib.AsyncExitStack) -> int:
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(starlette_app(), host="127.0.0.1", port=port,
+                                           log_config=None, log_level="warning",
+                                           access_log=False))
+    task = asyncio.create_task(server.serve())
+
+    async def stop() -> None:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+
+    stack.push_async_callback(stop)
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if task.done() or time.monotonic() > deadline:
+            pytest.fail(f"uvicorn did not start: {task}")
+        await asyncio.sleep(0.01)
+    return port
+
+
+async def serve_werkzeug(stack: contextlib.AsyncExitStack) -> int:
+    # werkzeug's own development server (threaded), in a thread of this process
+    server = make_server("127.0.0.1", 0, werkzeug_app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        server.shutdown()
+        thread.join(10)
+
+    stack.callback(stop)
+    return int(server.server_port)
+
+
+def tomcat_classpath() -> str:
+    # Debian's libtomcat10-java holds Tomcat's classes (embeddable); javac comes with a JDK.
+    debian_package("libtomcat10-java",
+                   lambda: str(jar) if (jar := Path("/usr/share/java/tomcat10-catalina.jar"))
+                   .exists() else None)
+    return ":".join(f"/usr/share/java/tomcat10-{name}.jar" for name in TOMCAT_JARS)
+
+
+async def serve_tomcat(launcher: Launcher, tmp_path: Path) -> int:
+    javac = debian_package("openjdk-17-jdk-headless", lambda: shutil.which("javac"))
+    classpath = tomcat_classpath()
+    classes = tmp_path / "classes"
+    compiled = subprocess.run([javac, "-cp", classpath, "-d", str(classes), str(SERVLET)],
+                              capture_output=True, text=True, timeout=120)
+    assert compiled.returncode == 0, compiled.stderr
+    java = str(Path(javac).with_name("java"))
+    port = free_port()
+    (tmp_path / "tomcat").mkdir()
+    tomcat = await launcher.run(
+        [java, "-cp", f"{classpath}:{classes}", "AdminServer", str(port), str(tmp_path / "tomcat")],
+        env=child_env(), cwd=tmp_path, log=tmp_path / "tomcat.log")
+    deadline = time.monotonic() + 60
+    while "listening" not in tomcat.stdout():
+        if tomcat.proc.returncode is not None or time.monotonic() > deadline:
+            pytest.fail(f"Tomcat did not start:\n{tomcat.output()}")
+        await asyncio.sleep(0.05)
+    return port
+
+
+@pytest.fixture(params=["starlette", "werkzeug", "tomcat"])
+async def framework(request: pytest.FixtureRequest, launcher: Launcher,
+                    tmp_path: Path) -> AsyncIterator[tuple[str, int]]:
+    async with contextlib.AsyncExitStack() as stack:
+        if request.param == "starlette":
+            port = await serve_starlette(stack)
+        elif request.param == "werkzeug":
+            port = await serve_werkzeug(stack)
+        else:
+            port = await serve_tomcat(launcher, tmp_path)
+        yield request.param, port
+
+
+async def direct(port: int, target: str) -> RawResponse:
+    return await raw_exchange("127.0.0.1", port, build_request("GET", target))
+
+
+# The first run on a fresh machine may install a JDK and Tomcat's classes (apt-get).
+@pytest.mark.timeout(900)
+async def test_no_framework_runs_the_admin_handler_without_a_token(
+        make_gateway: GatewayFactory, framework: tuple[str, int]) -> None:
+    name, port = framework
+    url = f"http://127.0.0.1:{port}"
+    gw = await make_gateway(routes=[
+        {"path": "/", "upstream": url, "auth": "public"},
+        {"path": "/pub/", "upstream": url, "auth": "public"},
+        {"path": "/pub/admin/", "upstream": url, "auth": "required"}])
+    paths = [p for p, _ in TABLE]
+
+    runs_admin = {p for p in paths if (await direct(port, p)).body == b"admin"}
+    assert (await direct(port, "/pub/x")).body == b"other"
+    assert {"/pub/admin/users", *RESOLVES_TO_ADMIN[name]} <= runs_admin, runs_admin
+
+    session = await login(gw)
+    auth = [("Authorization", f"Bearer {session['token']}")]
+    for target in paths:
+        anonymous = await raw_request(gw, "GET", target)
+        assert anonymous.body != b"admin", f"{name} ran the admin handler for {target}"
+        if target in runs_admin:
+            # The gateway's candidate set holds what this framework does: a token is needed.
+            assert anonymous.status in (400, 401), (target, anonymous.status)
+            signed = await raw_request(gw, "GET", target, auth)
+            if signed.status != 400:
+                # forwarded as sent: the framework resolves it as it did directly
+                assert signed.body == b"admin", (target, signed.status, signed.body)
+    assert (await raw_request(gw, "GET", "/pub/x")).body == b"other"
