@@ -37,6 +37,8 @@ SESSION_RECHECK = 15.0  # seconds between checks that an open WebSocket's sessio
 # IIS decodes the non-standard %uXXXX escape (e.g. %u0061 for "a"); nothing else does.
 _IIS_ESCAPE = re.compile(r"%u[0-9a-f]{4}")
 _STRICTNESS: dict[AuthMode, int] = {"public": 0, "optional": 1, "required": 2}
+# a dot or space ending a segment (";params" may follow), in any Unicode spelling NFKC maps
+_TRAILING_DOT = re.compile(r"[. ](?:[/;]|$)|[^\x00-\x7f]")
 
 
 def request_path(raw_path: str) -> str:
@@ -89,8 +91,7 @@ class Access:
     """What a request must present: the strictest of every route its path could resolve to."""
 
     auth: AuthMode
-    apps: tuple[tuple[str, ...], ...] = ()  # the token's appid must be in each of these
-    where: str = "/"  # the route that set ``apps``, for the error message
+    limits: tuple[Route, ...] = ()  # routes with ``apps``: the token's appid must be in each
 
 
 def _resolutions(decoded: str) -> set[str]:
@@ -104,14 +105,17 @@ def _resolutions(decoded: str) -> set[str]:
         if compat != decoded:
             _refuse_ambiguous(compat)  # e.g. full-width "／．．／" would become "/../"
             forms.add(compat)
-    # Tomcat, Jetty and Spring drop ";params" from every segment before mapping.
-    forms |= {"/".join(seg.split(";", 1)[0] for seg in f.split("/")) for f in forms}
-    # Windows (IIS) drops trailing dots and spaces from names; a name left empty ("...")
-    # is taken as if absent.
-    forms |= {_without_trailing_dots(f) for f in forms}
-    # Spring MVC's suffix pattern match (the default before Spring 5.3): "/admin.json" runs
-    # the handler mapped at "/admin".
-    forms |= {_without_suffix(f) for f in forms}
+    if ";" in decoded or not decoded.isascii():  # after NFKC, a full-width ";" is one too
+        # Tomcat, Jetty and Spring drop ";params" from every segment before mapping.
+        forms |= {"/".join(seg.split(";", 1)[0] for seg in f.split("/")) for f in forms}
+    if _TRAILING_DOT.search(decoded):
+        # Windows (IIS) drops trailing dots and spaces from names; a name left empty ("...")
+        # is taken as if absent.
+        forms |= {_without_trailing_dots(f) for f in forms}
+    if "." in decoded.rstrip("/").rpartition("/")[2]:
+        # Spring MVC's suffix pattern match (the default before Spring 5.3): "/admin.json"
+        # runs the handler mapped at "/admin".
+        forms |= {_without_suffix(f) for f in forms}
     return forms
 
 
@@ -133,16 +137,16 @@ def access_for(config: Config, decoded: str, route: Route) -> Access:
     other resolution, and cost nothing more than the route lookup."""
     if (not config.folds and decoded.isascii() and ";" not in decoded and "." not in decoded
             and " " not in decoded and decoded == decoded.lower()):
-        if not route.apps:
-            return Access(route.auth)
-        return Access(route.auth, (route.apps,), route.path)
-    routes = {route}
+        return Access(route.auth, (route,) if route.apps else ())
+    strictest = route.auth
+    limited = [route] if route.apps else []
     for form in _resolutions(decoded):
-        routes.update(config.routes_matching(form))
-    strictest = max(routes, key=lambda r: _STRICTNESS[r.auth])
-    limited = sorted((r for r in routes if r.apps), key=lambda r: r.path)
-    return Access(strictest.auth, tuple(r.apps for r in limited),
-                  limited[-1].path if limited else route.path)
+        for other in config.routes_matching(form):
+            if _STRICTNESS[other.auth] > _STRICTNESS[strictest]:
+                strictest = other.auth
+            if other.apps and all(other is not r for r in limited):
+                limited.append(other)
+    return Access(strictest, tuple(limited))
 
 
 def close_after_upgrade_attempt(request: web.Request, response: web.StreamResponse) -> None:
@@ -282,9 +286,10 @@ async def _authenticate(request: web.Request, access: Access) -> Identity | None
         except Unauthorized:
             return None  # optional: an invalid token just means anonymous
         # StoreUnavailable propagates: a token that cannot be checked is never downgraded.
-    if any(identity.session.appid not in apps for apps in access.apps):
-        raise AppForbidden(f"tokens of {identity.session.appid} are not accepted on "
-                           f"{access.where}")
+    for limit in access.limits:
+        if identity.session.appid not in limit.apps:
+            raise AppForbidden(f"tokens of {identity.session.appid} are not accepted on "
+                               f"{limit.path}")
     request[IDENTITY] = identity
     return identity
 

@@ -169,10 +169,11 @@ class Config:
         """Every route ``path`` could be routed to: its longest-prefix route compared exactly
         and compared case-insensitively (where routes differing only in case tie, all of them)."""
         found = []
-        exact = self.route_for(path)
+        folded = fold(path)
+        # with every route path already folded, a folded path's exact match is among the below
+        exact = None if folded == path and not self.folds else self.route_for(path)
         if exact is not None:
             found.append(exact)
-        folded = fold(path)
         best: str | None = None
         for route in self.routes:
             if best is None and route.matches_folded(folded):
