@@ -319,6 +319,15 @@ RESOLVES_TO_ADMIN = {
 }
 
 
+# Beyond the table: every combination of these spellings, segment by segment.
+FIRST = ["pub", "PUB", "pub;x", "pub.", "pub%3b", "pub%20", "Pub.;x"]
+SECOND = ["admin", "ADMIN", "Admin;x", "admin;", "admin.", "admin..", "admin%3bx", "admin%20",
+          "admin.json", "adm%C4%B1n", "%EF%BD%81dmin", "x/..;/admin", ";x/admin", "admin%2e",
+          "admin;x.", "admin%EF%BC%9B"]
+THIRD = ["users", "", ";y", "USERS.", "x;y"]
+COMBINED = [f"/{a}/{b}/{c}" for a in FIRST for b in SECOND for c in THIRD]
+
+
 def starlette_app() -> Starlette:
     async def admin(request: Request) -> PlainTextResponse:
         return PlainTextResponse("admin")
@@ -434,7 +443,7 @@ async def test_no_framework_runs_the_admin_handler_without_a_token(
         {"path": "/", "upstream": url, "auth": "public"},
         {"path": "/pub/", "upstream": url, "auth": "public"},
         {"path": "/pub/admin/", "upstream": url, "auth": "required"}])
-    paths = [p for p, _ in TABLE]
+    paths = [p for p, _ in TABLE] + COMBINED
 
     runs_admin = {p for p in paths if (await direct(port, p)).body == b"admin"}
     assert (await direct(port, "/pub/x")).body == b"other"
