@@ -63,6 +63,9 @@ def request_path(raw_path: str) -> str:
     except UnicodeDecodeError:
         raise InvalidPath("the request path is not valid UTF-8 once decoded") from None
     _refuse_ambiguous(decoded)
+    if not decoded.isascii():
+        # what best-fit and NFKC decoders make of it: full-width "／．．／" is "/../"
+        _refuse_ambiguous(unicodedata.normalize("NFKC", decoded))
     return decoded
 
 
@@ -101,10 +104,7 @@ def _resolutions(decoded: str) -> set[str]:
     if not decoded.isascii():
         # Best-fit and NFKC decoders (IIS, some Java and .NET stacks) turn full-width letters
         # and other compatibility forms into ASCII ones, which may then spell a route.
-        compat = unicodedata.normalize("NFKC", decoded)
-        if compat != decoded:
-            _refuse_ambiguous(compat)  # e.g. full-width "／．．／" would become "/../"
-            forms.add(compat)
+        forms.add(unicodedata.normalize("NFKC", decoded))  # refused by request_path if unsafe
     if ";" in decoded or not decoded.isascii():  # after NFKC, a full-width ";" is one too
         # Tomcat, Jetty and Spring drop ";params" from every segment before mapping.
         forms |= {"/".join(seg.split(";", 1)[0] for seg in f.split("/")) for f in forms}
