@@ -112,7 +112,7 @@ def _resolutions(decoded: str) -> set[str]:
         # Windows (IIS) drops trailing dots and spaces from names; a name left empty ("...")
         # is taken as if absent.
         forms |= {_without_trailing_dots(f) for f in forms}
-    if "." in decoded.rstrip("/").rpartition("/")[2]:
+    if "." in decoded.rstrip("/").rpartition("/")[2] or not decoded.isascii():
         # Spring MVC's suffix pattern match (the default before Spring 5.3): "/admin.json"
         # runs the handler mapped at "/admin".
         forms |= {_without_suffix(f) for f in forms}
@@ -133,8 +133,9 @@ def _without_suffix(path: str) -> str:
 
 def access_for(config: Config, decoded: str, route: Route) -> Access:
     """The auth ``route`` needs, made as strict as any route the path could resolve to in a
-    common upstream framework. Most paths (lower-case ASCII, no ";", no dot or space) have no
-    other resolution, and cost nothing more than the route lookup."""
+    common upstream framework (Express and ASP.NET Core route case-insensitively, too). Most
+    paths (lower-case ASCII, no ";", no dot or space) have no other resolution: they are
+    decided by their own route alone."""
     if (not config.folds and decoded.isascii() and ";" not in decoded and "." not in decoded
             and " " not in decoded and decoded == decoded.lower()):
         return Access(route.auth, (route,) if route.apps else ())

@@ -117,6 +117,7 @@ TABLE: list[tuple[str, str]] = [
     ("/pub/%EF%BC%A1%EF%BC%A4%EF%BC%AD%EF%BC%A9%EF%BC%AE/users", "admin"),
     ("/pub/adm%C4%B1n/users", "admin"),
     ("/pub/admin%EF%BC%9Bx/users", "admin"),  # full-width semicolon
+    ("/pub/admin%EF%BC%8Ejson", "admin"),  # full-width dot: Spring's suffix match after NFKC
     # the route restricted to APPID2, reached the same ways
     ("/pub/app2/x", "app2"),
     ("/pub/APP2/x", "app2"),
