@@ -304,19 +304,31 @@ async def test_route_prefixes_with_upper_case_protect_lower_case_spellings(
 # Asked directly, each shows which spellings it resolves to the admin handler (the reason for
 # the rules above); through the gateway, none of them ever runs that handler without a token.
 
-SERVLET = Path(__file__).resolve().parent / "servlet" / "AdminServer.java"
-TOMCAT_JARS = ("catalina", "servlet-api", "coyote", "util", "util-scan", "api", "juli",
-               "jaspic-api", "annotations-api")
+SERVLETS = Path(__file__).resolve().parent / "servlet"
+# container → (Debian package, one of its jars, the jars to compile and run with, main class)
+CONTAINERS = {
+    "tomcat": ("libtomcat10-java", "tomcat10-catalina",
+               ("tomcat10-catalina", "tomcat10-servlet-api", "tomcat10-coyote", "tomcat10-util",
+                "tomcat10-util-scan", "tomcat10-api", "tomcat10-juli", "tomcat10-jaspic-api",
+                "tomcat10-annotations-api"), "AdminServer"),
+    "jetty": ("libjetty9-java", "jetty9-server",
+              ("jetty9-server", "jetty9-servlet", "jetty9-http", "jetty9-io", "jetty9-util",
+               "jetty9-security", "servlet-api"), "JettyAdminServer"),
+}
 # What each framework is known to resolve to its /pub/admin/ handler, beyond the plain path.
 RESOLVES_TO_ADMIN = {
     "starlette": {"/pub/%61dmin/users"},
     "werkzeug": {"/pub/%61dmin/users"},
-    # Tomcat drops ;params from every segment (the way Jetty and Spring do), then resolves
-    # "..;" as ".." and collapses the "//" a ";x" segment leaves: both are refused.
+    # Tomcat drops ;params from every segment (the way Spring does), then resolves "..;" as
+    # ".." and collapses the "//" a ";x" segment leaves: both are refused.
     "tomcat": {"/pub/%61dmin/users", "/pub/admin;x/users", "/pub/admin;/x",
                "/pub/admin;jsessionid=0123ABCD/users", "/pub/admin;a=b;c=d/users",
                "/pub/admin;x", "/pub/admin;x./users", "/pub;x/admin/users",
                "/pub/x/..;/admin/users", "/pub/;x/admin/users", "/pub//admin/users"},
+    # Jetty drops ;params too (and answers 400 to "..;")
+    "jetty": {"/pub/%61dmin/users", "/pub/admin;x/users", "/pub/admin;/x",
+              "/pub/admin;jsessionid=0123ABCD/users", "/pub/admin;a=b;c=d/users",
+              "/pub/admin;x", "/pub/admin;x./users", "/pub;x/admin/users"},
 }
 
 
@@ -388,36 +400,33 @@ async def serve_werkzeug(stack: contextlib.AsyncExitStack) -> int:
     return int(server.server_port)
 
 
-def tomcat_classpath() -> str:
-    # Debian's libtomcat10-java holds Tomcat's classes (embeddable); javac comes with a JDK.
-    debian_package("libtomcat10-java",
-                   lambda: str(jar) if (jar := Path("/usr/share/java/tomcat10-catalina.jar"))
-                   .exists() else None)
-    return ":".join(f"/usr/share/java/tomcat10-{name}.jar" for name in TOMCAT_JARS)
-
-
-async def serve_tomcat(launcher: Launcher, tmp_path: Path) -> int:
+async def serve_servlet(container: str, launcher: Launcher, tmp_path: Path) -> int:
+    """A servlet container embedded in a JVM; its classes and a JDK come from Debian."""
+    package, probe, jars, main = CONTAINERS[container]
     javac = debian_package("openjdk-17-jdk-headless", lambda: shutil.which("javac"))
-    classpath = tomcat_classpath()
+    debian_package(package, lambda: str(jar) if (
+        jar := Path(f"/usr/share/java/{probe}.jar")).exists() else None)
+    classpath = ":".join(f"/usr/share/java/{jar}.jar" for jar in jars)
     classes = tmp_path / "classes"
-    compiled = subprocess.run([javac, "-cp", classpath, "-d", str(classes), str(SERVLET)],
-                              capture_output=True, text=True, timeout=120)
+    compiled = subprocess.run(
+        [javac, "-cp", classpath, "-d", str(classes), str(SERVLETS / f"{main}.java")],
+        capture_output=True, text=True, timeout=120)
     assert compiled.returncode == 0, compiled.stderr
-    java = str(Path(javac).with_name("java"))
     port = free_port()
-    (tmp_path / "tomcat").mkdir()
-    tomcat = await launcher.run(
-        [java, "-cp", f"{classpath}:{classes}", "AdminServer", str(port), str(tmp_path / "tomcat")],
-        env=child_env(), cwd=tmp_path, log=tmp_path / "tomcat.log")
+    (tmp_path / "base").mkdir()
+    server = await launcher.run(
+        [str(Path(javac).with_name("java")), "-cp", f"{classpath}:{classes}", main, str(port),
+         str(tmp_path / "base")],
+        env=child_env(), cwd=tmp_path, log=tmp_path / f"{container}.log")
     deadline = time.monotonic() + 60
-    while "listening" not in tomcat.stdout():
-        if tomcat.proc.returncode is not None or time.monotonic() > deadline:
-            pytest.fail(f"Tomcat did not start:\n{tomcat.output()}")
+    while "listening" not in server.stdout():
+        if server.proc.returncode is not None or time.monotonic() > deadline:
+            pytest.fail(f"{container} did not start:\n{server.output()}")
         await asyncio.sleep(0.05)
     return port
 
 
-@pytest.fixture(params=["starlette", "werkzeug", "tomcat"])
+@pytest.fixture(params=["starlette", "werkzeug", "tomcat", "jetty"])
 async def framework(request: pytest.FixtureRequest, launcher: Launcher,
                     tmp_path: Path) -> AsyncIterator[tuple[str, int]]:
     async with contextlib.AsyncExitStack() as stack:
@@ -426,7 +435,7 @@ async def framework(request: pytest.FixtureRequest, launcher: Launcher,
         elif request.param == "werkzeug":
             port = await serve_werkzeug(stack)
         else:
-            port = await serve_tomcat(launcher, tmp_path)
+            port = await serve_servlet(request.param, launcher, tmp_path)
         yield request.param, port
 
 
@@ -434,7 +443,7 @@ async def direct(port: int, target: str) -> RawResponse:
     return await raw_exchange("127.0.0.1", port, build_request("GET", target))
 
 
-# The first run on a fresh machine may install a JDK and Tomcat's classes (apt-get).
+# The first run on a fresh machine may install a JDK, Tomcat's and Jetty's classes (apt-get).
 @pytest.mark.timeout(900)
 async def test_no_framework_runs_the_admin_handler_without_a_token(
         make_gateway: GatewayFactory, framework: tuple[str, int]) -> None:

@@ -29,7 +29,7 @@ public class AdminServer {
         Tomcat tomcat = new Tomcat();
         tomcat.setBaseDir(args[1]);
         tomcat.setPort(Integer.parseInt(args[0]));
-        tomcat.getConnector();
+        tomcat.getConnector().setProperty("address", "127.0.0.1");
         Context ctx = tomcat.addContext("", new File(args[1]).getAbsolutePath());
         Tomcat.addServlet(ctx, "admin", new Answer("admin")).addMapping("/pub/admin/*");
         Tomcat.addServlet(ctx, "other", new Answer("other")).addMapping("/");
