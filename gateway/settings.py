@@ -174,10 +174,9 @@ class Config:
         exact = None if folded == path and not self.folds else self.route_for(path)
         if exact is not None:
             found.append(exact)
-        best: str | None = None
-        for route in self.routes:
-            if best is None and route.matches_folded(folded):
-                best = route.folded
-            if best is not None and route.folded == best and route is not exact:
-                found.append(route)
+        matching = [r for r in self.routes if r.matches_folded(folded)]
+        if matching:
+            # the longest once folded (NFKC may change a non-ASCII route path's length)
+            best = max(len(r.folded) for r in matching)
+            found += [r for r in matching if len(r.folded) == best and r is not exact]
         return found

@@ -298,6 +298,18 @@ async def test_route_prefixes_with_upper_case_protect_lower_case_spellings(
     assert (await raw_request(client, "GET", "/other")).status == 200
 
 
+async def test_routes_differing_only_in_case_take_the_strictest(
+        make_gateway: GatewayFactory, upstream: Upstream) -> None:
+    client = await make_gateway(routes=[
+        {"path": "/admin/", "upstream": upstream.url, "auth": "public"},
+        {"path": "/Admin/", "upstream": upstream.url, "auth": "required"}])
+    for target in ("/admin/x", "/admin/x;y", "/admin/X.json", "/admin"):
+        await expect_error(await raw_request(client, "GET", target), 401, "unauthorized")
+    for target in ("/ADMIN/x", "/admin;x/y"):  # no route's literal prefix
+        await expect_error(await raw_request(client, "GET", target), 404, "not_found")
+    assert upstream.seen == []
+
+
 # --- real upstream frameworks, with a handler mounted at /pub/admin/ ----------------------------
 #
 # Each answers "admin" from the handler it maps at /pub/admin/ and "other" from anything else.
