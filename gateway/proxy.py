@@ -75,8 +75,8 @@ def _refuse_ambiguous(decoded: str) -> None:
     if "//" in decoded or "\\" in decoded:
         raise InvalidPath("the request path contains an empty segment or a back slash")
     # ";params" included: Tomcat, Jetty and Spring drop them before resolving "..;" (and
-    # collapse the "//" that "/;x/" leaves: github.com/spring-projects/spring-framework/
-    # issues/26750); so are trailing spaces, which Windows drops (".. " may become "..").
+    # Tomcat and Spring's UrlPathHelper collapse the "//" that "/;x/" leaves); so are trailing
+    # spaces, which Windows drops (".. " may become "..").
     # Three or more dots are a name to Windows, and stay allowed (learn.microsoft.com/en-us/
     # dotnet/standard/io/file-path-formats, "Trim characters").
     segments = decoded.split("/")
@@ -109,15 +109,15 @@ def _resolutions(decoded: str) -> set[str]:
         forms.add(unicodedata.normalize("NFKC", decoded))  # refused by request_path if unsafe
     if ";" in decoded or not decoded.isascii():  # after NFKC, a full-width ";" is one too
         # Tomcat, Jetty and Spring drop ";params" from every segment before mapping (the
-        # servlet spec's URI path processing: github.com/jakartaee/servlet/pull/424).
+        # Servlet 6 specification's "URI Path Canonicalization").
         forms |= {"/".join(seg.split(";", 1)[0] for seg in f.split("/")) for f in forms}
     if _TRAILING_DOT.search(decoded):
         # Windows (IIS) drops trailing dots and spaces from names; a name left empty ("...")
         # is taken as if absent.
         forms |= {_without_trailing_dots(f) for f in forms}
     if "." in decoded.rstrip("/").rpartition("/")[2] or not decoded.isascii():
-        # Spring MVC's suffix pattern match (the default before Spring 5.3, github.com/
-        # spring-projects/spring-framework/issues/23915): "/admin.json" runs "/admin".
+        # Spring MVC's suffix pattern match (on by default before Spring 5.3: docs.spring.io,
+        # "@RequestMapping", "Suffix Match"): "/admin.json" runs the handler of "/admin".
         forms |= {_without_suffix(f) for f in forms}
     return forms
 
