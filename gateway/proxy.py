@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 import time
+import unicodedata
+from dataclasses import dataclass
 from urllib.parse import unquote
 
 from aiohttp import HttpVersion11, web
@@ -15,6 +18,7 @@ from yarl import URL
 from . import pool, websocket
 from .auth import Identity, bearer_token
 from .config import Config, IdentityHeaders, Route, spelling
+from .settings import AuthMode
 from .forwarded import forwarded_headers
 from .errors import (AppForbidden, ExpectationFailed, InvalidPath, InvalidRequest, NotFound,
                      StoreUnavailable, Unauthorized, UpstreamTimeout, UpstreamUnavailable)
@@ -32,6 +36,11 @@ _SMALL_BODY = 64 * 1024
 SESSION_RECHECK = 15.0  # seconds between checks that an open WebSocket's session still lives
 # Set once "100 Continue" went out: the client was told to send its body.
 CONTINUED = web.RequestKey("continued", bool)
+# IIS decodes the non-standard %uXXXX escape (e.g. %u0061 for "a"); nothing else does.
+_IIS_ESCAPE = re.compile(r"%u[0-9a-f]{4}")
+_STRICTNESS: dict[AuthMode, int] = {"public": 0, "optional": 1, "required": 2}
+# a dot or space ending a segment (";params" may follow), in any Unicode spelling NFKC maps
+_TRAILING_DOT = re.compile(r"[. ](?:[/;]|$)|[^\x00-\x7f]")
 
 
 def request_path(raw_path: str) -> str:
@@ -40,7 +49,8 @@ def request_path(raw_path: str) -> str:
     The path is forwarded exactly as received, so rather than normalising it (and forwarding
     something the client did not send), every form that different servers could resolve
     differently is refused: dot segments, empty segments, encoded or back slashes, NUL and
-    control characters, invalid UTF-8 (overlong encodings), and double-encoded dots or slashes.
+    control characters, invalid UTF-8 (overlong encodings), double-encoded dots or slashes,
+    and IIS's %u escapes.
     """
     path = raw_path.partition("?")[0]
     if not path.startswith("/"):
@@ -48,18 +58,101 @@ def request_path(raw_path: str) -> str:
     lowered = path.lower()
     if "//" in path or "\\" in path or "%2f" in lowered or "%5c" in lowered:
         raise InvalidPath("the request path contains an empty segment or an (encoded) slash")
+    if "%u" in lowered and _IIS_ESCAPE.search(lowered):
+        raise InvalidPath("the request path contains a %u escape")
     try:
         decoded = unquote(path, errors="strict")
     except UnicodeDecodeError:
         raise InvalidPath("the request path is not valid UTF-8 once decoded") from None
+    _refuse_ambiguous(decoded)
+    if not decoded.isascii():
+        # what best-fit and NFKC decoders make of it: full-width "／．．／" is "/../"
+        _refuse_ambiguous(unicodedata.normalize("NFKC", decoded))
+    return decoded
+
+
+def _refuse_ambiguous(decoded: str) -> None:
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in decoded):
         raise InvalidPath("the request path contains a control character")
-    # ";params" included: Tomcat, Jetty and Spring drop them before resolving "..;".
-    if any(seg.split(";", 1)[0] in (".", "..") for seg in decoded.split("/")):
-        raise InvalidPath("the request path contains a '.' or '..' segment")
-    if any(enc in decoded.lower() for enc in ("%2e", "%2f", "%5c")):
+    if "//" in decoded or "\\" in decoded:
+        raise InvalidPath("the request path contains an empty segment or a back slash")
+    # ";params" included: Tomcat, Jetty and Spring drop them before resolving "..;" (and
+    # Tomcat and Spring's UrlPathHelper collapse the "//" that "/;x/" leaves); so are trailing
+    # spaces, which Windows drops (".. " may become "..").
+    # Three or more dots are a name to Windows, and stay allowed (learn.microsoft.com/en-us/
+    # dotnet/standard/io/file-path-formats, "Trim characters").
+    segments = decoded.split("/")
+    for i, seg in enumerate(segments):
+        bare = seg.split(";", 1)[0]
+        if bare in (".", "..") or (" " in bare and not bare.rstrip(". ")):
+            raise InvalidPath("the request path contains a '.' or '..' segment")
+        if seg and not bare and 0 < i < len(segments) - 1:
+            raise InvalidPath("the request path contains a segment of only ';params'")
+    lowered = decoded.lower()
+    if any(enc in lowered for enc in ("%2e", "%2f", "%5c")) or _IIS_ESCAPE.search(lowered):
         raise InvalidPath("the request path contains a double-encoded dot or slash")
-    return decoded
+
+
+@dataclass(frozen=True, slots=True)
+class Access:
+    """What a request must present: the strictest of every route its path could resolve to."""
+
+    auth: AuthMode
+    limits: tuple[Route, ...] = ()  # routes with ``apps``: the token's appid must be in each
+
+
+def _resolutions(decoded: str) -> set[str]:
+    """The paths ``decoded`` may become in common upstream frameworks (case folding is left to
+    ``Config.routes_matching``): each transformation applied or not, in every combination."""
+    forms = {decoded}
+    if not decoded.isascii():
+        # Best-fit and NFKC decoders (IIS, some Java and .NET stacks) turn full-width letters
+        # and other compatibility forms into ASCII ones, which may then spell a route.
+        forms.add(unicodedata.normalize("NFKC", decoded))  # refused by request_path if unsafe
+    if ";" in decoded or not decoded.isascii():  # after NFKC, a full-width ";" is one too
+        # Tomcat, Jetty and Spring drop ";params" from every segment before mapping (the
+        # Servlet 6 specification's "URI Path Canonicalization").
+        forms |= {"/".join(seg.split(";", 1)[0] for seg in f.split("/")) for f in forms}
+    if _TRAILING_DOT.search(decoded):
+        # Windows (IIS) drops trailing dots and spaces from names; a name left empty ("...")
+        # is taken as if absent.
+        forms |= {_without_trailing_dots(f) for f in forms}
+    if "." in decoded.rstrip("/").rpartition("/")[2] or not decoded.isascii():
+        # Spring MVC's suffix pattern match (on by default before Spring 5.3: docs.spring.io,
+        # "@RequestMapping", "Suffix Match"): "/admin.json" runs the handler of "/admin".
+        forms |= {_without_suffix(f) for f in forms}
+    return forms
+
+
+def _without_trailing_dots(path: str) -> str:
+    first, *middle, last = (seg.rstrip(". ") for seg in path.split("/"))
+    return "/".join([first, *(seg for seg in middle if seg), last])
+
+
+def _without_suffix(path: str) -> str:
+    body = path.rstrip("/")
+    head, _, last = body.rpartition("/")
+    stem = last.partition(".")[0]
+    return f"{head}/{stem}{path[len(body):]}" if stem else path
+
+
+def access_for(config: Config, decoded: str, route: Route) -> Access:
+    """The auth ``route`` needs, made as strict as any route the path could resolve to in a
+    common upstream framework (Express and ASP.NET Core route case-insensitively, too). Most
+    paths (lower-case ASCII, no ";", no dot or space) have no other resolution: they are
+    decided by their own route alone."""
+    if (not config.folds and decoded.isascii() and ";" not in decoded and "." not in decoded
+            and " " not in decoded and decoded == decoded.lower()):
+        return Access(route.auth, (route,) if route.apps else ())
+    strictest = route.auth
+    limited = [route] if route.apps else []
+    for form in _resolutions(decoded):
+        for other in config.routes_matching(form):
+            if _STRICTNESS[other.auth] > _STRICTNESS[strictest]:
+                strictest = other.auth
+            if other.apps and all(other is not r for r in limited):
+                limited.append(other)
+    return Access(strictest, tuple(limited))
 
 
 def close_after_upgrade_attempt(request: web.Request, response: web.StreamResponse) -> None:
@@ -131,7 +224,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     if route is None:
         raise NotFound(f"no route for {path}")
     request[ROUTE_LABEL] = route.path
-    identity = await _authenticate(request, route)
+    identity = await _authenticate(request, access_for(services.config, path, route))
     headers = forward_headers(request, identity, services, route, request[REQUEST_ID])
     if websocket.is_upgrade(request):
         if request.content_length or "Transfer-Encoding" in request.headers:
@@ -222,12 +315,12 @@ async def session_end(services: Services, identity: Identity) -> None:
             unwatch()
 
 
-async def _authenticate(request: web.Request, route: Route) -> Identity | None:
-    if route.auth == "public":
+async def _authenticate(request: web.Request, access: Access) -> Identity | None:
+    if access.auth == "public":
         return None
     authenticator = request.app[SERVICES].current.authenticator
     token = bearer_token(request.headers.getall("Authorization", []))
-    if route.auth == "required":
+    if access.auth == "required":
         hit = authenticator.cached(token) if token is not None else None
         # fresh: the cache was just asked; a miss goes to Redis (and fills the cache)
         identity = hit or await authenticator.authenticate(token, fresh=True)
@@ -239,8 +332,10 @@ async def _authenticate(request: web.Request, route: Route) -> Identity | None:
         except Unauthorized:
             return None  # optional: an invalid token just means anonymous
         # StoreUnavailable propagates: a token that cannot be checked is never downgraded.
-    if route.apps and identity.session.appid not in route.apps:
-        raise AppForbidden(f"tokens of {identity.session.appid} are not accepted on {route.path}")
+    for limit in access.limits:
+        if identity.session.appid not in limit.apps:
+            raise AppForbidden(f"tokens of {identity.session.appid} are not accepted on "
+                               f"{limit.path}")
     request[IDENTITY] = identity
     return identity
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -101,9 +102,28 @@ class Route:
     preserve_host: bool = False
     apps: tuple[str, ...] = ()  # when set, only tokens of these appids are accepted
     audience: str | None = None  # the identity assertion's aud; None: the upstream's origin
+    # ``path`` as case-insensitive routers compare it, computed once per configuration
+    folded: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "folded", fold(self.path))
 
     def matches(self, path: str) -> bool:
         return self.path == "/" or path == self.path or path.startswith(self.path + "/")
+
+    def matches_folded(self, folded: str) -> bool:
+        """``matches`` for a path already passed through ``fold``."""
+        return (self.folded == "/" or folded == self.folded
+                or folded.startswith(self.folded + "/"))
+
+
+def fold(text: str) -> str:
+    """Case-folded the way case-insensitive servers compare: upper- then lower-casing maps
+    the look-alikes that fold onto ASCII (dotless ``ı``, long ``ſ``, the Kelvin sign) too, and
+    NFKC the compatibility forms (full-width letters) that best-fit decoders turn into ASCII."""
+    if text.isascii():
+        return text.lower()
+    return unicodedata.normalize("NFKC", text).upper().lower()
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +143,12 @@ class Config:
     workers: int = 1
     logging: LoggingConfig = LoggingConfig()
     identity_assertion: AssertionConfig = AssertionConfig()
+    # Whether some route's path has upper-case (or foldable) characters: then even a
+    # lower-case request path may resolve to it in a case-insensitive upstream.
+    folds: bool = field(init=False, repr=False, compare=False, default=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "folds", any(r.folded != r.path for r in self.routes))
 
     def is_trusted_proxy(self, address: str | None) -> bool:
         if not self.trusted_proxies or not address:
@@ -139,3 +165,19 @@ class Config:
     def route_for(self, path: str) -> Route | None:
         """The route with the longest prefix matching ``path`` (routes are kept longest first)."""
         return next((r for r in self.routes if r.matches(path)), None)
+
+    def routes_matching(self, path: str) -> list[Route]:
+        """Every route ``path`` could be routed to: its longest-prefix route compared exactly
+        and compared case-insensitively (where routes differing only in case tie, all of them)."""
+        found = []
+        folded = fold(path)
+        # with every route path already folded, a folded path's exact match is among the below
+        exact = None if folded == path and not self.folds else self.route_for(path)
+        if exact is not None:
+            found.append(exact)
+        matching = [r for r in self.routes if r.matches_folded(folded)]
+        if matching:
+            # the longest once folded (NFKC may change a non-ASCII route path's length)
+            best = max(len(r.folded) for r in matching)
+            found += [r for r in matching if len(r.folded) == best and r is not exact]
+        return found

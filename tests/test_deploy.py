@@ -40,6 +40,7 @@ from conftest import APPID, SECRET, SIGNING_KEY, Upstream, base_config
 from gateway import simulator
 from gateway.embedded import EmbeddedRedis, free_port
 from gateway.config import parse_duration
+from packages import debian_package
 from process import Launcher
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -676,25 +677,7 @@ def find_nginx() -> str | None:
 @pytest.fixture(scope="session")
 def nginx_binary() -> str:
     """nginx from PATH, else installed from Debian packages (CI runs as root)."""
-    found = find_nginx()
-    if found is None:
-        if os.geteuid() != 0:
-            pytest.skip("nginx is not installed and this test is not root, so it cannot "
-                        "`apt-get install nginx`")
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        for argv in (["apt-get", "update"],
-                     ["apt-get", "install", "-y", "--no-install-recommends", "nginx"]):
-            try:
-                result = subprocess.run(argv, env=env, capture_output=True, text=True,
-                                        timeout=360, stdin=subprocess.DEVNULL)
-            except (OSError, subprocess.TimeoutExpired) as exc:
-                pytest.skip(f"`{' '.join(argv)}` failed, so nginx cannot be installed: {exc}")
-            if result.returncode != 0:
-                tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
-                pytest.skip(f"`{' '.join(argv)}` failed, so nginx cannot be installed: "
-                            + " | ".join(tail))
-        found = find_nginx()
-        assert found, "apt-get installed nginx, but there is no nginx binary"
+    found = debian_package("nginx", find_nginx)
     modules = subprocess.run([found, "-V"], capture_output=True, text=True, timeout=30).stderr
     assert "--with-http_auth_request_module" in modules, f"{found} lacks auth_request"
     return found
