@@ -48,6 +48,8 @@ class Metrics:
             "wxgw_client_timeouts", "Requests cut because the client went silent, by phase "
             "(header: client_header_timeout, body: client_body_timeout)", ["phase"],
             registry=self.registry)
+        for phase in ("header", "body"):  # exported at 0 from the start, for alerts
+            self.client_timeouts.labels(phase)
 
         # Label children of the per-request series, looked up once: labels() costs more than
         # the increment it leads to.
