@@ -78,7 +78,7 @@ class _Protocol(RequestHandler):
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_begun = False  # some bytes of the timed head have arrived
         self._head_expired = False
-        self._timing = True  # off once the connection is upgraded (WebSocket)
+        self._heads = True  # request heads to time: none once the connection is upgraded
         self._body: StreamReader | None = None  # the newest request's body
         self._body_deadline = 0.0
         self._body_timer: asyncio.TimerHandle | None = None
@@ -106,16 +106,17 @@ class _Protocol(RequestHandler):
             return
         queued = len(self._messages)
         super().data_received(data)
-        if not self._timing:
-            return
-        if len(self._messages) > queued:  # request heads completed
+        if not self._heads:
+            pass
+        elif len(self._messages) > queued:  # request heads completed
             message, self._body = self._messages[-1]
             if self._head_timer is not None:
                 self._head_timer.cancel()
                 self._head_timer = None
             if isinstance(message, RawRequestMessage) and message.upgrade:
-                self._timing = False  # the rest belongs to the upgraded protocol
-                self._body = None
+                # After its body (if any), the bytes belong to the upgraded protocol (or, if
+                # the upgrade is declined, to nothing: the connection closes after it).
+                self._heads = False
         elif data and self._head_timer is None and (self._body is None or self._body.is_eof()):
             self._time_head()  # the first bytes of another request on a kept-alive connection
             self._head_begun = True
