@@ -10,6 +10,7 @@ import copy
 import json
 import resource
 import time
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 import aiohttp
@@ -149,6 +150,22 @@ async def test_a_proxied_body_that_stops_arriving_gets_408(
     assert_408(parse(await send_then_read(gw, head + sent)), http11=True)
     # The upstream never got a complete request from it.
     assert all(len(seen.body) == size for seen in upstream.seen)
+    gw.assert_no_internal_failure()
+
+
+async def test_a_body_sent_after_100_continue_that_stops_arriving_gets_408(
+        launch: Launch, config_dict: dict[str, Any], http: aiohttp.ClientSession) -> None:
+    """curl asks "Expect: 100-continue" before large uploads: the interim answer does not
+    count as the answer having begun, so the stalled upload still gets its 408."""
+    gw, _ = await start(launch, config_dict, http, client_body_timeout="500ms")
+    head = build_request("POST", "/public/upload", [f"Content-Length: {1 << 20}".encode(),
+                                                     b"Expect: 100-continue"])
+    async with connection(gw) as (reader, writer):
+        writer.write(head)
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+        assert interim.startswith(b"HTTP/1.1 100 "), interim
+        writer.write(b"x" * 200_000)
+        assert_408(parse(await asyncio.wait_for(reader.read(), WAIT)), http11=True)
     gw.assert_no_internal_failure()
 
 
@@ -368,6 +385,28 @@ def test_the_aiohttp_internals_the_client_limits_rely_on_still_exist() -> None:
     from aiohttp import web
     assert callable(getattr(web.AppRunner, "_make_server", None)), \
         "aiohttp AppRunner._make_server is gone (gateway/server.py)"
+
+
+# --- the open-file limit --------------------------------------------------------------------
+
+
+async def test_the_open_file_limit_is_raised_toward_max_connections_with_a_warning_if_short(
+        launch: Launch, config_dict: dict[str, Any], http: aiohttp.ClientSession) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > 400_000:
+        pytest.skip("the hard open-file limit is too high to exceed")
+    too_many = hard  # needs hard + 1024 descriptors: beyond the hard limit
+    gw, _ = await start(launch, config_dict, http, max_connections=too_many)
+    line, = await gw.wait_for_line(lambda line: "open-file limit" in line)
+    assert "WARNING" in line and f"max_connections {too_many}" in line, line
+    limits = Path(f"/proc/{gw.proc.pid}/limits").read_text()
+    row = next(r for r in limits.splitlines() if r.startswith("Max open files"))
+    assert row.split()[3:5] == [str(hard), str(hard)], row  # soft raised to the hard limit
+    # Within the limit: no warning.
+    fitting = max(1, (hard - 1024) // 2)
+    gw2, _ = await start(launch, config_dict, http, max_connections=fitting)
+    await gw2.wait_for_line(lambda line: "listening" in line)
+    assert not any("open-file limit" in line for line in gw2.lines()), gw2.output()
 
 
 # --- the drill -------------------------------------------------------------------------------
