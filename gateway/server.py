@@ -106,10 +106,14 @@ class _Protocol(RequestHandler):
             return
         queued = len(self._messages)
         super().data_received(data)
-        if not self._heads:
-            pass
-        elif len(self._messages) > queued:  # request heads completed
+        if self._heads:
+            self._follow_heads(data, len(self._messages) > queued)
+        self._time_body()
+
+    def _follow_heads(self, data: bytes, completed: bool) -> None:
+        if completed:  # request heads completed: the newest one's body arrives next
             message, self._body = self._messages[-1]
+            self._head_begun = False
             if self._head_timer is not None:
                 self._head_timer.cancel()
                 self._head_timer = None
@@ -120,9 +124,8 @@ class _Protocol(RequestHandler):
         elif data and self._head_timer is None and (self._body is None or self._body.is_eof()):
             self._time_head()  # the first bytes of another request on a kept-alive connection
             self._head_begun = True
-        elif data:
+        elif data and self._head_timer is not None:  # more of the head being timed
             self._head_begun = True
-        self._time_body()
 
     def pause_reading(self) -> None:
         super().pause_reading()
