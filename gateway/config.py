@@ -33,6 +33,8 @@ __all__ = ["App", "AuthMode", "Config", "ConfigError", "IdentityHeaders", "IPNet
 _HEADER_NAME_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _APPID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _LEVELS = ("debug", "info", "warning", "error")
+MAX_CONNECTIONS = 1_000_000
+_ZERO = re.compile(r"^\s*0+(?:\.0*)?\s*(?:ms|s|m|h|d)?\s*$")
 # Headers HTTP or the gateway itself controls: an identity header must not be one of them.
 _RESERVED_HEADERS = frozenset({
     "authorization", "host", "cookie", "set-cookie", "content-length", "content-type",
@@ -92,7 +94,9 @@ class _ConfigReader(Reader):
         top = self.section("", data, ("listen", "redis", "wechat", "apps", "session", "auth",
                                       "identity_headers", "routes", "shutdown_grace",
                                       "trusted_proxies", "workers", "logging",
-                                      "identity_assertion"))
+                                      "identity_assertion", "client_header_timeout",
+                                      "client_body_timeout", "keepalive_timeout",
+                                      "max_connections"))
         if top is None:
             return None
         listen = self.listen("0.0.0.0:8080" if top.get("listen") is None else top["listen"])
@@ -109,13 +113,42 @@ class _ConfigReader(Reader):
         workers = self.workers(top.get("workers"))
         logging_ = self.logging(top.get("logging"))
         assertion = self.assertion(top.get("identity_assertion"), headers)
+        clients = self.clients(top)
         if (listen is None or redis_ is None or wechat is None or apps is None
                 or session is None or prefix is None or headers is None or routes is None
                 or grace is None or proxies is None or rate_limit is None or workers is None
-                or logging_ is None or assertion is None or self.problems):
+                or logging_ is None or assertion is None or clients is None or self.problems):
             return None
         return Config(listen[0], listen[1], redis_, wechat, apps, session, prefix, headers,
-                      routes, grace, proxies, rate_limit, workers, logging_, assertion)
+                      routes, grace, proxies, rate_limit, workers, logging_, assertion,
+                      **clients)
+
+    def clients(self, top: dict[str, Any]) -> dict[str, Any] | None:
+        """The limits on slow and silent clients (top-level keys, nginx's names)."""
+        d = Config.__dataclass_fields__
+        found: dict[str, Any] = {
+            name: self.optional("", top, name, self.duration, d[name].default)
+            for name in ("client_header_timeout", "client_body_timeout")}
+        # 0 turns keep-alive off, as in nginx.
+        found["keepalive_timeout"] = self.optional("", top, "keepalive_timeout",
+                                                   self.duration_or_zero,
+                                                   d["keepalive_timeout"].default)
+        cap = found["max_connections"] = self.optional("", top, "max_connections", self.count,
+                                                       d["max_connections"].default)
+        if cap is not None and not 1 <= cap <= MAX_CONNECTIONS:
+            self.fail("max_connections", f"expected a number from 1 to {MAX_CONNECTIONS}, "
+                                         f"got {cap}")
+            return None
+        return None if any(v is None for v in found.values()) else found
+
+    def duration_or_zero(self, key: str, value: Any) -> float | None:
+        """A duration, or 0 (which turns the feature off)."""
+        if isinstance(value, bool):
+            return self.duration(key, value)  # reported as not a duration
+        text = self.string(key, value)
+        if text is None:
+            return None
+        return 0.0 if _ZERO.match(text) else self.duration(key, text)
 
     def assertion(self, value: Any, headers: IdentityHeaders | None) -> AssertionConfig | None:
         key = "identity_assertion"

@@ -79,6 +79,12 @@ class MethodNotAllowed(GatewayError):
     status, code = 405, "method_not_allowed"
 
 
+class RequestTimeout(GatewayError):
+    """The client went silent while sending its request (headers or body)."""
+
+    status, code = 408, "request_timeout"
+
+
 class PayloadTooLarge(GatewayError):
     status, code = 413, "payload_too_large"
 

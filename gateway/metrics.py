@@ -41,6 +41,15 @@ class Metrics:
         self.cache_lookups = Counter(
             "wxgw_session_cache_lookups", "Session cache lookups by result (hit or miss)",
             ["result"], registry=self.registry)
+        self.connections_refused = Counter(
+            "wxgw_connections_refused", "Client connections closed at once: max_connections "
+            "were open", registry=self.registry)
+        self.client_timeouts = Counter(
+            "wxgw_client_timeouts", "Requests cut because the client went silent, by phase "
+            "(header: client_header_timeout, body: client_body_timeout)", ["phase"],
+            registry=self.registry)
+        for phase in ("header", "body"):  # exported at 0 from the start, for alerts
+            self.client_timeouts.labels(phase)
 
         # Label children of the per-request series, looked up once: labels() costs more than
         # the increment it leads to.

@@ -21,7 +21,8 @@ from .config import Config, IdentityHeaders, Route, spelling
 from .settings import AuthMode
 from .forwarded import forwarded_headers
 from .errors import (AppForbidden, ExpectationFailed, InvalidPath, InvalidRequest, NotFound,
-                     StoreUnavailable, Unauthorized, UpstreamTimeout, UpstreamUnavailable)
+                     RequestTimeout, StoreUnavailable, Unauthorized, UpstreamTimeout,
+                     UpstreamUnavailable)
 from .services import IDENTITY, REQUEST_ID, ROUTE_LABEL, SERVICES, UPSTREAM_SECONDS, Services
 
 log = logging.getLogger("gateway.proxy")
@@ -251,6 +252,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         log.warning("upstream for %s timed out after %gs", route.path, route.timeout)
         raise UpstreamTimeout(f"the upstream for {route.path} did not answer in time") from None
     except pool.FAILURES as exc:
+        _raise_if_client_stalled(request)
         log.warning("upstream for %s unavailable: %s", route.path, type(exc).__name__)
         raise UpstreamUnavailable(f"the upstream for {route.path} is unavailable") from None
     request[UPSTREAM_SECONDS] = elapsed = time.perf_counter() - started
@@ -290,6 +292,14 @@ async def _request_body(request: web.Request) -> pool.Body:
     if length is not None and length <= _SMALL_BODY:
         return await request.content.read()  # not request.read(): client_max_size is ours
     return request.content
+
+
+def _raise_if_client_stalled(request: web.Request) -> None:
+    """A streamed body that stopped arriving (client_body_timeout) aborts the exchange with
+    the upstream: that is the client's failure, not the upstream's."""
+    stalled = request.content.exception()
+    if isinstance(stalled, RequestTimeout):
+        raise RequestTimeout(stalled.message) from None
 
 
 async def session_end(services: Services, identity: Identity) -> None:

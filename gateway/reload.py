@@ -18,7 +18,8 @@ log = logging.getLogger("gateway.reload")
 # What a running process cannot change: its socket, its processes, its Redis connections,
 # its own routes for /auth/* and the size of what it already allocated.
 RESTART_ONLY = ("listen_host", "listen_port", "workers", "redis", "auth_prefix",
-                "shutdown_grace")
+                "shutdown_grace", "client_header_timeout", "client_body_timeout",
+                "keepalive_timeout", "max_connections")
 
 
 def reload(app: web.Application, path: str) -> bool:

@@ -1,33 +1,220 @@
-"""Serving an application: the listener, signal handling and a graceful drain."""
+"""Serving an application: the listener, signal handling and a graceful drain, and the limits
+on slow and silent clients (nginx's client_header_timeout, client_body_timeout,
+keepalive_timeout and worker_connections).
+
+aiohttp internals relied on here (tests/test_slow_clients.py checks they still exist):
+- ``web.Server._kwargs`` and ``web.AppRunner._kwargs``/``_make_server``: the server is built
+  with our protocol class and request handler;
+- ``RequestHandler._messages`` (parsed requests waiting for ``start()``), ``_waiter`` (set
+  while ``start()`` waits for the next request) and ``web_protocol._ErrInfo`` (a queued parse
+  error, answered through ``handle_error``): a request head that times out is queued as one;
+- ``RequestHandler._next_keepalive_close_time``: ``_process_keepalive`` reschedules itself to
+  it, so a request head arriving on a kept-alive connection is timed by client_header_timeout
+  rather than cut silently at the keep-alive deadline.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import signal
+import time
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http import RawRequestMessage
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from .app import IN_FLIGHT, create_app, dispatcher
 from .logs import AccessLogger
+from .metrics import Metrics
 from .reload import reload
 from .config import Config
-from .errors import GatewayError, HeadersTooLarge, InvalidRequest
+from .errors import GatewayError, HeadersTooLarge, InvalidRequest, RequestTimeout
 from .endpoints import json_response
+from .services import METRICS
 
 log = logging.getLogger("gateway")
+REFUSED_LOG_EVERY = 10.0  # seconds between two "connection limit reached" lines
+_FD_MARGIN = 1024  # descriptors beyond two per client (its upstream): Redis, WeChat, logs
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one process allows its clients (see ``Config`` for each; the same defaults)."""
+
+    header_timeout: float = 60.0
+    body_timeout: float = 60.0
+    keepalive_timeout: float = 75.0
+    max_connections: int = 10_000
+
+    @classmethod
+    def of(cls, config: Config) -> Limits:
+        return cls(config.client_header_timeout, config.client_body_timeout,
+                   config.keepalive_timeout, config.max_connections)
+
+
+class _HeadTimeout(Exception):
+    """Queued in place of a request whose head did not arrive within client_header_timeout."""
 
 
 class _Protocol(RequestHandler):
     """aiohttp answers malformed requests itself, in plain text; ours answer in the contract's
-    JSON, and oversize headers get 431 instead of 400."""
+    JSON, and oversize headers get 431 instead of 400.
+
+    It also times the client, as nginx does: a request head from the connection's accept (on
+    a kept-alive connection: from its first byte) to its end, and a request body between two
+    arrivals of its bytes (not while the gateway itself holds reading back)."""
+
+    def __init__(self, manager: _Server, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._server = manager
+        self._limits = manager.limits
+        self._refused = False
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_begun = False  # some bytes of the timed head have arrived
+        self._head_expired = False
+        self._heads = True  # request heads to time: none once the connection is upgraded
+        self._body: StreamReader | None = None  # the newest request's body
+        self._body_deadline = 0.0
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._held = False  # reading paused: the body's reader is behind, not the client
+        self.serving: web.BaseRequest | None = None  # the request being handled
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self._server.admit():
+            self._refused = True
+            transport.close()
+            return
+        super().connection_made(transport)
+        self._time_head()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._refused:  # never counted nor started
+            return
+        for timer in (self._head_timer, self._body_timer):
+            if timer is not None:
+                timer.cancel()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._head_expired:  # answered 408 and closing: nothing more is read
+            return
+        queued = len(self._messages)
+        super().data_received(data)
+        if self._heads:
+            self._follow_heads(data, len(self._messages) > queued)
+        self._time_body()
+
+    def _follow_heads(self, data: bytes, completed: bool) -> None:
+        if completed:  # request heads completed: the newest one's body arrives next
+            message, self._body = self._messages[-1]
+            self._head_begun = False
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+            if isinstance(message, RawRequestMessage) and message.upgrade:
+                # After its body (if any), the bytes belong to the upgraded protocol (or, if
+                # the upgrade is declined, to nothing: the connection closes after it).
+                self._heads = False
+        elif data and self._head_timer is None and (self._body is None or self._body.is_eof()):
+            self._time_head()  # the first bytes of another request on a kept-alive connection
+            self._head_begun = True
+        elif data and self._head_timer is not None:  # more of the head being timed
+            self._head_begun = True
+
+    def pause_reading(self) -> None:
+        super().pause_reading()
+        self._held = True
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        self._held = False
+        super().resume_reading(resume_parser)
+        self._time_body()
+
+    def log_exception(self, *args: Any, **kwargs: Any) -> None:
+        # After the answer, aiohttp reads what is left of an unread body ("lingering") and
+        # meets the timeout set on it: expected, and the connection just closes.
+        if isinstance(kwargs.get("exc_info"), RequestTimeout):
+            return
+        super().log_exception(*args, **kwargs)
+
+    def _time_head(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._limits.header_timeout
+        self._head_timer = loop.call_at(deadline, self._head_timed_out)
+        # aiohttp's keep-alive check must not cut this head before its own deadline.
+        self._next_keepalive_close_time = max(self._next_keepalive_close_time, deadline + 1)
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport is None:
+            return
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            # A request is being handled: the pipelined head after it is timed from when the
+            # gateway can read it (as nginx does).
+            self._time_head()
+            return
+        if not self._head_begun:
+            self.force_close()  # never sent a byte: nothing to answer (as nginx)
+            return
+        self._head_expired = True
+        self._server.timed_out("header")
+        # Answered through handle_error, like a request aiohttp could not parse.
+        self._messages.append((_ErrInfo(status=408, exc=_HeadTimeout(), message="timeout"),
+                               EMPTY_PAYLOAD))
+        waiter.set_result(None)
+
+    def _time_body(self) -> None:
+        body = self._body
+        if (body is None or body.is_eof() or body.exception() is not None or self._held
+                or self.transport is None):
+            if self._body_timer is not None:
+                self._body_timer.cancel()
+                self._body_timer = None
+            return
+        loop = asyncio.get_running_loop()
+        # Moved on every read; the timer only wakes at the old deadline and re-arms (cheap
+        # for a body arriving in thousands of pieces).
+        self._body_deadline = loop.time() + self._limits.body_timeout
+        if self._body_timer is None:
+            self._body_timer = loop.call_at(self._body_deadline, self._body_timed_out)
+
+    def _body_timed_out(self) -> None:
+        self._body_timer = None
+        body = self._body
+        if body is None or body.is_eof() or self._held or self.transport is None:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._body_deadline:
+            self._body_timer = loop.call_at(self._body_deadline, self._body_timed_out)
+            return
+        self._server.timed_out("body")
+        # Whoever reads the body (an endpoint, the proxy, the upstream sender) gets this and
+        # answers 408.
+        body.set_exception(RequestTimeout(
+            f"the request body stopped arriving for {self._limits.body_timeout:g}s"))
+        serving = self.serving
+        if serving is not None and serving.content is body and serving.writer.output_size:
+            # Its answer has begun (an upstream answering before the body's end): no 408 can
+            # follow, and the upstream's answer may never end. Closing cancels the handler.
+            self.force_close()
 
     def handle_error(self, request: web.BaseRequest, status: int = 500,
                      exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
+        if isinstance(exc, _HeadTimeout):
+            timeout = RequestTimeout(f"the request headers did not arrive within "
+                                     f"{self._limits.header_timeout:g}s")
+            response = json_response({"error": timeout.code, "message": timeout.message},
+                                     timeout.status)
+            response.force_close()
+            return response
         if status != 400 or not isinstance(exc, BadHttpMessage) or request.writer.output_size:
             return super().handle_error(request, status, exc, message)
         error: GatewayError
@@ -42,23 +229,109 @@ class _Protocol(RequestHandler):
 
 
 class _Server(web.Server):
+    def __init__(self, *args: Any, limits: Limits, metrics: Metrics | None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.limits = limits
+        self._metrics = metrics
+        self._open = 0
+        self._refused = 0  # since the last log line
+        self._refused_logged = float("-inf")
+
     def __call__(self) -> RequestHandler:
         return _Protocol(self, loop=asyncio.get_running_loop(), **self._kwargs)
 
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        self._open += 1
+
+    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
+        super().connection_lost(handler, exc)
+        self._open -= 1
+
+    def admit(self) -> bool:
+        """Whether another connection fits under max_connections; if not, it is counted
+        (and logged at most every REFUSED_LOG_EVERY seconds, not per connection)."""
+        if self._open < self.limits.max_connections:
+            return True
+        self._refused += 1
+        if self._metrics is not None:
+            self._metrics.connections_refused.inc()
+        now = time.monotonic()
+        if now - self._refused_logged >= REFUSED_LOG_EVERY:
+            log.warning("connection limit reached: %d connections open (max_connections); "
+                        "refused %d new connection(s) since the last such line",
+                        self._open, self._refused)
+            self._refused, self._refused_logged = 0, now
+        return False
+
+    def timed_out(self, phase: str) -> None:
+        if self._metrics is not None:
+            self._metrics.client_timeouts.labels(phase).inc()
+
 
 class Runner(web.AppRunner):
+    def __init__(self, app: web.Application, *, limits: Limits, **kwargs: Any) -> None:
+        super().__init__(app, keepalive_timeout=limits.keepalive_timeout, **kwargs)
+        self.limits = limits
+
     async def _make_server(self) -> web.Server:
         base = await super()._make_server()
-        return _Server(dispatcher(self.app, base.request_handler),
-                       request_factory=base.request_factory, **self._kwargs)
+        factory = base.request_factory
+        if self.limits.keepalive_timeout == 0:
+            # No keep-alive: every request is answered with "Connection: close", as nginx's
+            # keepalive_timeout 0 does.
+            def factory(message: RawRequestMessage, *args: Any, **kwargs: Any) -> web.BaseRequest:
+                return base.request_factory(message._replace(should_close=True), *args, **kwargs)
+        return _Server(_closing_on_timeout(dispatcher(self.app, base.request_handler)),
+                       request_factory=factory, limits=self.limits,
+                       metrics=self.app.get(METRICS), **self._kwargs)
 
 
-def runner(app: web.Application, shutdown_grace: float, **kwargs: Any) -> Runner:
+def _closing_on_timeout(handler: Any) -> Any:
+    """Lets the protocol see the request it serves; a request whose body timed out cannot be
+    followed by another on its connection."""
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        protocol = request.protocol
+        if isinstance(protocol, _Protocol):
+            protocol.serving = request
+        try:
+            response: web.StreamResponse = await handler(request)
+        finally:
+            if isinstance(protocol, _Protocol):
+                protocol.serving = None
+        if isinstance(request.content.exception(), RequestTimeout) and not response.prepared:
+            response.force_close()
+        return response
+    return handle
+
+
+def runner(app: web.Application, shutdown_grace: float, limits: Limits = Limits(),
+           **kwargs: Any) -> Runner:
     # handler_cancellation: a client that goes away cancels its upstream request too.
     # auto_decompress off: a gzip request body is forwarded as the client sent it (with its
     # Content-Encoding and Content-Length), never inflated on the way.
-    return Runner(app, access_log_class=AccessLogger, handler_cancellation=True,
+    return Runner(app, limits=limits, access_log_class=AccessLogger, handler_cancellation=True,
                   auto_decompress=False, shutdown_timeout=shutdown_grace, **kwargs)
+
+
+def raise_file_limit(max_connections: int) -> None:
+    """Raise the soft RLIMIT_NOFILE toward what max_connections clients need (each proxied one
+    holds an upstream connection too), as far as the hard limit allows; warn when the clients
+    alone would not fit."""
+    want = 2 * max_connections + _FD_MARGIN
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, exc)
+    if soft != resource.RLIM_INFINITY and soft < max_connections + _FD_MARGIN:
+        log.warning("open-file limit %d is too low for max_connections %d (%d wanted): raise "
+                    "the hard limit (ulimit -n, LimitNOFILE=, docker --ulimit nofile=) or "
+                    "lower max_connections", soft, max_connections, want)
 
 
 async def serve(config: Config, path: str | None = None, reuse_port: bool = False) -> None:
@@ -71,7 +344,8 @@ async def serve(config: Config, path: str | None = None, reuse_port: bool = Fals
     app = create_app(config)
     if path is not None:
         loop.add_signal_handler(signal.SIGHUP, reload, app, path)
-    app_runner = runner(app, config.shutdown_grace)
+    raise_file_limit(config.max_connections)
+    app_runner = runner(app, config.shutdown_grace, Limits.of(config))
     await app_runner.setup()
     try:
         await web.TCPSite(app_runner, config.listen_host, config.listen_port,

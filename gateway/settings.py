@@ -143,6 +143,11 @@ class Config:
     workers: int = 1
     logging: LoggingConfig = LoggingConfig()
     identity_assertion: AssertionConfig = AssertionConfig()
+    # Slow and silent clients, as nginx's directives of the same names (and defaults):
+    client_header_timeout: float = 60.0  # the request line and headers, in full
+    client_body_timeout: float = 60.0  # the longest silence between two reads of a body
+    keepalive_timeout: float = 75.0  # an idle keep-alive connection; 0: no keep-alive
+    max_connections: int = 10_000  # open client connections per process (worker_connections)
     # Whether some route's path has upper-case (or foldable) characters: then even a
     # lower-case request path may resolve to it in a case-insensitive upstream.
     folds: bool = field(init=False, repr=False, compare=False, default=False)
