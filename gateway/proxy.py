@@ -250,10 +250,14 @@ async def _relay(request: web.Request, upstream: pool.Exchange, deadline: float 
                 chunk = await upstream.body.read(pool.CHUNK)
             if not chunk:
                 break
-            await response.write(chunk)
+            # A client that takes nothing for as long is cut too (nginx's send_timeout, here
+            # the read timeout): else it could hold the upstream's stream open forever.
+            async with asyncio.timeout_at(_next_read(deadline, read_timeout)):
+                await response.write(chunk)
     except (TimeoutError, *pool.FAILURES) as exc:
         # Headers are gone already: the only honest signal left is a broken connection.
-        log.warning("upstream body for %s failed: %s", request[ROUTE_LABEL], type(exc).__name__)
+        log.warning("relaying the body for %s stopped: %s", request[ROUTE_LABEL],
+                    type(exc).__name__)
         if request.transport is not None:
             request.transport.abort()
         return response

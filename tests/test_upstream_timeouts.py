@@ -37,7 +37,8 @@ WAIT = 10.0  # every wait in this file is bounded by this many seconds (past any
 class StreamUpstream:
     """An SSE backend. ``/beats/<n>``: n events, one every BEAT seconds. ``/stall/<n>``: n
     events, then silence while the connection lives. ``/stepped/<n>``: event i+1 only once the
-    test has acknowledged event i (``acks``). ``/late``: headers after 3×READ. ``/small-stall``:
+    test has acknowledged event i (``acks``). ``/flood/<n>``: n events of 64 KiB, as fast as
+they are taken. ``/late``: headers after 3×READ. ``/small-stall``:
     a Content-Length of 100 and 10 bytes of it. ``/upload``: reads the body, answers its size.
     ``/ignore-body``: reads nothing, answers after 3×READ."""
 
@@ -66,7 +67,8 @@ class StreamUpstream:
                 if mode == "stepped" and i:
                     await self.ack(i - 1).wait()
                 self.sent[i] = time.perf_counter()
-                await response.write(f"id: {i}\ndata: event {i}\n\n".encode())
+                padding = "x" * 65536 if mode == "flood" else ""
+                await response.write(f"id: {i}\ndata: event {i}{padding}\n\n".encode())
             if mode == "stall":
                 await until_gone(request)
         except (asyncio.CancelledError, ConnectionResetError):
@@ -109,7 +111,7 @@ async def stream_upstream(aiohttp_server: Any) -> StreamUpstream:
     up = StreamUpstream()
     app = web.Application()
     # Paths arrive with the route's prefix (/sse/..., /bounded/...).
-    app.router.add_get("/{route}/{mode:beats|stall|stepped}/{n:\\d+}", up.sse)
+    app.router.add_get("/{route}/{mode:beats|stall|stepped|flood}/{n:\\d+}", up.sse)
     app.router.add_get("/{route}/late", up.late)
     app.router.add_get("/{route}/small-stall", up.small_stall)
     app.router.add_post("/{route}/upload", up.upload)
@@ -235,6 +237,20 @@ async def test_a_stalled_stream_is_aborted_after_the_read_timeout(
     assert READ * 0.9 < silent_for < READ + 1.5, silent_for
     async with asyncio.timeout(WAIT):
         await stream_upstream.cut.wait()
+
+
+async def test_a_client_that_stops_reading_is_cut_after_the_read_timeout(
+        gateway: GatewayProcess, stream_upstream: StreamUpstream) -> None:
+    """Without a whole-exchange timeout, a client that never reads must not hold the
+    upstream's stream open for ever (nginx's send_timeout)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    try:
+        writer.write(b"GET /sse/flood/100000 HTTP/1.1\r\nHost: gw\r\n\r\n")
+        async with asyncio.timeout(WAIT):  # never read: the socket buffers fill, then nothing
+            await stream_upstream.cut.wait()
+        assert len(stream_upstream.sent) < 1000  # far from the 6.5 GB it would have sent
+    finally:
+        writer.close()
 
 
 async def test_no_headers_within_the_read_timeout_is_504(sse_gw: TestClient) -> None:
