@@ -111,7 +111,10 @@ class Pool:
                                             read_timeout)
             except BaseException as exc:
                 conn.close()
-                if reused and replayable and isinstance(exc, _CLOSED_UNDER_US):
+                # TimeoutError is an OSError, but a silent upstream is not one that closed
+                # the connection: sending again would double the wait and the request.
+                if (reused and replayable and isinstance(exc, _CLOSED_UNDER_US)
+                        and not isinstance(exc, TimeoutError)):
                     # Closed under us before answering (an upstream's idle timeout, or a
                     # restart, which makes every idle connection stale): once more, fresh.
                     self._drop(key)

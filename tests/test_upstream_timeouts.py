@@ -46,6 +46,7 @@ they are taken. ``/late``: headers after 3×READ. ``/small-stall``:
     sent: dict[int, float] = field(default_factory=dict)  # event → when it left, perf_counter
     acks: dict[int, asyncio.Event] = field(default_factory=dict)
     cut: asyncio.Event = field(default_factory=asyncio.Event)  # a stream's client went away
+    late_requests: int = 0
 
     @property
     def url(self) -> str:
@@ -78,6 +79,7 @@ they are taken. ``/late``: headers after 3×READ. ``/small-stall``:
         return response
 
     async def late(self, request: web.Request) -> web.Response:
+        self.late_requests += 1
         await asyncio.sleep(3 * READ)
         return web.Response(text="too late")
 
@@ -253,11 +255,15 @@ async def test_a_client_that_stops_reading_is_cut_after_the_read_timeout(
         writer.close()
 
 
-async def test_no_headers_within_the_read_timeout_is_504(sse_gw: TestClient) -> None:
+async def test_no_headers_within_the_read_timeout_is_504(
+        sse_gw: TestClient, stream_upstream: StreamUpstream) -> None:
+    assert (await sse_gw.post("/sse/upload", data=b"warm")).status == 200  # a pooled connection
     started = time.monotonic()
     resp = await sse_gw.get("/sse/late")
     await expect_error(resp, 504, "upstream_timeout")
-    assert READ * 0.9 < time.monotonic() - started < READ + 1.5
+    assert READ * 0.9 < time.monotonic() - started < READ + 0.5
+    # A silent upstream is not a connection closed under us: the GET is not sent again.
+    assert stream_upstream.late_requests == 1
 
 
 async def test_a_small_body_that_stops_arriving_is_504(sse_gw: TestClient) -> None:
