@@ -354,6 +354,19 @@ async def test_an_idle_websocket_is_closed_with_1001_after_the_read_timeout(
         assert await up.closed.get() == 1001  # the upstream was told too
 
 
+async def test_a_websocket_handshake_the_upstream_never_answers_is_504(
+        make_gateway: GatewayFactory, stream_upstream: StreamUpstream) -> None:
+    client = await make_gateway(routes=[
+        {"path": "/sse/", "upstream": stream_upstream.url, "auth": "public",
+         "read_timeout": f"{READ}s", "connect_timeout": "200ms"}])
+    upgrade = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+               "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+    started = time.monotonic()
+    resp = await client.get("/sse/late", headers=upgrade)  # answers after 3×READ
+    await expect_error(resp, 504, "upstream_timeout")
+    assert READ * 0.9 < time.monotonic() - started < 2 * READ
+
+
 async def test_a_websocket_exchanging_frames_stays_open(
         ws_gw: tuple[TestClient, EchoUpstream]) -> None:
     client, up = ws_gw
