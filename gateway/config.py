@@ -408,6 +408,8 @@ class _ConfigReader(Reader):
             if auth is not None and auth not in AUTH_MODES:
                 self.fail(f"{key}.auth", f"must be one of {', '.join(AUTH_MODES)}, got {auth!r}")
                 auth = None
+            # Absent: no whole-exchange bound (None); present but invalid: also None, so the
+            # check below tells the two apart by the key's presence.
             timeout = self.optional(key, s, "timeout", self.duration, 0.0) or None
             connect = self.optional(key, s, "connect_timeout", self.duration, 5.0)
             read = self.optional(key, s, "read_timeout", self.duration, 60.0)
