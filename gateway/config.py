@@ -423,7 +423,8 @@ class _ConfigReader(Reader):
         for i, item in enumerate(items):
             key = f"routes[{i}]"
             s = self.section(key, item, ("path", "upstream", "auth", "timeout",
-                                         "connect_timeout", "preserve_host", "apps", "audience"))
+                                         "connect_timeout", "preserve_host", "apps", "audience",
+                                         "read_timeout"))
             if s is None:
                 continue
             raw_path = self.string(f"{key}.path", s.get("path"))
@@ -443,21 +444,27 @@ class _ConfigReader(Reader):
             if auth is not None and auth not in AUTH_MODES:
                 self.fail(f"{key}.auth", f"must be one of {', '.join(AUTH_MODES)}, got {auth!r}")
                 auth = None
-            timeout = self.optional(key, s, "timeout", self.duration, 30.0)
+            # Absent: no whole-exchange bound (None); present but invalid: also None, so the
+            # check below tells the two apart by the key's presence.
+            timeout = self.optional(key, s, "timeout", self.duration, 0.0) or None
             connect = self.optional(key, s, "connect_timeout", self.duration, 5.0)
+            read = self.optional(key, s, "read_timeout", self.duration, 60.0)
             preserve_host = self.optional(key, s, "preserve_host", self.boolean, False)
             only = self.route_apps(f"{key}.apps", s.get("apps"), apps)
             audience = self.optional(key, s, "audience", self.string, "")
-            if (path is None or url is None or auth is None or timeout is None
-                    or connect is None or preserve_host is None or only is None
+            if (path is None or url is None or auth is None
+                    or (timeout is None and s.get("timeout") is not None)
+                    or connect is None or read is None or preserve_host is None or only is None
                     or audience is None):
                 continue
             base = _base_path(self, f"{key}.upstream", url, upstream or "")
             if base is None:
                 continue
             origin = str(url.with_path("").with_query(None)).rstrip("/")
-            routes.append(Route(path, url, origin, base, auth, timeout,
-                                min(connect, timeout), preserve_host, only, audience or None))
+            if timeout is not None:  # no phase may outlast the whole exchange
+                connect, read = min(connect, timeout), min(read, timeout)
+            routes.append(Route(path, url, origin, base, auth, timeout, connect, preserve_host,
+                                only, audience or None, read))
         return tuple(sorted(routes, key=lambda r: len(r.path), reverse=True))
 
     def route_apps(self, key: str, value: Any, apps: tuple[App, ...] | None) -> tuple[str, ...] | None:

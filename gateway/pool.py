@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import ssl
 from collections import deque
+from typing import Callable
 
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
@@ -81,12 +82,16 @@ class Pool:
         self._closed = False
 
     async def send(self, origin: URL, method: str, target: str, headers: CIMultiDict[str],
-                   body: Body, connect_timeout: float) -> Exchange:
+                   body: Body, connect_timeout: float,
+                   read_timeout: float | None = None) -> Exchange:
         """Send ``method target`` to ``origin`` and read the response's status and headers.
 
         ``headers`` go as given (plus ``Host`` when absent, and ``Transfer-Encoding: chunked``
-        for a streamed body without ``Content-Length``). The caller bounds the whole exchange
-        with its own timeout and must ``release()`` the result.
+        for a streamed body without ``Content-Length``). Once connected, ``read_timeout`` is the
+        longest silence allowed until the response's headers: each chunk of a streamed body
+        written upstream restarts it, so a slow upload that keeps moving is not cut, while an
+        upstream that neither reads nor answers is (TimeoutError). The caller may bound the
+        whole exchange with its own timeout and must ``release()`` the result.
         """
         assert origin.host is not None and origin.port is not None
         key = (origin.scheme, origin.host, origin.port)
@@ -102,10 +107,14 @@ class Pool:
             if conn is None:
                 conn = await self._connect(key, connect_timeout)
             try:
-                return await self._exchange(conn, key, method, head, headers, body)
+                return await self._exchange(conn, key, method, head, headers, body,
+                                            read_timeout)
             except BaseException as exc:
                 conn.close()
-                if reused and replayable and isinstance(exc, _CLOSED_UNDER_US):
+                # TimeoutError is an OSError, but a silent upstream is not one that closed
+                # the connection: sending again would double the wait and the request.
+                if (reused and replayable and isinstance(exc, _CLOSED_UNDER_US)
+                        and not isinstance(exc, TimeoutError)):
                     # Closed under us before answering (an upstream's idle timeout, or a
                     # restart, which makes every idle connection stale): once more, fresh.
                     self._drop(key)
@@ -123,38 +132,51 @@ class Pool:
         self._idle.clear()
 
     async def _exchange(self, conn: ResponseHandler, key: _Key, method: str, head: str,
-                        headers: CIMultiDict[str], body: Body) -> Exchange:
+                        headers: CIMultiDict[str], body: Body,
+                        read_timeout: float | None) -> Exchange:
         loop = asyncio.get_running_loop()
         conn.set_response_params(skip_payload=method == "HEAD", read_until_eof=True,
                                  auto_decompress=False)
         writer = StreamWriter(conn, loop)
         sender = None
-        if isinstance(body, StreamReader):
-            if "Content-Length" not in headers:
-                headers["Transfer-Encoding"] = "chunked"
-                writer.enable_chunking()
-            await writer.write_headers(head, headers)
-            writer.send_headers()
-            # Sent alongside reading the response: an upstream may answer (413, 401) early.
-            sender = asyncio.ensure_future(_send(writer, body, conn))
-            sender.add_done_callback(_retrieve)
-        else:
-            await writer.write_headers(head, headers)
-            await writer.write_eof(body or b"")  # headers and a small body in one write
-        try:
-            while True:
-                message, payload = await conn.read()
-                # 1xx are interim (100 Continue, 103 Early Hints): the final answer follows.
-                if not 100 <= message.code < 200 or message.code == 101:
-                    break
-            if message.code == 101 and "Upgrade" not in headers:
-                # RFC 9110 §15.2.2: a server switches only to a protocol the request asked
-                # for; the connection now speaks something nobody asked to relay.
-                raise HttpProcessingError(message="101 Switching Protocols, unasked")
-        except BaseException:
-            if sender is not None:
-                sender.cancel()
-            raise
+        answered = False
+        async with asyncio.timeout(read_timeout) as silence:
+
+            def progress() -> None:
+                # nginx's proxy_send_timeout, at the read timeout's value: silence is measured
+                # between writes too, and only until the answer's headers (the sender may
+                # outlive this block when the upstream answers early).
+                if not answered and read_timeout is not None:
+                    silence.reschedule(loop.time() + read_timeout)
+
+            if isinstance(body, StreamReader):
+                if "Content-Length" not in headers:
+                    headers["Transfer-Encoding"] = "chunked"
+                    writer.enable_chunking()
+                await writer.write_headers(head, headers)
+                writer.send_headers()
+                # Sent alongside reading the response: an upstream may answer (413, 401) early.
+                sender = asyncio.ensure_future(_send(writer, body, conn, progress))
+                sender.add_done_callback(_retrieve)
+            else:
+                await writer.write_headers(head, headers)
+                await writer.write_eof(body or b"")  # headers and a small body in one write
+            try:
+                while True:
+                    message, payload = await conn.read()
+                    # 1xx are interim (100 Continue, 103 Early Hints): the final answer follows.
+                    if not 100 <= message.code < 200 or message.code == 101:
+                        break
+                if message.code == 101 and "Upgrade" not in headers:
+                    # RFC 9110 §15.2.2: a server switches only to a protocol the request asked
+                    # for; the connection now speaks something nobody asked to relay.
+                    raise HttpProcessingError(message="101 Switching Protocols, unasked")
+            except BaseException:
+                if sender is not None:
+                    sender.cancel()
+                raise
+            finally:
+                answered = True
         return Exchange(message.code, message.reason, message.headers, payload, conn, self,
                         key, sender)
 
@@ -215,10 +237,12 @@ def _retrieve(task: asyncio.Task[None]) -> None:
         task.exception()
 
 
-async def _send(writer: StreamWriter, body: StreamReader, conn: ResponseHandler) -> None:
+async def _send(writer: StreamWriter, body: StreamReader, conn: ResponseHandler,
+                progress: Callable[[], None]) -> None:
     try:
         while chunk := await body.read(CHUNK):
             await writer.write(chunk)
+            progress()
         await writer.write_eof()
     except asyncio.CancelledError:
         raise

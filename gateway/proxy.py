@@ -236,20 +236,23 @@ async def handle(request: web.Request) -> web.StreamResponse:
         # A factory: no coroutine exists unless the relay gets as far as needing it.
         end = (functools.partial(session_end, services, identity) if identity is not None
                else None)
-        return await websocket.relay(request, services.http, url, headers, route.timeout, end)
+        return await websocket.relay(request, services.http, url, headers, route, end)
 
     await _continue(request)
     body = await _request_body(request)
     started = time.perf_counter()
-    # The route's timeout bounds the whole exchange, the upstream's body included (_relay).
-    deadline = asyncio.get_running_loop().time() + route.timeout
+    # read_timeout bounds each silence (pool.send until the headers, _relay between reads of
+    # the body); the route's timeout, when set, bounds the whole exchange, body included.
+    deadline = (None if route.timeout is None
+                else asyncio.get_running_loop().time() + route.timeout)
     try:
         async with asyncio.timeout_at(deadline):
             upstream = await services.pool.send(
                 route.upstream, request.method, route.base_path + request.raw_path, headers,
-                body, route.connect_timeout)
+                body, route.connect_timeout, route.read_timeout)
     except TimeoutError:
-        log.warning("upstream for %s timed out after %gs", route.path, route.timeout)
+        log.warning("upstream for %s timed out (read_timeout %gs, timeout %s)", route.path,
+                    route.read_timeout, route.timeout)
         raise UpstreamTimeout(f"the upstream for {route.path} did not answer in time") from None
     except pool.FAILURES as exc:
         _raise_if_client_stalled(request)
@@ -258,7 +261,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     request[UPSTREAM_SECONDS] = elapsed = time.perf_counter() - started
     services.metrics.upstream_answered(route.path, elapsed)
     try:
-        return await _relay(request, upstream, deadline)
+        return await _relay(request, upstream, deadline, route.read_timeout)
     finally:
         upstream.release()
 
@@ -350,8 +353,15 @@ async def _authenticate(request: web.Request, access: Access) -> Identity | None
     return identity
 
 
-async def _relay(request: web.Request, upstream: pool.Exchange,
-                 deadline: float) -> web.StreamResponse:
+def _next_read(deadline: float | None, read_timeout: float) -> float:
+    """When the next read of the upstream's body must have returned: after ``read_timeout``
+    of silence, and never past the whole exchange's deadline."""
+    silence = asyncio.get_running_loop().time() + read_timeout
+    return silence if deadline is None else min(silence, deadline)
+
+
+async def _relay(request: web.Request, upstream: pool.Exchange, deadline: float | None,
+                 read_timeout: float) -> web.StreamResponse:
     drop = HOP_BY_HOP | websocket.connection_tokens(upstream.headers)
     headers = CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in drop)
     if any(not v.isascii() and _undecodable(v) for v in headers.values()):
@@ -363,8 +373,14 @@ async def _relay(request: web.Request, upstream: pool.Exchange,
         # A small body is read whole (bounded by its Content-Length) and sent with the
         # headers in one write; an upstream failing mid-body still gets an honest 502.
         try:
-            async with asyncio.timeout_at(deadline):
-                body = await upstream.read()
+            parts = []
+            while True:
+                async with asyncio.timeout_at(_next_read(deadline, read_timeout)):
+                    chunk = await upstream.body.readany()
+                if not chunk:
+                    break
+                parts.append(chunk)
+            body = b"".join(parts)
         except TimeoutError:
             raise UpstreamTimeout("the upstream did not finish its response in time") from None
         except pool.FAILURES:
@@ -379,14 +395,19 @@ async def _relay(request: web.Request, upstream: pool.Exchange,
     await response.prepare(request)
     try:
         while True:
-            async with asyncio.timeout_at(deadline):
+            # read(n) returns what has arrived, up to n bytes: each chunk goes on at once.
+            async with asyncio.timeout_at(_next_read(deadline, read_timeout)):
                 chunk = await upstream.body.read(pool.CHUNK)
             if not chunk:
                 break
-            await response.write(chunk)
+            # A client that takes nothing for as long is cut too (nginx's send_timeout, here
+            # the read timeout): else it could hold the upstream's stream open forever.
+            async with asyncio.timeout_at(_next_read(deadline, read_timeout)):
+                await response.write(chunk)
     except (TimeoutError, *pool.FAILURES) as exc:
         # Headers are gone already: the only honest signal left is a broken connection.
-        log.warning("upstream body for %s failed: %s", request[ROUTE_LABEL], type(exc).__name__)
+        log.warning("relaying the body for %s stopped: %s", request[ROUTE_LABEL],
+                    type(exc).__name__)
         if request.transport is not None:
             request.transport.abort()
         return response

@@ -97,11 +97,14 @@ class Route:
     origin: str  # "http://host:port", what the forwarded path is appended to
     base_path: str  # "" or "/base" (no trailing slash), prepended to the forwarded path
     auth: AuthMode = "required"
-    timeout: float = 30.0
+    timeout: float | None = None  # bounds the whole exchange when set (nginx has no such bound)
     connect_timeout: float = 5.0
     preserve_host: bool = False
     apps: tuple[str, ...] = ()  # when set, only tokens of these appids are accepted
     audience: str | None = None  # the identity assertion's aud; None: the upstream's origin
+    # The longest silence while waiting for or reading the answer (nginx's proxy_read_timeout):
+    # a stream lives as long as data keeps coming.
+    read_timeout: float = 60.0
     # ``path`` as case-insensitive routers compare it, computed once per configuration
     folded: str = field(init=False, repr=False, compare=False)
 

@@ -97,7 +97,7 @@ def test_minimal_config_takes_every_documented_default() -> None:
     assert r.path == "/api"
     assert r.upstream == URL(UPSTREAM)
     assert r.auth == "required"
-    assert r.timeout == 30.0
+    assert (r.read_timeout, r.connect_timeout, r.timeout) == (60.0, 5.0, None)
 
 
 def test_empty_sections_take_their_defaults() -> None:
@@ -105,7 +105,7 @@ def test_empty_sections_take_their_defaults() -> None:
     data.update({"wechat": None, "auth": None, "identity_headers": None, "shutdown_grace": None})
     data["redis"]["key_prefix"] = None
     data["session"]["ttl"] = None
-    data["routes"][0].update({"auth": None, "timeout": None})
+    data["routes"][0].update({"auth": None, "timeout": None, "read_timeout": None})
     cfg = parse(data)
     assert cfg.wechat.api_base == URL("https://api.weixin.qq.com")
     assert cfg.wechat.timeout == 5.0
@@ -115,7 +115,7 @@ def test_empty_sections_take_their_defaults() -> None:
     assert cfg.redis.key_prefix == "wxgw:"
     assert cfg.session.ttl == 7 * 86400.0
     assert cfg.routes[0].auth == "required"
-    assert cfg.routes[0].timeout == 30.0
+    assert (cfg.routes[0].timeout, cfg.routes[0].read_timeout) == (None, 60.0)
     assert cfg.shutdown_grace == 10.0
     assert (cfg.listen_host, cfg.listen_port) == ("0.0.0.0", 8080)
 
@@ -271,24 +271,25 @@ def test_double_dollar_is_a_literal_dollar() -> None:
 def test_duration_formats(value: Any, seconds: float) -> None:
     data = minimal()
     data["routes"][0]["timeout"] = value
+    data["routes"][0]["read_timeout"] = value
     data["session"]["ttl"] = value
     data["wechat"] = {"timeout": value}
     data["redis"]["timeout"] = value
     data["shutdown_grace"] = value
     cfg = parse(data)
-    for got in (cfg.routes[0].timeout, cfg.session.ttl, cfg.wechat.timeout, cfg.redis.timeout,
+    for got in (cfg.routes[0].timeout, cfg.routes[0].read_timeout, cfg.session.ttl, cfg.wechat.timeout, cfg.redis.timeout,
                 cfg.shutdown_grace):
         assert got == pytest.approx(seconds)
 
 
 @pytest.mark.parametrize("value", ["10x", "-1", -1, 0, "0", "0s", "0ms", True, False, "", "5 minutes",
                                    "s", [], {"s": 1}])
-@pytest.mark.parametrize("key", ["routes[0].timeout", "session.ttl", "wechat.timeout",
-                                 "redis.timeout", "shutdown_grace"])
+@pytest.mark.parametrize("key", ["routes[0].timeout", "routes[0].read_timeout", "session.ttl",
+                                 "wechat.timeout", "redis.timeout", "shutdown_grace"])
 def test_bad_durations_are_rejected_naming_the_key(key: str, value: Any) -> None:
     data = minimal()
-    if key == "routes[0].timeout":
-        data["routes"][0]["timeout"] = value
+    if key.startswith("routes[0]."):
+        data["routes"][0][key.partition(".")[2]] = value
     elif key == "shutdown_grace":
         data["shutdown_grace"] = value
     else:

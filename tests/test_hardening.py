@@ -469,7 +469,7 @@ def test_connect_timeout_config(config_dict: dict[str, Any]) -> None:
         return [{"path": "/api/", "upstream": "http://127.0.0.1:9000", **options}]
 
     default = config_.parse({**config_dict, "routes": routes()}, environ={}).routes[0]
-    assert (default.timeout, default.connect_timeout) == (30.0, 5.0)
+    assert (default.timeout, default.connect_timeout) == (None, 5.0)
     short = config_.parse({**config_dict, "routes": routes(connect_timeout="250ms")},
                           environ={}).routes[0]
     assert short.connect_timeout == 0.25
