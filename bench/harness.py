@@ -1,11 +1,11 @@
 """What bench/run.py and bench/revocation.py share: the processes under test, on loopback.
 
 * ``Stack``: every process a benchmark starts (a real ``redis-server`` through
-  ``gateway.embedded.EmbeddedRedis``, helpers, nginx, gateways), each logging to its own file
+  ``gateway.testing.embedded.EmbeddedRedis``, helpers, nginx, gateways), each logging to its own file
   in one temporary directory, all stopped (SIGTERM, then SIGKILL after 10 s) when the stack
   closes, whatever happened.
 * ``python bench/harness.py serve --simulator-port N [--upstream-port M]``: the WeChat
-  simulator (``gateway.simulator.create_app``) and, optionally, an aiohttp upstream answering
+  simulator (``gateway.testing.simulator.create_app``) and, optionally, an aiohttp upstream answering
   ``200 ok`` to everything, in one process (uvloop when installed).
 * nginx configurations (a fixed-body upstream, a plain keepalive reverse proxy), the
   gateway's benchmark configuration, ``apt-get install`` of missing tools, logins.
@@ -237,7 +237,7 @@ class Stack:
         self.close()
 
     def start_redis(self) -> Any:
-        from gateway.embedded import EmbeddedRedis
+        from gateway.testing.embedded import EmbeddedRedis
         self.redis = EmbeddedRedis(persist=False).start()
         return self.redis
 

@@ -4,7 +4,7 @@
     .venv/bin/python bench/revocation.py [--trials 200] [--timeout 2] [--workers N]
 
 Starts, all on loopback ports (everything is stopped at the end, whatever happens): a real
-``redis-server`` (``gateway.embedded.EmbeddedRedis``), the WeChat simulator and an aiohttp
+``redis-server`` (``gateway.testing.embedded.EmbeddedRedis``), the WeChat simulator and an aiohttp
 upstream answering ``200 ok`` (one helper process), and TWO gateways (``python -m gateway``,
 the same configuration but for ``listen``) sharing that Redis, with an ``/api/`` route
 (auth: required) to the upstream.

@@ -8,8 +8,8 @@ Starts, all on loopback ports (everything is stopped at the end, whatever happen
 * nginx as the upstream, answering ``200 ok\\n`` to any request (keepalive on),
 * nginx as a plain reverse proxy to it (the anchor: HTTP/1.1 keepalive pool to the upstream,
   ``proxy_set_header Connection ""``, one worker per core unless ``--nginx-workers``),
-* a real ``redis-server`` (``gateway.embedded.EmbeddedRedis``),
-* the WeChat simulator (``gateway.simulator.create_app``) in its own process,
+* a real ``redis-server`` (``gateway.testing.embedded.EmbeddedRedis``),
+* the WeChat simulator (``gateway.testing.simulator.create_app``) in its own process,
 * the gateway (``python -m gateway --config <tmp yaml>``) with ``/public/`` (auth: public) and
   ``/api/`` (auth: required) routes to the nginx upstream, login limits off;
 

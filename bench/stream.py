@@ -5,7 +5,7 @@
 
 Starts, all on loopback ports:
 
-* a real ``redis-server`` (``gateway.embedded.EmbeddedRedis``),
+* a real ``redis-server`` (``gateway.testing.embedded.EmbeddedRedis``),
 * an aiohttp upstream in its own process, which generates downloads 64 KiB at a time and
   counts uploads as they arrive (it never holds a body),
 * the gateway (``python -m gateway``) with a ``public`` route to that upstream,
@@ -395,7 +395,7 @@ def main() -> int:
         print("bench/stream.py needs Linux (/proc)", file=sys.stderr)
         return 2
 
-    from gateway.embedded import EmbeddedRedis
+    from gateway.testing.embedded import EmbeddedRedis
 
     nginx = None if args.no_nginx else find_nginx(args.install_nginx)
     procs: list[subprocess.Popen[Any]] = []

@@ -21,13 +21,10 @@ from .errors import (GatewayError, InternalError, InvalidRequest, MethodNotAllow
                      PayloadTooLarge, StoreUnavailable)
 from .metrics import Metrics
 from .pool import Pool
-from .services import (METRICS, REQUEST_ID, ROUTE_LABEL, SERVICES, STARTED, Connections, Live,
-                       Services)
+from .state import CONFIG, IN_FLIGHT, METRICS, REQUEST_ID, ROUTE_LABEL, SERVICES, STARTED
+from .services import Connections, Live, Services
 
 log = logging.getLogger("gateway")
-CONFIG = web.AppKey("config", Config)
-# Tasks handling a request right now: a graceful stop cancels what outlives shutdown_grace.
-IN_FLIGHT = web.AppKey("in_flight", set[asyncio.Task[object]])
 _CATCH_ALL = r"/{tail:[\s\S]*}"  # [\s\S]: also paths with (decoded) newlines, refused later
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 _BY_STATUS: dict[int, type[GatewayError]] = {

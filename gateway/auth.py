@@ -7,22 +7,13 @@ without touching the endpoints or the proxy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from typing import TYPE_CHECKING
-
+from .cache import Identity, SessionCache
+from .config import Config
 from .errors import InvalidRequest, Unauthorized
-from .sessions import Session, SessionStore
-from .tokens import Claims, TokenCodec
+from .session_tokens import TokenCodec
+from .sessions import SessionStore
 
-if TYPE_CHECKING:
-    from .cache import SessionCache
-
-
-@dataclass(frozen=True, slots=True)
-class Identity:
-    token: Claims
-    session: Session
+__all__ = ["Authenticator", "Identity", "bearer_token", "identity_headers"]
 
 
 def bearer_token(authorization: list[str]) -> str | None:
@@ -82,3 +73,14 @@ class Authenticator:
         invalidation message comes back round."""
         if self.cache is not None:
             self.cache.invalidate(sid)
+
+
+def identity_headers(identity: Identity, config: Config) -> dict[str, str]:
+    """The verified identity, as upstreams (and forward-auth callers) receive it."""
+    names, session = config.identity_headers, identity.session
+    headers = {names.openid: session.openid, names.appid: session.appid}
+    if session.unionid:
+        headers[names.unionid] = session.unionid
+    if session.phone and config.session.store_phone:
+        headers[names.phone] = session.phone
+    return headers

@@ -15,14 +15,24 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from redis.exceptions import RedisError
 
-from .auth import Identity
 from .metrics import Metrics
+from .session_tokens import Claims
+from .sessions import Session
 
 log = logging.getLogger("gateway.cache")
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """What a token proved: its claims and its live session (what the cache keeps)."""
+
+    token: Claims
+    session: Session
 
 
 class SessionCache:

@@ -6,7 +6,6 @@ operator fixes a file in one pass. Nothing reads YAML or the environment after t
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import os
 import re
@@ -19,6 +18,7 @@ from redis.connection import parse_url as redis_parse_url
 from yarl import URL
 
 from .errors import ConfigError
+from .headers import NAME as HEADER_NAME, RESERVED_SPELLINGS, spelling
 from .reader import Reader, parse_duration
 from .assertion import ALGORITHMS, load_private_key
 from .settings import (AUTH_ENDPOINTS, AUTH_MODES, GATEWAY_PATHS, MIN_SIGNING_KEY_BYTES, App,
@@ -30,20 +30,10 @@ __all__ = ["App", "AuthMode", "Config", "ConfigError", "IdentityHeaders", "IPNet
            "RedisConfig", "Route", "SessionConfig", "WeChatConfig", "load", "parse",
            "parse_duration"]
 
-_HEADER_NAME_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _APPID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _LEVELS = ("debug", "info", "warning", "error")
 MAX_CONNECTIONS = 1_000_000
 _ZERO = re.compile(r"^\s*0+(?:\.0*)?\s*(?:ms|s|m|h|d)?\s*$")
-# Headers HTTP or the gateway itself controls: an identity header must not be one of them.
-_RESERVED_HEADERS = frozenset({
-    "authorization", "host", "cookie", "set-cookie", "content-length", "content-type",
-    "content-encoding", "transfer-encoding", "connection", "keep-alive", "proxy-connection",
-    "proxy-authenticate", "proxy-authorization", "te", "trailer", "upgrade", "expect",
-    "forwarded", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id",
-    "via", "sec-websocket-key", "sec-websocket-version", "sec-websocket-protocol",
-    "sec-websocket-extensions", "sec-websocket-accept", "www-authenticate"})
-_NOT_ALNUM = re.compile(r"[^0-9a-z]")
 
 
 def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
@@ -161,8 +151,8 @@ class _ConfigReader(Reader):
         algorithm = self.optional(key, s, "algorithm", self.string, d.algorithm)
         ttl = self.optional(key, s, "ttl", self.duration, d.ttl)
         issuer = self.optional(key, s, "issuer", self.string, d.issuer)
-        if header is not None and (not _HEADER_NAME_RE.match(header)
-                                   or spelling(header) in _RESERVED_SPELLINGS
+        if header is not None and (not HEADER_NAME.match(header)
+                                   or spelling(header) in RESERVED_SPELLINGS
                                    or spelling(header) in {spelling(n) for n in (
                                        headers.names() if headers else ())}):
             self.fail(f"{key}.header", f"{header!r} is not a free, valid header name")
@@ -399,11 +389,11 @@ class _ConfigReader(Reader):
             text = self.optional("identity_headers", s, name, self.string, getattr(default, name))
             if text is None:
                 continue
-            if not _HEADER_NAME_RE.match(text):
+            if not HEADER_NAME.match(text):
                 self.fail(key, f"{text!r} is not a valid HTTP header name")
             elif spelling(text) in {spelling(n) for n in names.values()}:
                 self.fail(key, f"{text!r} is already used for another identity header")
-            elif spelling(text) in _RESERVED_SPELLINGS:
+            elif spelling(text) in RESERVED_SPELLINGS:
                 self.fail(key, f"{text!r} is a header the gateway or HTTP itself uses")
             else:
                 names[name] = text
@@ -491,26 +481,6 @@ def _route_path(text: str) -> str | None:
     if trimmed != "/" and any(seg in ("", ".", "..") for seg in segments):
         return None
     return trimmed
-
-
-@functools.lru_cache(maxsize=4096)  # folded on every request, for every header
-def spelling(name: str) -> str:
-    """A header name reduced to what any upstream framework may read it as: case folded,
-    every character but letters and digits removed, and a CGI-style ``HTTP_``/``HTTP-``
-    prefix dropped. Two names with the same spelling must be treated as the same header.
-
-    CGI and WSGI (RFC 3875 §4.1.18, PEP 3333) hand headers over as ``HTTP_`` + the name
-    upper-cased with ``-`` as ``_``, so ``X-WX-OpenID`` and ``X_WX_OpenID`` meet in one
-    variable; Apache httpd's ``ap_create_environment`` (server/util_script.c) turns every
-    other non-alphanumeric character into ``_`` too (``X.WX.OpenID``); Django, Werkzeug,
-    Rack and PHP read those variables, and hand-rolled ones accept a name that already
-    carries the prefix.
-    """
-    folded = _NOT_ALNUM.sub("", name.lower())
-    return folded[4:] if folded.startswith("http") else folded
-
-
-_RESERVED_SPELLINGS = frozenset(map(spelling, _RESERVED_HEADERS))
 
 
 def _base_path(r: Reader, key: str, url: URL, text: str) -> str | None:

@@ -9,15 +9,15 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from . import profile
-from .auth import Identity, bearer_token
+from .auth import Identity, bearer_token, identity_headers
 from .config import Config
 from .forwarded import client_address
-from .proxy import identity_headers
 from .errors import (GatewayError, InvalidCode, InvalidRequest, MethodNotAllowed, NotFound,
                      PayloadTooLarge,
                      StoreUnavailable, Unauthorized, UnknownApp)
 from .metrics import CONTENT_TYPE
-from .services import IDENTITY, METRICS, SERVICES, Services
+from .services import Services
+from .state import IDENTITY, METRICS, SERVICES
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_BODY_BYTES = 16 * 1024

@@ -21,7 +21,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from .forwarded import client_address
-from .services import IDENTITY, REQUEST_ID, ROUTE_LABEL, SERVICES, STARTED, UPSTREAM_SECONDS
+from .state import IDENTITY, REQUEST_ID, ROUTE_LABEL, SERVICES, STARTED, UPSTREAM_SECONDS
 from .settings import LoggingConfig
 
 ACCESS = "gateway.access"

@@ -16,27 +16,21 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from . import pool, websocket
-from .auth import Identity, bearer_token
-from .config import Config, IdentityHeaders, Route, spelling
+from .auth import Identity, bearer_token, identity_headers
+from .config import Config, IdentityHeaders, Route
+from .headers import GATEWAY_SET, HOP_BY_HOP, connection_tokens, spelling
 from .settings import AuthMode
 from .forwarded import forwarded_headers
 from .errors import (AppForbidden, ExpectationFailed, InvalidPath, InvalidRequest, NotFound,
                      RequestTimeout, StoreUnavailable, Unauthorized, UpstreamTimeout,
                      UpstreamUnavailable)
-from .services import IDENTITY, REQUEST_ID, ROUTE_LABEL, SERVICES, UPSTREAM_SECONDS, Services
+from .services import Services
+from .state import CONTINUED, IDENTITY, REQUEST_ID, ROUTE_LABEL, SERVICES, UPSTREAM_SECONDS
 
 log = logging.getLogger("gateway.proxy")
 
-# RFC 9110 §7.6.1 connection-specific fields, plus the legacy ones proxies still meet.
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "proxy-authenticate",
-                        "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade"})
-# Set by the gateway itself, so client copies must never pass.
-_REPLACED = frozenset({"host", "authorization", "forwarded", "x-forwarded-for",
-                       "x-forwarded-proto", "x-forwarded-host", "x-request-id", "expect"})
 _SMALL_BODY = 64 * 1024
 SESSION_RECHECK = 15.0  # seconds between checks that an open WebSocket's session still lives
-# Set once "100 Continue" went out: the client was told to send its body.
-CONTINUED = web.RequestKey("continued", bool)
 # IIS decodes the non-standard %uXXXX escape (e.g. %u0061 for "a"); nothing else does.
 _IIS_ESCAPE = re.compile(r"%u[0-9a-f]{4}")
 _STRICTNESS: dict[AuthMode, int] = {"public": 0, "optional": 1, "required": 2}
@@ -159,14 +153,14 @@ def access_for(config: Config, decoded: str, route: Route) -> Access:
 def close_after_upgrade_attempt(request: web.Request, response: web.StreamResponse) -> None:
     """aiohttp's parser treats a connection that asked for an upgrade as taken over, whatever
     the answer, so it can carry no further request: close it after this response."""
-    if "upgrade" in websocket.connection_tokens(request.headers):
+    if "upgrade" in connection_tokens(request.headers):
         response.force_close()
 
 
 @functools.lru_cache(maxsize=8)
 def _dropped(names: IdentityHeaders, assertion: str) -> frozenset[str]:
     """Request headers never forwarded, as spelled by ``spelling``: built once per config."""
-    return frozenset(map(spelling, (*HOP_BY_HOP, *_REPLACED, *names.names(), assertion)))
+    return frozenset(map(spelling, (*HOP_BY_HOP, *GATEWAY_SET, *names.names(), assertion)))
 
 
 def forward_headers(request: web.Request, identity: Identity | None, services: Services,
@@ -174,7 +168,7 @@ def forward_headers(request: web.Request, identity: Identity | None, services: S
     config = services.config
     drop = _dropped(config.identity_headers, config.identity_assertion.header)
     if "Connection" in request.headers:
-        drop = drop | {spelling(t) for t in websocket.connection_tokens(request.headers)}
+        drop = drop | {spelling(t) for t in connection_tokens(request.headers)}
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in request.headers.items():
         # Clients (and some proxies) spell header names loosely; any spelling that an upstream
@@ -204,17 +198,6 @@ def _undecodable(value: str) -> bool:
     except UnicodeEncodeError:
         return True
     return False
-
-
-def identity_headers(identity: Identity, config: Config) -> dict[str, str]:
-    """The verified identity, as upstreams (and forward-auth callers) receive it."""
-    names, session = config.identity_headers, identity.session
-    headers = {names.openid: session.openid, names.appid: session.appid}
-    if session.unionid:
-        headers[names.unionid] = session.unionid
-    if session.phone and config.session.store_phone:
-        headers[names.phone] = session.phone
-    return headers
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
@@ -362,7 +345,7 @@ def _next_read(deadline: float | None, read_timeout: float) -> float:
 
 async def _relay(request: web.Request, upstream: pool.Exchange, deadline: float | None,
                  read_timeout: float) -> web.StreamResponse:
-    drop = HOP_BY_HOP | websocket.connection_tokens(upstream.headers)
+    drop = HOP_BY_HOP | connection_tokens(upstream.headers)
     headers = CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in drop)
     if any(not v.isascii() and _undecodable(v) for v in headers.values()):
         log.warning("upstream for %s sent a header value that is not UTF-8", request[ROUTE_LABEL])

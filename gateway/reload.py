@@ -10,7 +10,8 @@ from aiohttp import web
 from . import config as config_
 from . import logs
 from .errors import ConfigError
-from .services import SERVICES, Services
+from .services import Services
+from .state import SERVICES
 from .settings import Config
 
 log = logging.getLogger("gateway.reload")

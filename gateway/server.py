@@ -29,14 +29,15 @@ from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
-from .app import IN_FLIGHT, create_app, dispatcher
+from .app import create_app, dispatcher
+from .state import IN_FLIGHT
 from .logs import AccessLogger
 from .metrics import Metrics
 from .reload import reload
 from .config import Config
 from .errors import GatewayError, HeadersTooLarge, InvalidRequest, RequestTimeout
 from .endpoints import json_response
-from .services import METRICS
+from .state import METRICS
 
 log = logging.getLogger("gateway")
 REFUSED_LOG_EVERY = 10.0  # seconds between two "connection limit reached" lines

@@ -7,19 +7,18 @@ from dataclasses import dataclass
 
 import aiohttp
 import redis.asyncio as aioredis
-from aiohttp import web
 
 from .assertion import Asserter, load_private_key
-from .auth import Authenticator, Identity
+from .auth import Authenticator
 from .cache import SessionCache
 from .config import Config
-from .credentials import AccessTokens
+from .access_tokens import AccessTokens
 from .keys import Keyring
 from .metrics import Metrics
 from .pool import Pool
 from .ratelimit import LoginLimiter
 from .sessions import SessionStore
-from .tokens import TokenCodec
+from .session_tokens import TokenCodec
 from .wechat import WeChatClient
 
 
@@ -83,13 +82,3 @@ class Live:
     def __init__(self, services: Services, connections: Connections) -> None:
         self.current = services
         self.connections = connections
-
-
-SERVICES = web.AppKey("services", Live)
-METRICS = web.AppKey("metrics", Metrics)
-# Per-request facts the middleware, metrics and access log report (set by the handlers).
-ROUTE_LABEL = web.RequestKey("route", str)
-REQUEST_ID = web.RequestKey("request_id", str)
-IDENTITY = web.RequestKey("identity", Identity)
-UPSTREAM_SECONDS = web.RequestKey("upstream_seconds", float)
-STARTED = web.RequestKey("started", float)  # time.perf_counter() when the request arrived

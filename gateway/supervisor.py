@@ -8,6 +8,8 @@ are aggregated across workers through prometheus-client's multiprocess mode.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import shutil
@@ -19,7 +21,6 @@ import time
 from types import FrameType
 
 from . import config as config_
-from .children import die_with_parent
 from . import logs
 from .errors import ConfigError
 
@@ -104,3 +105,13 @@ def _terminate(procs: dict[int, tuple[subprocess.Popen[bytes], float]], grace: f
             code = proc.wait()
         worst = worst or code
     return worst
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` for subprocess: the child gets SIGTERM when its parent dies (Linux's
+    PR_SET_PDEATHSIG), so a killed supervisor or demo leaves no orphan behind."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass

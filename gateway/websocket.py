@@ -11,22 +11,13 @@ from aiohttp import WSMsgType, web
 from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
+from .headers import WEBSOCKET_HANDSHAKE, connection_tokens
 from .errors import InvalidRequest, UpstreamTimeout, UpstreamUnavailable
 from .settings import Route
 
 log = logging.getLogger("gateway.websocket")
 # aiohttp holds a whole message in memory: bound it, or one frame could exhaust the gateway.
 MAX_MESSAGE = 4 * 1024 * 1024
-
-# ws_connect makes its own handshake; the client's would clash with it.
-_HANDSHAKE = ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions",
-              "Sec-WebSocket-Protocol", "Sec-WebSocket-Accept")
-
-
-def connection_tokens(headers: MultiMapping[str]) -> set[str]:
-    """The options named in ``Connection`` headers, lower-cased."""
-    return {t.strip().lower() for v in headers.getall("Connection", []) for t in v.split(",")}
-
 
 def is_upgrade(request: web.Request) -> bool:
     return (request.method == "GET" and "upgrade" in connection_tokens(request.headers)
@@ -47,7 +38,7 @@ async def relay(request: web.Request, http: aiohttp.ClientSession, url: URL,
         handshake_timeout = min(handshake_timeout, route.timeout)
     protocols = [p.strip() for v in request.headers.getall("Sec-WebSocket-Protocol", [])
                  for p in v.split(",") if p.strip()]
-    for name in _HANDSHAKE:
+    for name in WEBSOCKET_HANDSHAKE:  # ws_connect makes its own; the client's would clash
         headers.popall(name, None)
     # Refuse a broken client handshake before dialling the upstream.
     client = web.WebSocketResponse(autoping=False, autoclose=False, max_msg_size=MAX_MESSAGE)

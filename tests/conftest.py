@@ -17,9 +17,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway import config as config_
-from gateway import simulator
+from gateway.testing import simulator
 from gateway.app import create_app
-from gateway.embedded import EmbeddedRedis, free_port
+from gateway.testing.embedded import EmbeddedRedis, free_port
 from process import Launch, Launcher
 
 APPID = "wx1234567890abcdef"

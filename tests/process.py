@@ -23,7 +23,7 @@ import aiohttp
 import pytest
 import yaml
 
-from gateway.embedded import free_port
+from gateway.testing.embedded import free_port
 from rawhttp import RawResponse, raw_exchange
 
 GATEWAY = [sys.executable, "-m", "gateway"]

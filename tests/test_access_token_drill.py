@@ -22,7 +22,7 @@ import aiohttp
 import redis.asyncio as aioredis
 
 from conftest import APPID, Upstream, base_config, bearer
-from gateway.embedded import EmbeddedRedis
+from gateway.testing.embedded import EmbeddedRedis
 from process import GatewayProcess, Launch
 from test_access_tokens import Sim, force_key, forced, other_holder_forces, start_sim
 from test_drills import Reply, assert_error, fetch, login, report

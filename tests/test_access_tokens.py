@@ -1,4 +1,4 @@
-"""The WeChat access-token manager (gateway/credentials.py), as several replicas see it.
+"""The WeChat access-token manager (gateway/access_tokens.py), as several replicas see it.
 
 Each "replica" is an independent ``AccessTokens`` with its own Redis client and its own HTTP
 session, all sharing one Redis key prefix and one simulated WeChat. The simulator counts its
@@ -30,10 +30,10 @@ from yarl import URL
 from checks import expect_error
 from conftest import (APPID, APPID2, SECRET, SECRET2, SIGNING_KEY, GatewayFactory, Upstream,
                       bearer, login)
-from gateway import simulator
+from gateway.testing import simulator
 from gateway.config import App
-from gateway.credentials import AccessTokens
-from gateway.embedded import EmbeddedRedis, free_port
+from gateway.access_tokens import AccessTokens
+from gateway.testing.embedded import EmbeddedRedis, free_port
 from gateway.errors import GatewayError, InvalidPhoneCode, WeChatError, WeChatUnavailable
 from gateway.keys import Keyring
 from gateway.wechat import AccessTokenRejected, WeChatClient

@@ -45,7 +45,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from conftest import (APPID, GatewayFactory, Upstream, base_config, bearer, login)
 from gateway import config as config_
-from gateway.embedded import EmbeddedRedis
+from gateway.testing.embedded import EmbeddedRedis
 from gateway.errors import ConfigError
 from process import Launch
 from rawhttp import raw_request

@@ -34,10 +34,10 @@ from conftest import SIGNING_KEY, GatewayFactory, Upstream, bearer, login
 from gateway import sessions
 from gateway.auth import Identity
 from gateway.cache import SessionCache
-from gateway.embedded import EmbeddedRedis
-from gateway.services import SERVICES
+from gateway.testing.embedded import EmbeddedRedis
+from gateway.state import SERVICES
 from gateway.sessions import Session
-from gateway.tokens import Claims, TokenCodec
+from gateway.session_tokens import Claims, TokenCodec
 
 
 def report(text: str) -> None:

@@ -19,8 +19,8 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from conftest import APPID, SIGNING_KEY, Upstream, base_config, bearer
-from gateway import simulator
-from gateway.embedded import EmbeddedRedis, free_port
+from gateway.testing import simulator
+from gateway.testing.embedded import EmbeddedRedis, free_port
 from process import (GATEWAY, GatewayProcess, Launch, child_env, connection_refused,
                      write_config)
 

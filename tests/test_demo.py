@@ -8,13 +8,13 @@ import sys
 
 import aiohttp
 
-from gateway.embedded import free_port
+from gateway.testing.embedded import free_port
 
 
 async def test_demo_serves_login_and_protected_call_then_stops_cleanly() -> None:
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway.demo", "--port", str(port),
+        sys.executable, "-m", "gateway.testing.demo", "--port", str(port),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     try:
         assert proc.stdout is not None

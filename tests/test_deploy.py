@@ -37,8 +37,8 @@ import yaml
 from aiohttp.test_utils import TestServer
 
 from conftest import APPID, SECRET, SIGNING_KEY, Upstream, base_config
-from gateway import simulator
-from gateway.embedded import EmbeddedRedis, free_port
+from gateway.testing import simulator
+from gateway.testing.embedded import EmbeddedRedis, free_port
 from gateway.config import parse_duration
 from packages import debian_package
 from process import Launcher
@@ -469,7 +469,7 @@ def test_compose_stack_gateway_replicas_redis_persistence_upstream() -> None:
             if "-c" in argv and argv[argv.index("-c") - 1] == "python":
                 check_python_snippet(argv[argv.index("-c") + 1])
     # The demo upstream is the gateway's own echo app, from the same image.
-    assert "gateway.demo" in " ".join(upstream["entrypoint"])
+    assert "gateway.testing.demo" in " ".join(upstream["entrypoint"])
     assert upstream["image"] == gateway["image"]
     # Only the gateway is published; Redis and the upstream are on internal networks.
     assert "ports" not in redis_ and "ports" not in upstream

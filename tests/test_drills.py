@@ -32,8 +32,8 @@ from aiohttp.test_utils import TestServer
 
 from checks import assert_json_error
 from conftest import APPID, SECRET, Upstream, base_config, bearer
-from gateway import simulator
-from gateway.embedded import EmbeddedRedis, free_port
+from gateway.testing import simulator
+from gateway.testing.embedded import EmbeddedRedis, free_port
 from process import GatewayProcess, Launch, connection_refused
 
 

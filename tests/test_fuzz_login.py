@@ -45,7 +45,7 @@ from hypothesis import strategies as st
 
 from conftest import APPID, APPID2, GatewayFactory
 from gateway import sessions as S
-from gateway import simulator
+from gateway.testing import simulator
 
 MAX_BODY = 16 * 1024  # the login endpoint's documented body limit (endpoints.MAX_BODY_BYTES)
 MAX_CODE = 128
@@ -65,7 +65,7 @@ ERRORS: dict[int, set[str]] = {
 }
 ALLOWED_STATUSES = {200, *ERRORS}
 
-# Codes the simulator turns into a fault (gateway/simulator.py); anything else logs in.
+# Codes the simulator turns into a fault (gateway/testing/simulator.py); anything else logs in.
 _SIM_FAULT = re.compile(r"^((errcode|slow|http)-(-?\d+)-|errstr--?[^-]*-|garbage-|reset-|noopenid-)")
 
 _ABSENT = object()  # a key left out of the object altogether

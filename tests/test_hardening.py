@@ -21,7 +21,7 @@ from conftest import APPID, GatewayFactory, Upstream, base_config, login
 from process import GatewayProcess, Launch
 from rawhttp import build_request, raw_request
 from gateway import config as config_
-from gateway.embedded import EmbeddedRedis
+from gateway.testing.embedded import EmbeddedRedis
 from gateway.errors import ConfigError
 
 IDENTITY_NAMES = ("x-wx-openid", "x-wx-unionid", "x-wx-appid")

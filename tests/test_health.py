@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from checks import JSON_UTF8, Samples, assert_json_error, metric_samples, value
 from conftest import GatewayFactory, Upstream, bearer, closed_port_url, login
-from gateway.embedded import free_port
+from gateway.testing.embedded import free_port
 from rawhttp import raw_request
 
 

@@ -38,8 +38,8 @@ from starlette.routing import Route
 from checks import assert_json_error, expect_error
 from conftest import APPID, Upstream, base_config
 from gateway import config as config_
-from gateway.config import spelling
-from gateway.embedded import EmbeddedRedis, free_port
+from gateway.headers import spelling
+from gateway.testing.embedded import EmbeddedRedis, free_port
 from gateway.errors import ConfigError
 from process import GatewayProcess, Launch
 from rawhttp import build_request

@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.embedded import EmbeddedRedis
+from gateway.testing.embedded import EmbeddedRedis
 from gateway.logs import FLUSH_INTERVAL
 from aiohttp.test_utils import TestServer
 

@@ -20,8 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from checks import expect_error
 from conftest import (APPID, APPID2, SECRET, SECRET2, TWO_APPS, GatewayFactory, bearer, claims_of,
                       closed_port_url, fresh, login)
-from gateway import simulator
-from gateway.embedded import free_port
+from gateway.testing import simulator
+from gateway.testing.embedded import free_port
 
 
 # --- a scriptable WeChat, for replies the simulator cannot make and to see the query ------------

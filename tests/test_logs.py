@@ -38,8 +38,9 @@ from aiohttp.test_utils import TestServer
 
 from checks import parse_json_lines, parse_lines
 from conftest import APPID, Upstream
-from gateway import logs, simulator
-from gateway.embedded import EmbeddedRedis, free_port
+from gateway.testing import simulator
+from gateway import logs
+from gateway.testing.embedded import EmbeddedRedis, free_port
 from gateway.keys import Keyring
 from process import Client, GatewayProcess, Launch, Sent, launch_with_client
 

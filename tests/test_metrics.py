@@ -29,9 +29,9 @@ from prometheus_client.metrics import MetricWrapperBase
 from checks import Samples, metric_samples, value
 from conftest import (APPID, APPID2, SECRET, SECRET2, SIGNING_KEY, GatewayFactory, Upstream,
                       base_config, bearer, closed_port_url, login)
-from gateway.embedded import EmbeddedRedis, free_port
+from gateway.testing.embedded import EmbeddedRedis, free_port
 from gateway.metrics import Metrics
-from gateway.services import SERVICES
+from gateway.state import SERVICES
 from process import Launch, launch_with_client
 
 ROOT = Path(__file__).resolve().parent.parent

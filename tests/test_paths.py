@@ -41,7 +41,7 @@ from werkzeug.wrappers import Response as WerkzeugResponse
 
 from checks import expect_error
 from conftest import APPID, APPID2, TWO_APPS, GatewayFactory, Upstream, closed_port_url, login
-from gateway.embedded import free_port
+from gateway.testing.embedded import free_port
 from packages import debian_package
 from process import Launcher, child_env
 from rawhttp import RawResponse, build_request, raw_exchange, raw_request

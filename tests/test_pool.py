@@ -25,7 +25,7 @@ from yarl import URL
 
 from checks import unaccepting_port
 from gateway import pool as pool_module
-from gateway.embedded import free_port
+from gateway.testing.embedded import free_port
 from gateway.pool import FAILURES, Body, Pool
 
 WAIT = 5.0  # seconds: the bound on anything a test waits for (they all take far less)

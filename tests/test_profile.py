@@ -23,9 +23,9 @@ from conftest import (APPID, APPID2, SIGNING_KEY, TWO_APPS, GatewayFactory, Upst
                       bearer, closed_port_url, fresh, login)
 from gateway import config as config_
 from gateway import sessions as S
-from gateway import simulator
+from gateway.testing import simulator
 from gateway.errors import ConfigError
-from gateway.embedded import free_port
+from gateway.testing.embedded import free_port
 
 STORE_PHONE = {"signing_keys": [SIGNING_KEY], "ttl": "1h", "store_phone": True}
 IV = base64.b64encode(bytes(16)).decode()

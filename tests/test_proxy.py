@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestClient
 
 from checks import expect_error
 from conftest import APPID, GatewayFactory, Upstream, bearer, closed_port_url, login
-from gateway.embedded import free_port
+from gateway.testing.embedded import free_port
 from rawhttp import raw_request
 
 IDENTITY_NAMES = ("x-wx-openid", "x-wx-unionid", "x-wx-appid")

@@ -17,9 +17,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from checks import assert_json_error
 from conftest import APPID, APPID2, TWO_APPS, GatewayFactory, base_config, closed_port_url, fresh
 from gateway import config as config_
-from gateway import simulator
+from gateway.testing import simulator
 from gateway.config import RateLimit
-from gateway.embedded import EmbeddedRedis
+from gateway.testing.embedded import EmbeddedRedis
 from gateway.errors import ConfigError
 
 OFF = {"ip_limit": 0, "app_limit": 0, "max_retries": 0}

@@ -35,8 +35,8 @@ from redis.exceptions import MovedError
 
 from conftest import APPID, SIGNING_KEY, GatewayFactory, Upstream, bearer, login
 from gateway.cache import SessionCache
-from gateway.embedded import EmbeddedRedis
-from gateway.services import SERVICES
+from gateway.testing.embedded import EmbeddedRedis
+from gateway.state import SERVICES
 from topologies import Cluster, SentinelSetup, wait_for
 
 

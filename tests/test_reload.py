@@ -23,7 +23,7 @@ from aiohttp.test_utils import TestServer
 from checks import is_json, metric_samples, parse_json_lines, value
 from conftest import (APPID, APPID2, OLD_SIGNING_KEY, SECRET, SECRET2, SIGNING_KEY, Upstream,
                       base_config)
-from gateway.embedded import EmbeddedRedis, free_port
+from gateway.testing.embedded import EmbeddedRedis, free_port
 from gateway.keys import Keyring
 from process import Client, GatewayProcess, Launch, launch_with_client
 

@@ -146,7 +146,7 @@ async def test_oversize_websocket_message_is_refused_not_buffered(
 
 
 async def _live_cache(client: TestClient) -> None:
-    from gateway.services import SERVICES
+    from gateway.state import SERVICES
     cache = client.app[SERVICES].connections.cache
     assert cache is not None
     async with asyncio.timeout(5):

@@ -17,8 +17,8 @@ from aiohttp.test_utils import TestClient
 import checks
 from conftest import (APPID, SIGNING_KEY, GatewayFactory, Upstream, bearer, claims_of,
                       closed_port_url, fresh, login)
-from gateway import simulator
-from gateway.embedded import EmbeddedRedis
+from gateway.testing import simulator
+from gateway.testing.embedded import EmbeddedRedis
 from gateway.keys import Keyring
 from gateway import sessions as S
 from gateway.sessions import Session, SessionStore

@@ -25,7 +25,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from conftest import APPID, SECRET, SIGNING_KEY
-from gateway.embedded import EmbeddedRedis, free_port
+from gateway.testing.embedded import EmbeddedRedis, free_port
 from process import GatewayProcess, Launch
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(),

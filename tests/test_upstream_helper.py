@@ -51,8 +51,8 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from conftest import APPID, GatewayFactory, Upstream, bearer, login
 from gateway import reload as reload_
-from gateway.embedded import free_port
-from gateway.services import SERVICES
+from gateway.testing.embedded import free_port
+from gateway.state import SERVICES
 from gateway.upstream import WX_IDENTITY, ASGIMiddleware, Verifier, aiohttp_middleware
 
 HEADER = "X-WX-Assertion"

@@ -25,7 +25,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from checks import expect_error
 from conftest import APPID, SECRET, SIGNING_KEY, GatewayFactory
 from gateway import config as config_
-from gateway.embedded import EmbeddedRedis, free_port
+from gateway.testing.embedded import EmbeddedRedis, free_port
 from process import GatewayProcess, Launch
 
 READ = 1.0  # the routes' read_timeout here, in seconds

@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from checks import expect_error
 from conftest import APPID, GatewayFactory, bearer, login
-from gateway.embedded import free_port
+from gateway.testing.embedded import free_port
 
 IDENTITY_NAMES = ("x-wx-openid", "x-wx-unionid", "x-wx-appid")
 SPOOF = "spoofed-identity-0000"

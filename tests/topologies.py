@@ -20,7 +20,7 @@ from typing import Callable
 
 import redis
 
-from gateway.embedded import redis_server_binary
+from gateway.testing.embedded import redis_server_binary
 
 SLOTS = 16384
 

@@ -1,5 +1,5 @@
 // Tests of clients/miniprogram/wx-gateway.js against the REAL gateway, started here in demo mode
-// (`python -m gateway.demo`: embedded Redis, WeChat simulator, echo upstream under /api/).
+// (`python -m gateway.testing.demo`: embedded Redis, WeChat simulator, echo upstream under /api/).
 // A fake `wx` global stands in for the mini-program runtime: wx.login hands out a fresh code
 // per call and counts calls, wx.request makes real HTTP requests with node:http, storage is
 // in memory.
@@ -58,7 +58,7 @@ function keepOutput(chunk) {
 
 async function startGateway() {
   const port = await freePort()
-  const child = spawn(PYTHON, ['-m', 'gateway.demo', '--port', String(port)], {
+  const child = spawn(PYTHON, ['-m', 'gateway.testing.demo', '--port', String(port)], {
     cwd: ROOT,
     env: Object.assign({}, process.env, { PYTHONUNBUFFERED: '1' }),
     stdio: ['ignore', 'pipe', 'pipe'],
@@ -72,7 +72,7 @@ async function startGateway() {
     function fail(err) {
       clearTimeout(timer)
       killGatewayNow()
-      err.message += `\n--- ${PYTHON} -m gateway.demo output ---\n${gatewayOutput}`
+      err.message += `\n--- ${PYTHON} -m gateway.testing.demo output ---\n${gatewayOutput}`
       reject(err)
     }
     child.on('error', (err) => fail(new Error(`cannot run ${PYTHON}: ${err.message} (set WXGW_PYTHON)`)))

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from .children import die_with_parent
+from ..supervisor import die_with_parent
 
 
 def redis_server_binary() -> str:

@@ -34,7 +34,7 @@ from .keys import Keyring
 from .sessions import guarded
 from .wechat import AccessTokenRejected, WeChatClient
 
-log = logging.getLogger("gateway.credentials")
+log = logging.getLogger("gateway.access_tokens")
 REFRESH_AT = 0.8
 _POLL = 0.05
 _RETRY_PAUSE = 1.0

@@ -1,4 +1,4 @@
-"""``python -m gateway.demo``: the whole gateway on one machine, nothing to install or sign up for.
+"""``python -m gateway.testing.demo``: the whole gateway on one machine, nothing to install or sign up for.
 
 Starts an embedded Redis, the WeChat simulator and an echo upstream that shows the headers
 it receives, then the gateway in front of them, and prints curl commands to try it.
@@ -15,11 +15,11 @@ import sys
 
 from aiohttp import web
 
-from . import config as config_
+from .. import config as config_
+from ..app import create_app
+from ..server import runner
 from . import simulator
-from .app import create_app
 from .embedded import EmbeddedRedis, free_port
-from .server import runner
 
 DEMO_APPID = "wxdemo0000000001"
 DEMO_SECRET = "demo-secret"
@@ -121,7 +121,7 @@ Press Ctrl+C to stop.
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gateway.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m gateway.testing.demo", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
     args = parser.parse_args(argv)
