@@ -31,7 +31,7 @@ import redis.asyncio as aioredis
 from .config import App
 from .errors import GatewayError, WeChatUnavailable
 from .keys import Keyring
-from .sessions import guarded
+from .store import guarded
 from .wechat import AccessTokenRejected, WeChatClient
 
 log = logging.getLogger("gateway.access_tokens")

@@ -8,13 +8,12 @@ import contextlib
 import logging
 import re
 import time
-from typing import AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator
 
 import aiohttp
-from aiohttp import HttpVersion10, HttpVersion11, web
-from aiohttp.web_urldispatcher import UrlMappingMatchInfo
+from aiohttp import web
 
-from . import endpoints, proxy, sessions
+from . import endpoints, proxy, sessions, store
 from .cache import SessionCache, follow_invalidations
 from .config import Config
 from .errors import (GatewayError, InternalError, InvalidRequest, MethodNotAllowed, NotFound,
@@ -34,7 +33,7 @@ _BY_STATUS: dict[int, type[GatewayError]] = {
 def create_app(config: Config) -> web.Application:
     # client_max_size bounds what the gateway's own endpoints read; proxied bodies stream
     # through request.content and are not limited by it.
-    app = web.Application(middlewares=[_pipeline], client_max_size=endpoints.MAX_BODY_BYTES)
+    app = web.Application(middlewares=[pipeline], client_max_size=endpoints.MAX_BODY_BYTES)
     app[CONFIG] = config
     app[METRICS] = Metrics()
     app[IN_FLIGHT] = set()
@@ -47,7 +46,7 @@ def create_app(config: Config) -> web.Application:
 async def _services(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     async with contextlib.AsyncExitStack() as stack:
-        redis = sessions.connect(config.redis)
+        redis = store.connect(config.redis)
         stack.push_async_callback(redis.aclose)
         upstreams = Pool()
         stack.push_async_callback(upstreams.close)
@@ -64,7 +63,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
                  if config.session.cache_size else None)
         if cache is not None:
             follower = asyncio.ensure_future(follow_invalidations(
-                lambda: sessions.subscriber(config.redis, redis),
+                lambda: store.subscriber(config.redis, redis),
                 sessions.invalidation_channel(config.redis.key_prefix), cache,
                 config.redis.timeout))
             stack.push_async_callback(_cancel, follower)
@@ -86,7 +85,7 @@ def error_response(error: GatewayError) -> web.Response:
 
 
 @web.middleware
-async def _pipeline(request: web.Request, handler: endpoints.Handler) -> web.StreamResponse:
+async def pipeline(request: web.Request, handler: endpoints.Handler) -> web.StreamResponse:
     """Request id, error mapping and metrics around every request, gateway's or proxied."""
     request[STARTED] = started = time.perf_counter()
     sent = request.headers.get("X-Request-ID", "")
@@ -126,46 +125,6 @@ async def _pipeline(request: web.Request, handler: endpoints.Handler) -> web.Str
     label = request.get(ROUTE_LABEL) or _resource_label(request)
     request[ROUTE_LABEL] = label
     request.app[METRICS].answered(label, response.status, time.perf_counter() - started)
-    return response
-
-
-def dispatcher(app: web.Application, routed: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
-               ) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
-    """The server's request handler. Gateway endpoints go through ``routed``, aiohttp's router
-    and middleware; every other path can only reach the catch-all proxy route, so it goes to
-    the same pipeline directly: the router's per-request work was a tenth of a proxied
-    request. That also keeps the router's ``Expect`` handler, which sends "100 Continue"
-    before any middleware runs, away from proxied requests: they answer it once authorised."""
-    catch_all = next((r for r in app.router.routes() if r.handler is proxy.handle), None)
-    if catch_all is None:  # not a gateway (the demo serves its other apps with our runner)
-        return routed
-    endpoint_paths = frozenset(r.resource.canonical for r in app.router.routes()
-                               if r.resource is not None and r is not catch_all)
-    match_info = UrlMappingMatchInfo({}, catch_all)
-    match_info.add_app(app)
-    match_info.freeze()
-
-    async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
-        assert isinstance(request, web.Request)  # the app's request_factory makes them
-        if request.version < HttpVersion10:
-            return _refuse_http09(request)
-        # path_safe: what the router itself matches endpoints on
-        if request.rel_url.path_safe in endpoint_paths:
-            return await routed(request)
-        request._match_info = match_info  # what the router would have set; request.app needs it
-        return await _pipeline(request, proxy.handle)
-
-    return dispatch
-
-
-def _refuse_http09(request: web.Request) -> web.StreamResponse:
-    """A request line without a version (HTTP/0.9, which llhttp accepts): no headers could be
-    checked and none answered, so it is refused, in HTTP/1.1, and the connection closed."""
-    # The status line echoes the request's version (a reified property: cached already).
-    request._version = HttpVersion11
-    request._cache.pop("version", None)
-    response = error_response(InvalidRequest("the request line has no HTTP version"))
-    response.force_close()
     return response
 
 

@@ -19,33 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import jwt
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import get_default_algorithms
 
+from .keys import PrivateKey
 from .sessions import Session
 
-ALGORITHMS = ("ES256", "RS256", "EdDSA")
 _REUSE_MARGIN = 0.2  # re-sign once less than this share of the lifetime is left
-PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
-
-
-def load_private_key(pem: str, algorithm: str) -> PrivateKey:
-    """The PEM private key for ``algorithm``; ValueError naming what is wrong."""
-    try:
-        key = serialization.load_pem_private_key(pem.encode(), password=None)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"not an unencrypted PEM private key ({exc})") from None
-    expected: dict[str, type] = {"ES256": ec.EllipticCurvePrivateKey,
-                                 "RS256": rsa.RSAPrivateKey,
-                                 "EdDSA": ed25519.Ed25519PrivateKey}
-    if not isinstance(key, expected[algorithm]):
-        raise ValueError(f"is not a key for {algorithm}")
-    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name != "secp256r1":
-        raise ValueError("ES256 needs a P-256 (secp256r1) key")
-    if isinstance(key, rsa.RSAPrivateKey) and key.key_size < 2048:
-        raise ValueError("RS256 needs an RSA key of at least 2048 bits")
-    return key  # type: ignore[return-value]
 
 
 def public_jwk(key: PrivateKey, algorithm: str) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from yarl import URL
 from .errors import ConfigError
 from .headers import NAME as HEADER_NAME, RESERVED_SPELLINGS, spelling
 from .reader import Reader, parse_duration
-from .assertion import ALGORITHMS, load_private_key
+from .keys import ALGORITHMS, load_private_key
 from .settings import (AUTH_ENDPOINTS, AUTH_MODES, GATEWAY_PATHS, MIN_SIGNING_KEY_BYTES, App,
                        AssertionConfig, AuthMode, Config, IdentityHeaders, IPNetwork,
                        LoggingConfig, RateLimit, RedisConfig, Route, SessionConfig,

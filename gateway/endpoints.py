@@ -8,7 +8,7 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from . import profile
+from . import userdata
 from .auth import Identity, bearer_token, identity_headers
 from .config import Config
 from .forwarded import client_address
@@ -36,9 +36,9 @@ def add_routes(app: web.Application, config: Config) -> None:
     for path, methods, handler in (
             (f"{p}/login", ("POST",), login), (f"{p}/logout", ("POST",), logout),
             (f"{p}/refresh", ("POST",), refresh), (f"{p}/session", ("GET", "HEAD"), session),
-            (f"{p}/phone", ("POST",), _with_body(profile.phone)),
-            (f"{p}/decrypt", ("POST",), _with_body(profile.decrypt)),
-            (f"{p}/check-signature", ("POST",), _with_body(profile.check_signature)),
+            (f"{p}/phone", ("POST",), _with_body(userdata.phone)),
+            (f"{p}/decrypt", ("POST",), _with_body(userdata.decrypt)),
+            (f"{p}/check-signature", ("POST",), _with_body(userdata.check_signature)),
             ("/healthz", ("GET", "HEAD"), healthz), ("/readyz", ("GET", "HEAD"), readyz),
             ("/metrics", ("GET", "HEAD"), metrics),
             ("/.well-known/jwks.json", ("GET", "HEAD"), jwks)):
@@ -121,7 +121,7 @@ async def session(request: web.Request) -> web.Response:
     if check not in ("true", "1", "false", "0"):
         raise InvalidRequest("check must be true or false")
     if check in ("true", "1"):  # ask WeChat whether the session_key is still current
-        await profile.check_session_key(request.app[SERVICES].current, identity)
+        await userdata.check_session_key(request.app[SERVICES].current, identity)
     return json_response(_session_body(identity))
 
 

@@ -1,4 +1,5 @@
-"""Keys derived from ``session.signing_keys``: JWT key ids and session_key encryption.
+"""Keys: those derived from ``session.signing_keys`` (JWT key ids, session_key encryption)
+and the identity assertion's private keys.
 
 Each signing key gets a key id (so a token names the key that signed it and verification
 never tries keys in turn) and its own AES-256-GCM key derived with HKDF, so rotating the
@@ -12,7 +13,8 @@ import base64
 import os
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -74,3 +76,26 @@ class Keyring:
             return aead.decrypt(raw[:12], raw[12:], context)
         except (InvalidTag, ValueError) as exc:
             raise ValueError("sealed value is corrupt or belongs to another session") from exc
+
+
+# The identity assertion's signing keys (identity_assertion.keys).
+ALGORITHMS = ("ES256", "RS256", "EdDSA")
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+
+
+def load_private_key(pem: str, algorithm: str) -> PrivateKey:
+    """The PEM private key for ``algorithm``; ValueError naming what is wrong."""
+    try:
+        key = serialization.load_pem_private_key(pem.encode(), password=None)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"not an unencrypted PEM private key ({exc})") from None
+    expected: dict[str, type] = {"ES256": ec.EllipticCurvePrivateKey,
+                                 "RS256": rsa.RSAPrivateKey,
+                                 "EdDSA": ed25519.Ed25519PrivateKey}
+    if not isinstance(key, expected[algorithm]):
+        raise ValueError(f"is not a key for {algorithm}")
+    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name != "secp256r1":
+        raise ValueError("ES256 needs a P-256 (secp256r1) key")
+    if isinstance(key, rsa.RSAPrivateKey) and key.key_size < 2048:
+        raise ValueError("RS256 needs an RSA key of at least 2048 bits")
+    return key  # type: ignore[return-value]

@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 
 from .config import RateLimit
 from .errors import RateLimited
-from .sessions import guarded
+from .store import guarded
 
 # Returns 0 when the attempt is admitted (and recorded), else milliseconds until it would be.
 _WINDOW = """

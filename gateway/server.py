@@ -21,15 +21,17 @@ import resource
 import signal
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Awaitable, Callable
 
-from aiohttp import web
+from aiohttp import HttpVersion10, HttpVersion11, web
 from aiohttp.http import RawRequestMessage
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
+from aiohttp.web_urldispatcher import UrlMappingMatchInfo
 
-from .app import create_app, dispatcher
+from . import proxy
+from .app import create_app, error_response, pipeline
 from .state import IN_FLIGHT
 from .logs import AccessLogger
 from .metrics import Metrics
@@ -369,3 +371,43 @@ async def serve(config: Config, path: str | None = None, reuse_port: bool = Fals
         for task in list(late):
             task.cancel()
     await drain
+
+
+def dispatcher(app: web.Application, routed: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+               ) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
+    """The server's request handler. Gateway endpoints go through ``routed``, aiohttp's router
+    and middleware; every other path can only reach the catch-all proxy route, so it goes to
+    the same pipeline directly: the router's per-request work was a tenth of a proxied
+    request. That also keeps the router's ``Expect`` handler, which sends "100 Continue"
+    before any middleware runs, away from proxied requests: they answer it once authorised."""
+    catch_all = next((r for r in app.router.routes() if r.handler is proxy.handle), None)
+    if catch_all is None:  # not a gateway (the demo serves its other apps with our runner)
+        return routed
+    endpoint_paths = frozenset(r.resource.canonical for r in app.router.routes()
+                               if r.resource is not None and r is not catch_all)
+    match_info = UrlMappingMatchInfo({}, catch_all)
+    match_info.add_app(app)
+    match_info.freeze()
+
+    async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
+        assert isinstance(request, web.Request)  # the app's request_factory makes them
+        if request.version < HttpVersion10:
+            return _refuse_http09(request)
+        # path_safe: what the router itself matches endpoints on
+        if request.rel_url.path_safe in endpoint_paths:
+            return await routed(request)
+        request._match_info = match_info  # what the router would have set; request.app needs it
+        return await pipeline(request, proxy.handle)
+
+    return dispatch
+
+
+def _refuse_http09(request: web.Request) -> web.StreamResponse:
+    """A request line without a version (HTTP/0.9, which llhttp accepts): no headers could be
+    checked and none answered, so it is refused, in HTTP/1.1, and the connection closed."""
+    # The status line echoes the request's version (a reified property: cached already).
+    request._version = HttpVersion11
+    request._cache.pop("version", None)
+    response = error_response(InvalidRequest("the request line has no HTTP version"))
+    response.force_close()
+    return response

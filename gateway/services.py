@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import aiohttp
 import redis.asyncio as aioredis
 
-from .assertion import Asserter, load_private_key
+from .assertion import Asserter
+from .keys import load_private_key
 from .auth import Authenticator
 from .cache import SessionCache
 from .config import Config

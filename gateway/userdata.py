@@ -1,57 +1,102 @@
-"""Legacy mini-program user data: ``encryptedData`` decryption and ``rawData`` signatures."""
+"""Endpoints that use the session's WeChat credentials on the user's behalf: the phone number,
+legacy user-data decryption and signatures, and the session_key health check."""
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
-import hmac
-import json
 from typing import Any
 
-from cryptography.hazmat.primitives import padding
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from .auth import Identity
+from .config import App
+from .errors import (DecryptFailed, GatewayError, InvalidRequest, InvalidSignature,
+                     SessionKeyExpired, WatermarkMismatch, WeChatError)
+from .services import Services
+from .crypto import decrypt as decrypt_user_data
+from .crypto import signature_matches
 
-from .errors import DecryptFailed, InvalidRequest
+MAX_CODE_LENGTH = 128
 
 
-def _b64(field: str, value: str, *, length: int | None = None) -> bytes:
+async def phone(s: Services, identity: Identity, body: dict[str, Any]) -> dict[str, Any]:
+    code = _string(body, "code", MAX_CODE_LENGTH)
+    app = _app(s, identity)
+    info = await s.access_tokens.call(app, lambda token: s.wechat.phone_number(token, code))
+    watermark = info.get("watermark")
+    if not isinstance(watermark, dict) or watermark.get("appid") != identity.session.appid:
+        raise WatermarkMismatch("the phone number was issued for another mini-program")
+    number, pure = info.get("phoneNumber"), info.get("purePhoneNumber")
+    if not isinstance(number, str) or not isinstance(pure, str):
+        raise WeChatError("WeChat's reply had no phone number")
+    if s.config.session.store_phone:
+        await s.sessions.set_phone(identity.session, number)
+        s.authenticator.forget(identity.session.sid)
+    return {"phone_number": number, "pure_phone_number": pure,
+            "country_code": str(info.get("countryCode", ""))}
+
+
+async def decrypt(s: Services, identity: Identity, body: dict[str, Any]) -> dict[str, Any]:
+    encrypted, iv = _string(body, "encrypted_data", 1 << 16), _string(body, "iv", 64)
+    key = await _session_key(s, identity)
     try:
-        raw = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidRequest(f"{field} is not valid base64") from None
-    if length is not None and len(raw) != length:
-        raise InvalidRequest(f"{field} must decode to {length} bytes, got {len(raw)}")
-    return raw
+        data = decrypt_user_data(key, encrypted, iv)
+    except DecryptFailed:
+        # Either the data is not ours or WeChat has moved the user to a new session_key
+        # (a newer wx.login). Only WeChat can tell which; a stale key means: log in again.
+        await _raise_if_stale(s, identity)
+        raise
+    watermark = data.get("watermark")
+    if not isinstance(watermark, dict) or watermark.get("appid") != identity.session.appid:
+        raise WatermarkMismatch("the data was encrypted for another mini-program")
+    return data
 
 
-def decrypt(session_key: bytes, encrypted_data: str, iv: str) -> dict[str, Any]:
-    """AES-128-CBC with PKCS#7 under the session's session_key (WeChat's base64 string).
+async def check_signature(s: Services, identity: Identity,
+                          body: dict[str, Any]) -> dict[str, Any]:
+    raw_data = _string(body, "raw_data", 1 << 16, ascii_only=False)  # holds nicknames
+    signature = _string(body, "signature", 64)
+    if not signature_matches(await _session_key(s, identity), raw_data, signature):
+        raise InvalidSignature("signature does not match sha1(raw_data + session_key)")
+    return {"valid": True}
 
-    ``InvalidRequest`` for malformed input, ``DecryptFailed`` when the data does not decrypt to
-    a JSON object under this key (wrong or stale session_key, or tampered data).
-    """
-    data = _b64("encrypted_data", encrypted_data)
-    vector = _b64("iv", iv, length=16)
-    if not data or len(data) % 16:
-        raise InvalidRequest("encrypted_data must be a non-empty multiple of 16 bytes")
+
+async def check_session_key(s: Services, identity: Identity) -> None:
+    """Raise ``SessionKeyExpired`` unless WeChat still holds this session's session_key."""
+    key = await _session_key(s, identity)
+    app = _app(s, identity)
+    await s.access_tokens.call(
+        app, lambda token: s.wechat.check_session(token, identity.session.openid, key))
+
+
+async def _raise_if_stale(s: Services, identity: Identity) -> None:
     try:
-        key = base64.b64decode(session_key, validate=True)
-        decryptor = Cipher(algorithms.AES(key), modes.CBC(vector)).decryptor()
-        padded = decryptor.update(data) + decryptor.finalize()
-        unpadder = padding.PKCS7(128).unpadder()
-        plain = unpadder.update(padded) + unpadder.finalize()
-        result = json.loads(plain)
-    except (ValueError, RecursionError):  # bad padding, not UTF-8 or JSON, an unusable key
-        raise DecryptFailed("encrypted_data does not decrypt under this session's key") from None
-    if not isinstance(result, dict):
-        raise DecryptFailed("encrypted_data does not decrypt to a JSON object")
-    return result
+        await check_session_key(s, identity)
+    except SessionKeyExpired:
+        raise
+    except GatewayError:
+        return  # WeChat could not tell: report the decryption failure itself
 
 
-def signature_matches(session_key: bytes, raw_data: str, signature: str) -> bool:
-    """WeChat's ``signature = sha1(rawData + session_key)``, compared in constant time."""
-    if not signature.isascii():
-        return False
-    expected = hashlib.sha1(raw_data.encode() + session_key).hexdigest()
-    return hmac.compare_digest(expected, signature.strip().lower())
+async def _session_key(s: Services, identity: Identity) -> bytes:
+    try:
+        key = await s.sessions.session_key(identity.session)
+    except ValueError:  # sealed under a signing key that is no longer configured
+        key = None
+    if key is None:
+        raise SessionKeyExpired("the session has no usable session_key; log in again")
+    return key
+
+
+def _app(s: Services, identity: Identity) -> App:
+    app = s.config.app(identity.session.appid)
+    if app is None:  # the app was removed from the configuration after this login
+        raise SessionKeyExpired("this session's mini-program is no longer configured")
+    return app
+
+
+def _string(body: dict[str, Any], field: str, limit: int, *, ascii_only: bool = True) -> str:
+    value = body.get(field)
+    if not isinstance(value, str) or not value:
+        raise InvalidRequest(f"{field} is required and must be a non-empty string")
+    if len(value) > limit or (ascii_only and not value.isascii()):
+        kind = "ASCII" if ascii_only else "a string"
+        raise InvalidRequest(f"{field} must be {kind} of at most {limit} characters")
+    return value

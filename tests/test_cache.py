@@ -31,7 +31,7 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
 from conftest import SIGNING_KEY, GatewayFactory, Upstream, bearer, login
-from gateway import sessions
+from gateway import store
 from gateway.auth import Identity
 from gateway.cache import SessionCache
 from gateway.testing.embedded import EmbeddedRedis
@@ -546,14 +546,14 @@ async def test_while_unsubscribed_every_request_is_verified_against_redis(
 
     gate = asyncio.Event()
     attempts: list[float] = []
-    real_subscriber = sessions.subscriber
+    real_subscriber = store.subscriber
 
     async def gated(config: Any, client: Any) -> Any:
         attempts.append(time.monotonic())
         await gate.wait()
         return await real_subscriber(config, client)
 
-    monkeypatch.setattr(sessions, "subscriber", gated)
+    monkeypatch.setattr(store, "subscriber", gated)
     assert await own_client.execute_command("CLIENT", "KILL", "TYPE", "pubsub") == 1
     await wait_live(gw, False, within=1.0)
     deadline = time.monotonic() + 2
