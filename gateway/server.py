@@ -23,6 +23,8 @@ naming the one that changed; pyproject.toml pins aiohttp's minor release for the
 - ``RequestHandler`` overridden methods (``data_received``, ``pause_reading``,
   ``resume_reading(resume_parser)``, ``handle_error``, ``connection_made``/``lost``) and
   ``log_exception(..., exc_info=exc)``: a body timeout met while lingering is not logged;
+- ``http_exceptions.LineTooLong`` and the parser's "Too many headers" message: those heads
+  are answered 431, other parse errors 400;
 - ``StreamWriter.output_size``: whether an answer has begun (no 408 or JSON error after it);
 - ``UrlMappingMatchInfo({}, route)``, ``add_app``, ``freeze`` and ``web.Request._match_info``
   (the dispatcher): proxied requests skip the router with one prebuilt match;

@@ -15,7 +15,9 @@ from typing import Any, Callable
 import pytest
 from aiohttp import HttpVersion, HttpVersion11, web, web_protocol
 from aiohttp.client_proto import ResponseHandler
-from aiohttp.http import RawRequestMessage, StreamWriter
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http import HttpRequestParser, RawRequestMessage, StreamWriter
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.test_utils import make_mocked_request
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_urldispatcher import UrlMappingMatchInfo
@@ -56,6 +58,8 @@ INTERNALS: dict[str, tuple[str, str]] = {
                              "connection_made/lost are overridden with these signatures"),
     "RequestHandler.log_exception(exc_info=)": (
         "gateway/server.py", "a body timeout met while lingering is recognised by exc_info"),
+    "http_exceptions.LineTooLong/'Too many headers'": (
+        "gateway/server.py", "handle_error answers these two parse errors 431, any other 400"),
     "StreamWriter.output_size": (
         "gateway/server.py, gateway/proxy.py", "tells whether an answer has begun; proxy.py "
                                                "resets it after 100 Continue, as aiohttp does"),
@@ -252,6 +256,26 @@ def test_request_handler_logs_exceptions_with_exc_info() -> None:
     source = inspect.getsource(RequestHandler)
     assert "self.log_exception(" in source and "exc_info=exc" in source, \
         gone("RequestHandler.log_exception(exc_info=)", "no longer passes exc_info")
+
+
+@internal("http_exceptions.LineTooLong/'Too many headers'")
+async def test_oversize_heads_are_told_apart_from_other_parse_errors() -> None:
+    name = "http_exceptions.LineTooLong/'Too many headers'"
+    loop = asyncio.get_running_loop()
+    many = b"".join(b"X-%d: a\r\n" % i for i in range(200))
+    cases = {b"GET / HTTP/1.1\r\nX-A: " + b"a" * 9000 + b"\r\n\r\n": LineTooLong,
+             b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n": LineTooLong,
+             b"GET / HTTP/1.1\r\n" + many + b"\r\n": BadHttpMessage}
+    for data, kind in cases.items():
+        # The server's own limits (aiohttp's defaults, which the gateway keeps).
+        parser = HttpRequestParser(BaseProtocol(loop), loop, 2**16, max_line_size=8190,
+                                   max_field_size=8190, max_headers=128)
+        with pytest.raises(BadHttpMessage) as caught:
+            parser.feed_data(data)
+        assert type(caught.value) is kind, gone(name, f"now raises {caught.value!r}")
+        if kind is BadHttpMessage:
+            assert "too many headers" in str(caught.value).lower(), \
+                gone(name, f"changed its message: {caught.value}")
 
 
 @internal("StreamWriter.output_size")
