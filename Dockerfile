@@ -23,10 +23,11 @@ WORKDIR /src
 # the gateway's source does not invalidate.
 COPY requirements.lock ./
 # Every dependency ships binary wheels for Linux (x86-64 and arm64), so no compiler is needed
-# here either; pip builds only the gateway's own pure-Python wheel, with no dependency of its
+# here either (--only-binary makes that a rule: no source distribution runs code at build
+# time); pip builds only the gateway's own pure-Python wheel, with no dependency of its
 # own to resolve. (pip compiles the bytecode now, so a read-only root filesystem costs
 # nothing at start.)
-RUN /opt/venv/bin/pip install --no-cache-dir --require-hashes -r requirements.lock
+RUN /opt/venv/bin/pip install --no-cache-dir --require-hashes --only-binary=:all: -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY gateway ./gateway
 RUN /opt/venv/bin/pip install --no-cache-dir --no-deps .

@@ -374,6 +374,7 @@ def test_the_image_installs_the_lock_with_hashes_then_the_gateway_alone() -> Non
     runs = [a for kw, a in dockerfile_instructions() if kw == "RUN" and "pip install" in a]
     locked = next((i for i, a in enumerate(runs) if "-r requirements.lock" in a), None)
     assert locked is not None and "--require-hashes" in runs[locked], runs
+    assert "--only-binary=:all:" in runs[locked], f"a source distribution could run code: {runs}"
     gateway = [a for a in runs[locked + 1:] if a.rstrip().endswith(" .")]
     assert gateway and "--no-deps" in gateway[0], f"the gateway is installed with --no-deps: {runs}"
     assert all(" -r " in a or "--no-deps" in a for a in runs), f"an unlocked install: {runs}"
