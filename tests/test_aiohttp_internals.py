@@ -148,6 +148,7 @@ def test_server_connection_hooks_take_handler_and_transport() -> None:
 async def test_app_runner_makes_its_server_from_its_kwargs() -> None:
     name = "web.AppRunner._make_server/_kwargs"
     assert inspect.iscoroutinefunction(getattr(web.AppRunner, "_make_server", None)), gone(name)
+    assert params(web.AppRunner._make_server) == ["self"], gone(name, "changed its parameters")
     runner = web.AppRunner(web.Application(), keepalive_timeout=7.0)
     assert getattr(runner, "_kwargs", {}).get("keepalive_timeout") == 7.0, gone(name)
     await runner.setup()
@@ -327,7 +328,7 @@ def test_a_request_version_can_be_rewritten() -> None:
 
 
 @internal("client_proto.ResponseHandler")
-async def test_response_handler_is_built_from_a_loop() -> None:
+def test_response_handler_is_built_from_a_loop() -> None:
     assert params(ResponseHandler.__init__) == ["self", "loop"], \
         gone("client_proto.ResponseHandler", "changed its parameters")
 
