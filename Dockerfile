@@ -18,12 +18,19 @@ FROM python:3.11-slim-bookworm AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 WORKDIR /src
+# The dependencies first, exactly as locked (versions and hashes; see README's development
+# section to regenerate the file): the same set on every build, and a layer that a change to
+# the gateway's source does not invalidate.
+COPY requirements.lock ./
+# Every dependency ships binary wheels for Linux (x86-64 and arm64), so no compiler is needed
+# here either (--only-binary makes that a rule: no source distribution runs code at build
+# time); pip builds only the gateway's own pure-Python wheel, with no dependency of its
+# own to resolve. (pip compiles the bytecode now, so a read-only root filesystem costs
+# nothing at start.)
+RUN /opt/venv/bin/pip install --no-cache-dir --require-hashes --only-binary=:all: -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY gateway ./gateway
-# Every dependency ships binary wheels for Linux (x86-64 and arm64), so no compiler is needed
-# here either; pip builds only the gateway's own pure-Python wheel.
-# (pip compiles the bytecode now, so a read-only root filesystem costs nothing at start.)
-RUN /opt/venv/bin/pip install --no-cache-dir .
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps .
 
 # --- final: the interpreter, the virtual environment and the default configuration ---------
 # No compiler, no pip cache, no source tree: only what the build stage installed.

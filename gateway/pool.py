@@ -5,6 +5,16 @@ jar, redirects, tracing, auto headers, ``ClientRequest``/``ClientResponse`` obje
 benchmark the session alone cost more than the rest of the gateway. This keeps aiohttp's own
 connection protocol (``ResponseHandler``: parser, flow control, connection-loss errors) and
 request writer (``StreamWriter``) and replaces only the bookkeeping around them.
+
+aiohttp internals relied on here, one per line (tests/test_aiohttp_internals.py checks each,
+naming the one that changed; pyproject.toml pins aiohttp's minor release for them):
+- ``client_proto.ResponseHandler(loop)``: the connection protocol (parser, flow control, errors);
+- ``ResponseHandler.set_response_params``: HEAD without a body, read to EOF, no decompression;
+- ``ResponseHandler.read``/``should_close``/``is_connected``/``close``/``abort``: read an
+  answer, and decide whether the connection goes back idle or closes;
+- ``http.StreamWriter(protocol, loop)``: writes the request upstream;
+- ``StreamWriter.write_headers``/``send_headers``/``enable_chunking``/``write``/``write_eof``:
+  headers go at once before a streamed body, chunked when it has no length.
 """
 
 from __future__ import annotations

@@ -2,15 +2,34 @@
 on slow and silent clients (nginx's client_header_timeout, client_body_timeout,
 keepalive_timeout and worker_connections).
 
-aiohttp internals relied on here (tests/test_slow_clients.py checks they still exist):
-- ``web.Server._kwargs`` and ``web.AppRunner._kwargs``/``_make_server``: the server is built
-  with our protocol class and request handler;
-- ``RequestHandler._messages`` (parsed requests waiting for ``start()``), ``_waiter`` (set
-  while ``start()`` waits for the next request) and ``web_protocol._ErrInfo`` (a queued parse
-  error, answered through ``handle_error``): a request head that times out is queued as one;
+aiohttp internals relied on here, one per line (tests/test_aiohttp_internals.py checks each,
+naming the one that changed; pyproject.toml pins aiohttp's minor release for them):
+- ``web.Server._kwargs``: ``_Server`` builds ``_Protocol`` with the runner's protocol settings;
+- ``web.Server.request_handler``/``request_factory``: ``Runner`` wraps the app's in its server;
+- ``web.Server.connection_made``/``connection_lost(handler, ...)``: count open connections;
+- ``web.AppRunner._make_server``/``_kwargs``: the server is built with our protocol class and
+  request handler;
+- ``RawRequestMessage._replace(should_close=True)``: keepalive_timeout 0 closes every answer;
+- ``RequestHandler.__init__(manager, **kwargs)`` and the attribute names ``_Protocol`` and
+  ``_Server`` add (none may shadow one of aiohttp's);
+- ``RequestHandler._messages``: parsed requests waiting for ``start()``; heads are timed there;
+- ``RequestHandler._waiter``: set while ``start()`` waits for the next request; a head timeout
+  wakes it;
+- ``web_protocol._ErrInfo``: a queued parse error answered through ``handle_error``; a request
+  head that times out is queued as one (408);
 - ``RequestHandler._next_keepalive_close_time``: ``_process_keepalive`` reschedules itself to
   it, so a request head arriving on a kept-alive connection is timed by client_header_timeout
-  rather than cut silently at the keep-alive deadline.
+  rather than cut silently at the keep-alive deadline;
+- ``RequestHandler`` overridden methods (``data_received``, ``pause_reading``,
+  ``resume_reading(resume_parser)``, ``handle_error``, ``connection_made``/``lost``) and
+  ``log_exception(..., exc_info=exc)``: a body timeout met while lingering is not logged;
+- ``http_exceptions.LineTooLong`` and the parser's "Too many headers" message: those heads
+  are answered 431, other parse errors 400;
+- ``StreamWriter.output_size``: whether an answer has begun (no 408 or JSON error after it);
+- ``UrlMappingMatchInfo({}, route)``, ``add_app``, ``freeze`` and ``web.Request._match_info``
+  (the dispatcher): proxied requests skip the router with one prebuilt match;
+- ``web.BaseRequest._version``/``_cache`` (``_refuse_http09``): an HTTP/0.9 request is answered
+  in HTTP/1.1, and ``version`` is a cached property.
 """
 
 from __future__ import annotations

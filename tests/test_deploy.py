@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import importlib.metadata
 import grp
 import json
 import os
@@ -26,6 +27,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 import uuid
 from functools import cache
 from pathlib import Path, PurePosixPath
@@ -35,6 +37,8 @@ import aiohttp
 import pytest
 import yaml
 from aiohttp.test_utils import TestServer
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from conftest import APPID, SECRET, SIGNING_KEY, Upstream, base_config
 from gateway.testing import simulator
@@ -318,6 +322,62 @@ def test_dockerignore_matcher_follows_docker_rules() -> None:
     assert not dockerignore_excludes("x/y", ["*.py"])
     assert dockerignore_excludes("x/y.py", ["**/*.py"])
 
+
+
+def lock_entries() -> dict[str, tuple[str, list[str]]]:
+    """requirements.lock as {name: (pinned version, hashes)}."""
+    entries: dict[str, tuple[str, list[str]]] = {}
+    name = ""
+    for raw in (ROOT / "requirements.lock").read_text(encoding="utf-8").splitlines():
+        line = raw.split("#", 1)[0].strip().rstrip("\\").strip()
+        if not line:
+            continue
+        if line.startswith("--hash="):
+            entries[name][1].append(line.removeprefix("--hash="))
+            continue
+        requirement = Requirement(line)
+        pins = list(requirement.specifier)
+        assert len(pins) == 1 and pins[0].operator == "==", f"not pinned exactly: {line}"
+        name = canonicalize_name(requirement.name)
+        entries[name] = (pins[0].version, [])
+    return entries
+
+
+def test_the_lock_pins_every_runtime_dependency_with_hashes() -> None:
+    entries = lock_entries()
+    for name, (version, hashes) in entries.items():
+        assert hashes and all(re.fullmatch(r"sha256:[0-9a-f]{64}", h) for h in hashes), \
+            f"requirements.lock: {name}=={version} without sha256 hashes"
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    for line in project["dependencies"]:
+        wanted = Requirement(line)
+        name = canonicalize_name(wanted.name)
+        assert name in entries, f"requirements.lock lacks {wanted.name} (pyproject.toml)"
+        assert wanted.specifier.contains(entries[name][0], prereleases=True), \
+            f"requirements.lock: {name}=={entries[name][0]} is outside pyproject's {wanted}"
+        # An extra's own dependencies (redis[hiredis] brings hiredis) are pinned too.
+        for extra in wanted.extras:
+            for dep in map(Requirement, importlib.metadata.requires(wanted.name) or ()):
+                if dep.marker is not None and dep.marker.evaluate({"extra": extra}):
+                    assert canonicalize_name(dep.name) in entries, \
+                        f"requirements.lock lacks {dep.name} ({wanted.name}[{extra}])"
+    # The lock carries the aiohttp these tests ran with (its internals are pinned to it).
+    assert entries["aiohttp"][0] == importlib.metadata.version("aiohttp"), \
+        "requirements.lock's aiohttp differs from the one tested: regenerate the lock"
+    # Only runtime dependencies: nothing from the test extra.
+    for line in project["optional-dependencies"]["test"]:
+        name = canonicalize_name(Requirement(line).name)
+        assert name not in entries, f"requirements.lock holds the test tool {name}"
+
+
+def test_the_image_installs_the_lock_with_hashes_then_the_gateway_alone() -> None:
+    runs = [a for kw, a in dockerfile_instructions() if kw == "RUN" and "pip install" in a]
+    locked = next((i for i, a in enumerate(runs) if "-r requirements.lock" in a), None)
+    assert locked is not None and "--require-hashes" in runs[locked], runs
+    assert "--only-binary=:all:" in runs[locked], f"a source distribution could run code: {runs}"
+    gateway = [a for a in runs[locked + 1:] if a.rstrip().endswith(" .")]
+    assert gateway and "--no-deps" in gateway[0], f"the gateway is installed with --no-deps: {runs}"
+    assert all(" -r " in a or "--no-deps" in a for a in runs), f"an unlocked install: {runs}"
 
 @pytest.fixture
 async def wechat_server(aiohttp_server: Any) -> TestServer:

@@ -15,8 +15,6 @@ from typing import Any, AsyncIterator
 
 import aiohttp
 import pytest
-from aiohttp import web_protocol
-from aiohttp.web_protocol import RequestHandler
 
 from checks import assert_json_error, metric_samples, value
 from conftest import fresh
@@ -364,26 +362,6 @@ def test_client_limits_have_nginx_defaults_and_are_validated_by_key(
     with pytest.raises(ConfigError) as caught:
         config_.parse({**config_dict, "keepalive_timeout": True}, environ={})
     assert caught.value.problems[0].startswith("keepalive_timeout: "), caught.value.problems
-
-
-def test_the_aiohttp_internals_the_client_limits_rely_on_still_exist() -> None:
-    """gateway/server.py lists them; if aiohttp changes one, this names it."""
-    slots = set()
-    for cls in RequestHandler.__mro__:
-        slots |= set(getattr(cls, "__slots__", ()))
-    for name in ("_messages", "_waiter", "_next_keepalive_close_time", "_keepalive_handle"):
-        assert name in slots, f"aiohttp RequestHandler.{name} is gone (gateway/server.py)"
-    for name in ("_process_keepalive", "_make_error_handler", "handle_error", "log_exception",
-                 "data_received", "pause_reading", "resume_reading"):
-        assert callable(getattr(RequestHandler, name, None)), \
-            f"aiohttp RequestHandler.{name} is gone (gateway/server.py)"
-    fields = getattr(web_protocol, "_ErrInfo", None)
-    assert fields is not None, "aiohttp web_protocol._ErrInfo is gone (gateway/server.py)"
-    info = fields(status=408, exc=ValueError(), message="m")
-    assert (info.status, info.message) == (408, "m"), "aiohttp _ErrInfo changed its fields"
-    from aiohttp import web
-    assert callable(getattr(web.AppRunner, "_make_server", None)), \
-        "aiohttp AppRunner._make_server is gone (gateway/server.py)"
 
 
 # --- the open-file limit --------------------------------------------------------------------
