@@ -64,11 +64,11 @@ INTERNALS: dict[str, tuple[str, str]] = {
         "gateway/server.py, gateway/proxy.py", "tells whether an answer has begun; proxy.py "
                                                "resets it after 100 Continue, as aiohttp does"),
     "UrlMappingMatchInfo(match_dict, route)/add_app/freeze": (
-        "gateway/app.py dispatcher", "proxied requests skip the router with a prebuilt match"),
+        "gateway/server.py dispatcher", "proxied requests skip the router with a prebuilt match"),
     "web.Request._match_info": (
-        "gateway/app.py dispatcher", "set where the router would; request.app reads it"),
+        "gateway/server.py dispatcher", "set where the router would; request.app reads it"),
     "web.BaseRequest._version/_cache": (
-        "gateway/app.py _refuse_http09", "an HTTP/0.9 request is answered in HTTP/1.1"),
+        "gateway/server.py _refuse_http09", "an HTTP/0.9 request is answered in HTTP/1.1"),
     "client_proto.ResponseHandler": (
         "gateway/pool.py", "the upstream connection protocol: parser, flow control, errors"),
     "ResponseHandler.set_response_params": (
@@ -402,7 +402,6 @@ def test_the_modules_list_the_internals_they_use(module: str) -> None:
     from pathlib import Path
     head = (Path(__file__).parent.parent / module).read_text().split('"""')[1]
     for name, (where, _) in INTERNALS.items():
-        # server.py's list also covers the dispatcher, which is to move there from app.py.
-        if module in where or (module == "gateway/server.py" and "gateway/app.py" in where):
+        if module in where:
             first = name.split("(")[0].split("/")[0].split(" ")[0]
             assert first.rsplit(".", 1)[-1] in head, f"{module}'s docstring does not list {name}"
