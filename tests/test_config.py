@@ -14,7 +14,7 @@ import yaml
 from yarl import URL
 
 from conftest import APPID, APPID2, OLD_SIGNING_KEY, SECRET, SECRET2, SIGNING_KEY, base_config
-from gateway import config as config_
+from gateway import loader
 from gateway.config import Config
 from gateway.errors import ConfigError
 
@@ -37,13 +37,13 @@ def minimal() -> dict[str, Any]:
 
 
 def parse(data: Any, environ: dict[str, str] | None = None) -> Config:
-    return config_.parse(data, environ=environ or {})
+    return loader.parse(data, environ=environ or {})
 
 
 def problems(data: Any, environ: dict[str, str] | None = None) -> list[str]:
     """The ConfigError's problem lines; each must begin with its key path."""
     with pytest.raises(ConfigError) as info:
-        config_.parse(data, environ=environ or {})
+        loader.parse(data, environ=environ or {})
     lines = info.value.problems
     assert lines, "ConfigError without any problem line"
     for line in lines:
@@ -301,12 +301,12 @@ def test_bad_durations_are_rejected_naming_the_key(key: str, value: Any) -> None
 
 
 def test_parse_duration_directly() -> None:
-    assert config_.parse_duration("250ms") == 0.25
-    assert config_.parse_duration("7d") == 604800.0
-    assert config_.parse_duration(3) == 3.0
+    assert loader.parse_duration("250ms") == 0.25
+    assert loader.parse_duration("7d") == 604800.0
+    assert loader.parse_duration(3) == 3.0
     for bad in ("10x", "-1", 0, True, "", "1w"):
         with pytest.raises(ValueError):
-            config_.parse_duration(bad)
+            loader.parse_duration(bad)
 
 
 # --- unknown keys --------------------------------------------------------------------------
@@ -690,7 +690,7 @@ def test_load_reads_a_yaml_file(tmp_path: Path) -> None:
     data = minimal()
     data["apps"][0]["secret"] = "${WX_APP_SECRET}"
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
-    cfg = config_.load(path, environ={"WX_APP_SECRET": "loaded"})
+    cfg = loader.load(path, environ={"WX_APP_SECRET": "loaded"})
     assert cfg.apps[0].secret == "loaded"
     assert cfg.routes[0].path == "/api"
 
@@ -702,10 +702,10 @@ def test_load_uses_the_process_environment_by_default(tmp_path: Path,
     data["apps"][0]["secret"] = "${WXGW_TEST_SECRET_VAR}"
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     monkeypatch.setenv("WXGW_TEST_SECRET_VAR", "from-os-environ")
-    assert config_.load(path).apps[0].secret == "from-os-environ"
+    assert loader.load(path).apps[0].secret == "from-os-environ"
     monkeypatch.delenv("WXGW_TEST_SECRET_VAR")
     with pytest.raises(ConfigError) as info:
-        config_.load(path)
+        loader.load(path)
     assert info.value.problems == [
         "apps[0].secret: environment variable WXGW_TEST_SECRET_VAR is not set"]
 
@@ -714,7 +714,7 @@ def test_load_yaml_syntax_error_is_one_clear_line(tmp_path: Path) -> None:
     path = tmp_path / "broken.yaml"
     path.write_text("listen: \"0.0.0.0:8080\"\nroutes: [\n  {path: /api\n", encoding="utf-8")
     with pytest.raises(ConfigError) as info:
-        config_.load(path)
+        loader.load(path)
     (line,) = info.value.problems
     assert line.startswith(f"{path}")
     assert "YAML" in line
@@ -725,7 +725,7 @@ def test_load_bad_indentation_is_one_clear_line(tmp_path: Path) -> None:
     path = tmp_path / "indent.yaml"
     path.write_text("redis:\n  url: redis://x\n   key_prefix: a\n", encoding="utf-8")
     with pytest.raises(ConfigError) as info:
-        config_.load(path)
+        loader.load(path)
     (line,) = info.value.problems
     assert line.startswith(f"{path} (line 3): ") and "YAML" in line
 
@@ -733,7 +733,7 @@ def test_load_bad_indentation_is_one_clear_line(tmp_path: Path) -> None:
 def test_load_missing_file_is_one_clear_line(tmp_path: Path) -> None:
     path = tmp_path / "does-not-exist.yaml"
     with pytest.raises(ConfigError) as info:
-        config_.load(path)
+        loader.load(path)
     (line,) = info.value.problems
     assert line.startswith(f"{path}: ")
     assert "cannot read" in line
@@ -743,7 +743,7 @@ def test_load_empty_file_reports_required_keys(tmp_path: Path) -> None:
     path = tmp_path / "empty.yaml"
     path.write_text("# nothing here\n", encoding="utf-8")
     with pytest.raises(ConfigError) as info:
-        config_.load(path, environ={})
+        loader.load(path, environ={})
     lines = info.value.problems
     for key in ("redis.url", "apps", "session.signing_keys"):
         assert any(line.startswith(f"{key}: ") for line in lines), lines
@@ -754,7 +754,7 @@ def test_load_empty_file_reports_required_keys(tmp_path: Path) -> None:
 
 def test_repo_config_yaml_is_valid_with_its_two_secrets() -> None:
     key = "k" * 48
-    cfg = config_.load(REPO_CONFIG, environ={"GATEWAY_SIGNING_KEY": key,
+    cfg = loader.load(REPO_CONFIG, environ={"GATEWAY_SIGNING_KEY": key,
                                              "WX_APP_SECRET": "repo-secret"})
     assert cfg.session.signing_keys == (key.encode(),)
     assert cfg.apps[0].secret == "repo-secret"
@@ -768,7 +768,7 @@ def test_repo_config_yaml_is_valid_with_its_two_secrets() -> None:
 
 
 def test_repo_config_yaml_takes_overrides_from_the_environment() -> None:
-    cfg = config_.load(REPO_CONFIG, environ={
+    cfg = loader.load(REPO_CONFIG, environ={
         "GATEWAY_SIGNING_KEY": "k" * 48, "WX_APP_SECRET": "s", "GATEWAY_LISTEN": "127.0.0.1:8181",
         "REDIS_URL": "redis://cache:6379/3", "API_UPSTREAM": "http://svc:7000"})
     assert (cfg.listen_host, cfg.listen_port) == ("127.0.0.1", 8181)
@@ -778,7 +778,7 @@ def test_repo_config_yaml_takes_overrides_from_the_environment() -> None:
 
 def test_repo_config_yaml_is_invalid_without_its_two_secrets() -> None:
     with pytest.raises(ConfigError) as info:
-        config_.load(REPO_CONFIG, environ={})
+        loader.load(REPO_CONFIG, environ={})
     assert sorted(info.value.problems) == [
         "apps[0].secret: environment variable WX_APP_SECRET is not set",
         "session.signing_keys[0]: environment variable GATEWAY_SIGNING_KEY is not set",
@@ -787,6 +787,6 @@ def test_repo_config_yaml_is_invalid_without_its_two_secrets() -> None:
 
 def test_repo_config_yaml_rejects_a_short_signing_key() -> None:
     with pytest.raises(ConfigError) as info:
-        config_.load(REPO_CONFIG, environ={"GATEWAY_SIGNING_KEY": "short", "WX_APP_SECRET": "s"})
+        loader.load(REPO_CONFIG, environ={"GATEWAY_SIGNING_KEY": "short", "WX_APP_SECRET": "s"})
     (line,) = info.value.problems
     assert line.startswith("session.signing_keys[0]: ")
