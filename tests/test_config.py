@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
+import typing
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,7 +16,7 @@ from yarl import URL
 
 from conftest import APPID, APPID2, OLD_SIGNING_KEY, SECRET, SECRET2, SIGNING_KEY, base_config
 from gateway import loader
-from gateway.config import Config
+from gateway.config import Config, yaml_name
 from gateway.errors import ConfigError
 
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "config.yaml"
@@ -790,3 +791,77 @@ def test_repo_config_yaml_rejects_a_short_signing_key() -> None:
         loader.load(REPO_CONFIG, environ={"GATEWAY_SIGNING_KEY": "short", "WX_APP_SECRET": "s"})
     (line,) = info.value.problems
     assert line.startswith("session.signing_keys[0]: ")
+
+
+# --- the documentation's key table ---------------------------------------------------------
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def declared_keys(cls: type[Any] = Config, prefix: str = "") -> dict[str, Any]:
+    """Every YAML key path the declaration reads (``routes[].read_timeout``,
+    ``auth.rate_limit.ip_limit``; a section only through its keys), with its default."""
+    hints = typing.get_type_hints(cls)
+    keys: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        name = yaml_name(f)
+        if not f.init or name is None:
+            continue
+        hint = hints[f.name]
+        item = typing.get_args(hint)[0] if typing.get_origin(hint) is tuple else None
+        if dataclasses.is_dataclass(hint):
+            keys |= declared_keys(hint, f"{prefix}{name}.")
+        elif dataclasses.is_dataclass(item):
+            keys |= declared_keys(item, f"{prefix}{name}[].")
+        elif f.metadata.get("part") is not None:  # one key read into several fields
+            keys[prefix + name] = None
+        else:
+            keys[prefix + name] = f.default
+    return keys
+
+
+def documented_keys() -> dict[str, str | None]:
+    """The keys README's configuration table names, each with its default when the row gives
+    one per key (``.ip_window`` after ``auth.rate_limit.ip_limit`` is short for
+    ``auth.rate_limit.ip_window``; ``| `a` / `.b` | `1` / `2` |`` pairs them)."""
+    text = README.read_text(encoding="utf-8")
+    table = text[text.index("| key | default | meaning |"):]
+    keys: dict[str, str | None] = {}
+    for row in table[:table.index("\n\n")].splitlines()[2:]:
+        _, key_cell, default_cell, *_ = row.split("|")
+        names: list[str] = []
+        for name in re.findall(r"`([^`]+)`", key_cell):
+            names.append(names[-1].rpartition(".")[0] + name if name.startswith(".") else name)
+        defaults = [d.strip() for d in default_cell.split(" / ")]
+        for i, name in enumerate(names):
+            keys[name] = defaults[i] if len(defaults) == len(names) else None
+    return keys
+
+
+def test_readme_key_table_names_every_declared_key_and_no_other() -> None:
+    declared, documented = declared_keys(), documented_keys()
+    assert {"listen", "apps[].secret", "routes[].read_timeout", "auth.prefix",
+            "auth.rate_limit.ip_limit", "identity_assertion.keys"} <= declared.keys()
+    assert declared.keys() - documented.keys() == set(), "missing from README's table"
+    assert documented.keys() - declared.keys() == set(), "README's table names unknown keys"
+
+
+def test_readme_key_table_defaults_are_the_declared_ones() -> None:
+    declared = declared_keys()
+    checked = 0
+    for key, written in documented_keys().items():
+        default = declared[key]
+        if written is None or default is None or not re.fullmatch(r"`[^`]+`", written):
+            continue  # "required", "none", "the upstream's origin": prose, not a value
+        assert default is not dataclasses.MISSING, f"{key} is documented with a default"
+        value = written.strip("`")
+        if isinstance(default, bool):
+            assert value == str(default).lower(), key
+        elif isinstance(default, float):
+            assert loader.parse_duration(value) == default, key
+        elif isinstance(default, tuple):
+            assert value == "[]" and default == (), key
+        else:
+            assert value == str(default), key
+        checked += 1
+    assert checked >= 30, checked
