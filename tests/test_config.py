@@ -338,6 +338,54 @@ def test_unknown_key_message_lists_the_allowed_keys() -> None:
         assert allowed in line
 
 
+@pytest.mark.parametrize("key,change", [
+    # field names that are not YAML keys: read from another key, or derived
+    ("listen_host", lambda d: d.update(listen_host="0.0.0.0")),
+    ("listen_port", lambda d: d.update(listen_port=8080)),
+    ("auth_prefix", lambda d: d.update(auth_prefix="/a")),
+    ("rate_limit", lambda d: d.update(rate_limit={"ip_limit": 1})),
+    ("folds", lambda d: d.update(folds=True)),
+    ("routes[0].origin", lambda d: d["routes"][0].update(origin="http://evil:1")),
+    ("routes[0].base_path", lambda d: d["routes"][0].update(base_path="/admin")),
+    ("routes[0].folded", lambda d: d["routes"][0].update(folded="/x")),
+    # a nested key's path spelled as one key is not that key
+    ("auth.prefix", lambda d: d.update({"auth.prefix": "/a"})),
+    ("auth.rate_limit.bogus", lambda d: d.update(auth={"rate_limit": {"bogus": 1}})),
+])
+def test_field_names_and_dotted_paths_are_not_keys(
+        key: str, change: Callable[[dict[str, Any]], None]) -> None:
+    with_problem(problems(modified(change)), key, "unknown key")
+
+
+def test_auth_section_lists_its_own_keys_and_reads_both() -> None:
+    line = with_problem(problems(modified(lambda d: d.update(auth={"prefx": "/a"}))),
+                        "auth.prefx")
+    assert line.endswith("(allowed: prefix, rate_limit)"), line
+    cfg = parse(modified(lambda d: d.update(auth={"prefix": "/login/",
+                                                  "rate_limit": {"ip_limit": 3}})))
+    assert (cfg.auth_prefix, cfg.rate_limit.ip_limit, cfg.rate_limit.app_limit) == (
+        "/login", 3, 1200)
+    with_problem(problems(modified(lambda d: d.update(auth={"rate_limit": "lots"}))),
+                 "auth.rate_limit", "expected a mapping")
+
+
+def test_a_default_header_name_clashing_with_a_configured_one_is_refused() -> None:
+    # the appid header keeps its default, the openid header takes that name
+    with_problem(problems(modified(lambda d: d.update(
+        identity_headers={"openid": "X-WX-AppID"}))), "identity_headers.appid", "already used")
+    # no identity_assertion section at all: its default header is still checked
+    with_problem(problems(modified(lambda d: d.update(
+        identity_headers={"phone": "X-WX-Assertion"}))), "identity_assertion.header")
+
+
+def test_an_absent_redis_url_is_required_once_and_sentinels_stand_in_for_it() -> None:
+    lines = problems(modified(lambda d: d.update(redis={"key_prefix": "p:"})))
+    assert lines == ["redis.url: is required (redis://, rediss:// or unix://), "
+                     "unless redis.sentinels is given"]
+    cfg = parse(modified(lambda d: d.update(redis={"sentinels": ["[::1]:26379"]})))
+    assert (cfg.redis.url, cfg.redis.sentinels) == ("redis://", (("::1", 26379),))
+
+
 # --- signing keys --------------------------------------------------------------------------
 
 
