@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import re
+import typing
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
@@ -22,7 +23,7 @@ from .keys import ALGORITHMS
 AuthMode = Literal["required", "optional", "public"]
 LogFormat = Literal["text", "json"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-AUTH_MODES: tuple[AuthMode, ...] = ("required", "optional", "public")
+AUTH_MODES: tuple[AuthMode, ...] = typing.get_args(AuthMode)
 MIN_SIGNING_KEY_BYTES = 32
 MAX_CONNECTIONS = 1_000_000
 GATEWAY_PATHS = ("/healthz", "/readyz", "/metrics", "/.well-known/jwks.json")
@@ -154,7 +155,7 @@ class Route:
     # One key, three fields: the upstream as configured; its origin "http://host:port", what
     # the forwarded path is appended to; its base path, "" or "/base" (no trailing slash),
     # prepended to the forwarded path.
-    upstream: URL = option(yaml="upstream", read="upstream", part=0)
+    upstream: URL = option(read="upstream", part=0)
     origin: str = option(yaml="upstream", read="upstream", part=1)
     base_path: str = option(yaml="upstream", read="upstream", part=2)
     auth: AuthMode = "required"
@@ -167,7 +168,6 @@ class Route:
     # The longest silence while waiting for or reading the answer (nginx's proxy_read_timeout):
     # a stream lives as long as data keeps coming.
     read_timeout: float = 60.0
-
     # ``path`` as case-insensitive routers compare it, computed once per configuration
     folded: str = field(init=False, repr=False, compare=False)
 
@@ -194,8 +194,8 @@ def fold(text: str) -> str:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
-    # What a running process cannot change: its socket, its processes, its Redis connections,
-    # its own routes for /auth/* and the size of what it already allocated.
+    # restart_only: what a running process cannot change (its socket, its processes, its Redis
+    # connections, its own routes for /auth/*, the size of what it already allocated).
     listen_host: str = option("0.0.0.0", yaml="listen", read="listen", part=0,
                               restart_only=True)
     listen_port: int = option(8080, yaml="listen", read="listen", part=1, restart_only=True)
