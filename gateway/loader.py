@@ -206,6 +206,20 @@ class Context(NamedTuple):
     parent: Mapping[str, Any]
 
 
+_Declared = tuple[list[dataclasses.Field[Any]], list[str], dict[str, Any]]
+_DECLARED: dict[type[Any], _Declared] = {}
+
+
+def _declared(cls: type[Any]) -> _Declared:
+    """The fields of ``cls`` read from YAML, their key paths and their resolved types (once:
+    resolving the annotations dominates reading a long list of routes)."""
+    if cls not in _DECLARED:
+        fields = [f for f in dataclasses.fields(cls) if f.init and yaml_name(f) is not None]
+        _DECLARED[cls] = (fields, [yaml_name(f) or "" for f in fields],
+                          typing.get_type_hints(cls))
+    return _DECLARED[cls]
+
+
 _TYPED: dict[Any, str] = {float: "duration", int: "count", bool: "boolean", str: "string"}
 
 
@@ -219,13 +233,11 @@ class _ConfigReader(Reader):
         own reader) and checked; None once any problem was recorded here."""
         if isinstance(value, cls):  # a section's default: every key at its own default
             value = None
-        fields = [f for f in dataclasses.fields(cls) if f.init and yaml_name(f) is not None]
-        names = [yaml_name(f) or "" for f in fields]
+        fields, names, hints = _declared(cls)
         s = self.section(key, value, tuple(dict.fromkeys(n.partition(".")[0] for n in names)))
         if s is None:
             return None
         before = len(self.problems)
-        hints = typing.get_type_hints(cls)
         found: dict[str, Any] = {}
         inner: dict[str, dict[str, Any] | None] = {}
         results: dict[str, Any] = {}  # one key's reader result, when it fills several fields
