@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Any, Coroutine
 
-from . import config as config_
+from . import loader
 from .errors import ConfigError
 from . import logs, supervisor
 from .server import serve
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     path = args.config or os.environ.get("GATEWAY_CONFIG") or "config.yaml"
     try:
-        config = config_.load(path)
+        config = loader.load(path)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)

@@ -22,7 +22,7 @@ from aiohttp.abc import AbstractAccessLogger
 
 from .forwarded import client_address
 from .state import IDENTITY, REQUEST_ID, ROUTE_LABEL, SERVICES, STARTED, UPSTREAM_SECONDS
-from .settings import LoggingConfig
+from .config import LoggingConfig
 
 ACCESS = "gateway.access"
 _FIELDS = "fields"  # LogRecord attribute holding a line's structured fields

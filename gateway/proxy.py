@@ -19,7 +19,7 @@ from . import pool, websocket
 from .auth import Identity, bearer_token, identity_headers
 from .config import Config, IdentityHeaders, Route
 from .headers import GATEWAY_SET, HOP_BY_HOP, connection_tokens, spelling
-from .settings import AuthMode
+from .config import AuthMode
 from .forwarded import forwarded_headers
 from .errors import (AppForbidden, ExpectationFailed, InvalidPath, InvalidRequest, NotFound,
                      RequestTimeout, StoreUnavailable, Unauthorized, UpstreamTimeout,

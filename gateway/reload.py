@@ -4,29 +4,54 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import typing
+from typing import Any
 
 from aiohttp import web
 
-from . import config as config_
+from . import loader
 from . import logs
 from .errors import ConfigError
 from .services import Services
 from .state import SERVICES
-from .settings import Config
+from .config import Config
 
 log = logging.getLogger("gateway.reload")
 
-# What a running process cannot change: its socket, its processes, its Redis connections,
-# its own routes for /auth/* and the size of what it already allocated.
-RESTART_ONLY = ("listen_host", "listen_port", "workers", "redis", "auth_prefix",
-                "shutdown_grace", "client_header_timeout", "client_body_timeout",
-                "keepalive_timeout", "max_connections")
+
+def restart_only(cls: type[Any] = Config, prefix: str = "") -> tuple[str, ...]:
+    """The attribute paths (``session.cache_size``) declared ``restart_only``, in field order."""
+    hints = typing.get_type_hints(cls)
+    found: list[str] = []
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("restart_only"):
+            found.append(prefix + f.name)
+        elif dataclasses.is_dataclass(hints[f.name]):
+            found += restart_only(hints[f.name], f"{prefix}{f.name}.")
+    return tuple(found)
+
+
+def _get(value: Any, path: str) -> Any:
+    for name in path.split("."):
+        value = getattr(value, name)
+    return value
+
+
+def _replace(value: Any, path: str, new: Any) -> Any:
+    name, _, rest = path.partition(".")
+    return dataclasses.replace(value, **{name: _replace(getattr(value, name), rest, new)
+                                         if rest else new})
+
+
+# What a running process cannot change (its socket, processes, Redis connections, /auth/*
+# routes, what it already allocated): the fields the declaration marks restart_only.
+RESTART_ONLY = restart_only()
 
 
 def reload(app: web.Application, path: str) -> bool:
     """Apply the file at ``path``; False (and the old configuration kept) when it is invalid."""
     try:
-        new = config_.load(path)
+        new = loader.load(path)
     except ConfigError as exc:
         for problem in exc.problems:
             log.error("reload refused: %s", problem)
@@ -34,15 +59,13 @@ def reload(app: web.Application, path: str) -> bool:
         return False
     live = app[SERVICES]
     old = live.current.config
-    pending = [name for name in RESTART_ONLY if getattr(new, name) != getattr(old, name)]
-    if new.session.cache_size != old.session.cache_size:
-        pending.append("session.cache_size")
+    pending = [path for path in RESTART_ONLY if _get(new, path) != _get(old, path)]
     if pending:
         log.warning("reload: %s changed but only take effect after a restart; "
                     "applying everything else", ", ".join(pending))
-    effective = dataclasses.replace(
-        new, **{name: getattr(old, name) for name in RESTART_ONLY},
-        session=dataclasses.replace(new.session, cache_size=old.session.cache_size))
+    effective = new
+    for path in RESTART_ONLY:
+        effective = _replace(effective, path, _get(old, path))
     services = Services.build(effective, live.connections)
     if services.asserter is not None and live.current.asserter is not None:
         services.asserter.succeed(live.current.asserter)

@@ -20,7 +20,7 @@ import tempfile
 import time
 from types import FrameType
 
-from . import config as config_
+from . import loader
 from . import logs
 from .errors import ConfigError
 
@@ -49,7 +49,7 @@ def supervise(config_path: str, workers: int, grace: float) -> int:
     signal.signal(signal.SIGINT, stop)
     def reload(signum: int, frame: FrameType | None) -> None:
         try:  # the supervisor's own log format follows the file too
-            logs.setup(config_.load(config_path).logging)
+            logs.setup(loader.load(config_path).logging)
         except ConfigError:
             pass  # each worker logs the problems when it refuses the file
         _forward(procs, signal.SIGHUP)

@@ -13,7 +13,7 @@ from yarl import URL
 
 from .headers import WEBSOCKET_HANDSHAKE, connection_tokens
 from .errors import InvalidRequest, UpstreamTimeout, UpstreamUnavailable
-from .settings import Route
+from .config import Route
 
 log = logging.getLogger("gateway.websocket")
 # aiohttp holds a whole message in memory: bound it, or one frame could exhaust the gateway.

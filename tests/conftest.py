@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from gateway import config as config_
+from gateway import loader
 from gateway.testing import simulator
 from gateway.app import create_app
 from gateway.testing.embedded import EmbeddedRedis, free_port
@@ -168,7 +168,7 @@ def make_gateway(aiohttp_client: Any, config_dict: dict[str, Any]) -> GatewayFac
     async def make(**overrides: Any) -> TestClient:
         data = copy.deepcopy(config_dict)
         data.update(overrides)
-        client: TestClient = await aiohttp_client(create_app(config_.parse(data, environ={})))
+        client: TestClient = await aiohttp_client(create_app(loader.parse(data, environ={})))
         return client
     return make
 

@@ -44,7 +44,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from conftest import (APPID, GatewayFactory, Upstream, base_config, bearer, login)
-from gateway import config as config_
+from gateway import loader
 from gateway.testing.embedded import EmbeddedRedis
 from gateway.errors import ConfigError
 from process import Launch
@@ -456,7 +456,7 @@ def _config(assertion: Any, **top: Any) -> dict[str, Any]:
 
 def _problems(data: dict[str, Any]) -> list[str]:
     with pytest.raises(ConfigError) as info:
-        config_.parse(data, environ={})
+        loader.parse(data, environ={})
     return info.value.problems
 
 
@@ -548,13 +548,13 @@ def test_private_key_text_never_appears_in_problems() -> None:
 
 def test_valid_configurations_parse() -> None:
     for algorithm in ALGORITHMS:
-        config = config_.parse(_config(assertion_config(algorithm)), environ={})
+        config = loader.parse(_config(assertion_config(algorithm)), environ={})
         assert config.identity_assertion.enabled
         assert config.identity_assertion.algorithm == algorithm
         assert config.identity_assertion.header == HEADER
         assert config.identity_assertion.ttl == 60.0
         assert config.identity_assertion.issuer == "wx-gateway"
-    default = config_.parse(_config(None), environ={})
+    default = loader.parse(_config(None), environ={})
     assert not default.identity_assertion.enabled
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
+import typing
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,8 +15,8 @@ import yaml
 from yarl import URL
 
 from conftest import APPID, APPID2, OLD_SIGNING_KEY, SECRET, SECRET2, SIGNING_KEY, base_config
-from gateway import config as config_
-from gateway.config import Config
+from gateway import loader
+from gateway.config import Config, yaml_name
 from gateway.errors import ConfigError
 
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "config.yaml"
@@ -37,13 +38,13 @@ def minimal() -> dict[str, Any]:
 
 
 def parse(data: Any, environ: dict[str, str] | None = None) -> Config:
-    return config_.parse(data, environ=environ or {})
+    return loader.parse(data, environ=environ or {})
 
 
 def problems(data: Any, environ: dict[str, str] | None = None) -> list[str]:
     """The ConfigError's problem lines; each must begin with its key path."""
     with pytest.raises(ConfigError) as info:
-        config_.parse(data, environ=environ or {})
+        loader.parse(data, environ=environ or {})
     lines = info.value.problems
     assert lines, "ConfigError without any problem line"
     for line in lines:
@@ -301,12 +302,12 @@ def test_bad_durations_are_rejected_naming_the_key(key: str, value: Any) -> None
 
 
 def test_parse_duration_directly() -> None:
-    assert config_.parse_duration("250ms") == 0.25
-    assert config_.parse_duration("7d") == 604800.0
-    assert config_.parse_duration(3) == 3.0
+    assert loader.parse_duration("250ms") == 0.25
+    assert loader.parse_duration("7d") == 604800.0
+    assert loader.parse_duration(3) == 3.0
     for bad in ("10x", "-1", 0, True, "", "1w"):
         with pytest.raises(ValueError):
-            config_.parse_duration(bad)
+            loader.parse_duration(bad)
 
 
 # --- unknown keys --------------------------------------------------------------------------
@@ -335,6 +336,54 @@ def test_unknown_key_message_lists_the_allowed_keys() -> None:
     line = with_problem(lines, "routes[0].upstrem", "unknown key")
     for allowed in ("path", "upstream", "auth", "timeout"):
         assert allowed in line
+
+
+@pytest.mark.parametrize("key,change", [
+    # field names that are not YAML keys: read from another key, or derived
+    ("listen_host", lambda d: d.update(listen_host="0.0.0.0")),
+    ("listen_port", lambda d: d.update(listen_port=8080)),
+    ("auth_prefix", lambda d: d.update(auth_prefix="/a")),
+    ("rate_limit", lambda d: d.update(rate_limit={"ip_limit": 1})),
+    ("folds", lambda d: d.update(folds=True)),
+    ("routes[0].origin", lambda d: d["routes"][0].update(origin="http://evil:1")),
+    ("routes[0].base_path", lambda d: d["routes"][0].update(base_path="/admin")),
+    ("routes[0].folded", lambda d: d["routes"][0].update(folded="/x")),
+    # a nested key's path spelled as one key is not that key
+    ("auth.prefix", lambda d: d.update({"auth.prefix": "/a"})),
+    ("auth.rate_limit.bogus", lambda d: d.update(auth={"rate_limit": {"bogus": 1}})),
+])
+def test_field_names_and_dotted_paths_are_not_keys(
+        key: str, change: Callable[[dict[str, Any]], None]) -> None:
+    with_problem(problems(modified(change)), key, "unknown key")
+
+
+def test_auth_section_lists_its_own_keys_and_reads_both() -> None:
+    line = with_problem(problems(modified(lambda d: d.update(auth={"prefx": "/a"}))),
+                        "auth.prefx")
+    assert line.endswith("(allowed: prefix, rate_limit)"), line
+    cfg = parse(modified(lambda d: d.update(auth={"prefix": "/login/",
+                                                  "rate_limit": {"ip_limit": 3}})))
+    assert (cfg.auth_prefix, cfg.rate_limit.ip_limit, cfg.rate_limit.app_limit) == (
+        "/login", 3, 1200)
+    with_problem(problems(modified(lambda d: d.update(auth={"rate_limit": "lots"}))),
+                 "auth.rate_limit", "expected a mapping")
+
+
+def test_a_default_header_name_clashing_with_a_configured_one_is_refused() -> None:
+    # the appid header keeps its default, the openid header takes that name
+    with_problem(problems(modified(lambda d: d.update(
+        identity_headers={"openid": "X-WX-AppID"}))), "identity_headers.appid", "already used")
+    # no identity_assertion section at all: its default header is still checked
+    with_problem(problems(modified(lambda d: d.update(
+        identity_headers={"phone": "X-WX-Assertion"}))), "identity_assertion.header")
+
+
+def test_an_absent_redis_url_is_required_once_and_sentinels_stand_in_for_it() -> None:
+    lines = problems(modified(lambda d: d.update(redis={"key_prefix": "p:"})))
+    assert lines == ["redis.url: is required (redis://, rediss:// or unix://), "
+                     "unless redis.sentinels is given"]
+    cfg = parse(modified(lambda d: d.update(redis={"sentinels": ["[::1]:26379"]})))
+    assert (cfg.redis.url, cfg.redis.sentinels) == ("redis://", (("::1", 26379),))
 
 
 # --- signing keys --------------------------------------------------------------------------
@@ -690,7 +739,7 @@ def test_load_reads_a_yaml_file(tmp_path: Path) -> None:
     data = minimal()
     data["apps"][0]["secret"] = "${WX_APP_SECRET}"
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
-    cfg = config_.load(path, environ={"WX_APP_SECRET": "loaded"})
+    cfg = loader.load(path, environ={"WX_APP_SECRET": "loaded"})
     assert cfg.apps[0].secret == "loaded"
     assert cfg.routes[0].path == "/api"
 
@@ -702,10 +751,10 @@ def test_load_uses_the_process_environment_by_default(tmp_path: Path,
     data["apps"][0]["secret"] = "${WXGW_TEST_SECRET_VAR}"
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     monkeypatch.setenv("WXGW_TEST_SECRET_VAR", "from-os-environ")
-    assert config_.load(path).apps[0].secret == "from-os-environ"
+    assert loader.load(path).apps[0].secret == "from-os-environ"
     monkeypatch.delenv("WXGW_TEST_SECRET_VAR")
     with pytest.raises(ConfigError) as info:
-        config_.load(path)
+        loader.load(path)
     assert info.value.problems == [
         "apps[0].secret: environment variable WXGW_TEST_SECRET_VAR is not set"]
 
@@ -714,7 +763,7 @@ def test_load_yaml_syntax_error_is_one_clear_line(tmp_path: Path) -> None:
     path = tmp_path / "broken.yaml"
     path.write_text("listen: \"0.0.0.0:8080\"\nroutes: [\n  {path: /api\n", encoding="utf-8")
     with pytest.raises(ConfigError) as info:
-        config_.load(path)
+        loader.load(path)
     (line,) = info.value.problems
     assert line.startswith(f"{path}")
     assert "YAML" in line
@@ -725,7 +774,7 @@ def test_load_bad_indentation_is_one_clear_line(tmp_path: Path) -> None:
     path = tmp_path / "indent.yaml"
     path.write_text("redis:\n  url: redis://x\n   key_prefix: a\n", encoding="utf-8")
     with pytest.raises(ConfigError) as info:
-        config_.load(path)
+        loader.load(path)
     (line,) = info.value.problems
     assert line.startswith(f"{path} (line 3): ") and "YAML" in line
 
@@ -733,7 +782,7 @@ def test_load_bad_indentation_is_one_clear_line(tmp_path: Path) -> None:
 def test_load_missing_file_is_one_clear_line(tmp_path: Path) -> None:
     path = tmp_path / "does-not-exist.yaml"
     with pytest.raises(ConfigError) as info:
-        config_.load(path)
+        loader.load(path)
     (line,) = info.value.problems
     assert line.startswith(f"{path}: ")
     assert "cannot read" in line
@@ -743,7 +792,7 @@ def test_load_empty_file_reports_required_keys(tmp_path: Path) -> None:
     path = tmp_path / "empty.yaml"
     path.write_text("# nothing here\n", encoding="utf-8")
     with pytest.raises(ConfigError) as info:
-        config_.load(path, environ={})
+        loader.load(path, environ={})
     lines = info.value.problems
     for key in ("redis.url", "apps", "session.signing_keys"):
         assert any(line.startswith(f"{key}: ") for line in lines), lines
@@ -754,7 +803,7 @@ def test_load_empty_file_reports_required_keys(tmp_path: Path) -> None:
 
 def test_repo_config_yaml_is_valid_with_its_two_secrets() -> None:
     key = "k" * 48
-    cfg = config_.load(REPO_CONFIG, environ={"GATEWAY_SIGNING_KEY": key,
+    cfg = loader.load(REPO_CONFIG, environ={"GATEWAY_SIGNING_KEY": key,
                                              "WX_APP_SECRET": "repo-secret"})
     assert cfg.session.signing_keys == (key.encode(),)
     assert cfg.apps[0].secret == "repo-secret"
@@ -768,7 +817,7 @@ def test_repo_config_yaml_is_valid_with_its_two_secrets() -> None:
 
 
 def test_repo_config_yaml_takes_overrides_from_the_environment() -> None:
-    cfg = config_.load(REPO_CONFIG, environ={
+    cfg = loader.load(REPO_CONFIG, environ={
         "GATEWAY_SIGNING_KEY": "k" * 48, "WX_APP_SECRET": "s", "GATEWAY_LISTEN": "127.0.0.1:8181",
         "REDIS_URL": "redis://cache:6379/3", "API_UPSTREAM": "http://svc:7000"})
     assert (cfg.listen_host, cfg.listen_port) == ("127.0.0.1", 8181)
@@ -778,7 +827,7 @@ def test_repo_config_yaml_takes_overrides_from_the_environment() -> None:
 
 def test_repo_config_yaml_is_invalid_without_its_two_secrets() -> None:
     with pytest.raises(ConfigError) as info:
-        config_.load(REPO_CONFIG, environ={})
+        loader.load(REPO_CONFIG, environ={})
     assert sorted(info.value.problems) == [
         "apps[0].secret: environment variable WX_APP_SECRET is not set",
         "session.signing_keys[0]: environment variable GATEWAY_SIGNING_KEY is not set",
@@ -787,6 +836,80 @@ def test_repo_config_yaml_is_invalid_without_its_two_secrets() -> None:
 
 def test_repo_config_yaml_rejects_a_short_signing_key() -> None:
     with pytest.raises(ConfigError) as info:
-        config_.load(REPO_CONFIG, environ={"GATEWAY_SIGNING_KEY": "short", "WX_APP_SECRET": "s"})
+        loader.load(REPO_CONFIG, environ={"GATEWAY_SIGNING_KEY": "short", "WX_APP_SECRET": "s"})
     (line,) = info.value.problems
     assert line.startswith("session.signing_keys[0]: ")
+
+
+# --- the documentation's key table ---------------------------------------------------------
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def declared_keys(cls: type[Any] = Config, prefix: str = "") -> dict[str, Any]:
+    """Every YAML key path the declaration reads (``routes[].read_timeout``,
+    ``auth.rate_limit.ip_limit``; a section only through its keys), with its default."""
+    hints = typing.get_type_hints(cls)
+    keys: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        name = yaml_name(f)
+        if not f.init or name is None:
+            continue
+        hint = hints[f.name]
+        item = typing.get_args(hint)[0] if typing.get_origin(hint) is tuple else None
+        if dataclasses.is_dataclass(hint):
+            keys |= declared_keys(hint, f"{prefix}{name}.")
+        elif dataclasses.is_dataclass(item):
+            keys |= declared_keys(item, f"{prefix}{name}[].")
+        elif f.metadata.get("part") is not None:  # one key read into several fields
+            keys[prefix + name] = None
+        else:
+            keys[prefix + name] = f.default
+    return keys
+
+
+def documented_keys() -> dict[str, str | None]:
+    """The keys README's configuration table names, each with its default when the row gives
+    one per key (``.ip_window`` after ``auth.rate_limit.ip_limit`` is short for
+    ``auth.rate_limit.ip_window``; ``| `a` / `.b` | `1` / `2` |`` pairs them)."""
+    text = README.read_text(encoding="utf-8")
+    table = text[text.index("| key | default | meaning |"):]
+    keys: dict[str, str | None] = {}
+    for row in table[:table.index("\n\n")].splitlines()[2:]:
+        _, key_cell, default_cell, *_ = row.split("|")
+        names: list[str] = []
+        for name in re.findall(r"`([^`]+)`", key_cell):
+            names.append(names[-1].rpartition(".")[0] + name if name.startswith(".") else name)
+        defaults = [d.strip() for d in default_cell.split(" / ")]
+        for i, name in enumerate(names):
+            keys[name] = defaults[i] if len(defaults) == len(names) else None
+    return keys
+
+
+def test_readme_key_table_names_every_declared_key_and_no_other() -> None:
+    declared, documented = declared_keys(), documented_keys()
+    assert {"listen", "apps[].secret", "routes[].read_timeout", "auth.prefix",
+            "auth.rate_limit.ip_limit", "identity_assertion.keys"} <= declared.keys()
+    assert declared.keys() - documented.keys() == set(), "missing from README's table"
+    assert documented.keys() - declared.keys() == set(), "README's table names unknown keys"
+
+
+def test_readme_key_table_defaults_are_the_declared_ones() -> None:
+    declared = declared_keys()
+    checked = 0
+    for key, written in documented_keys().items():
+        default = declared[key]
+        if written is None or default is None or not re.fullmatch(r"`[^`]+`", written):
+            continue  # "required", "none", "the upstream's origin": prose, not a value
+        assert default is not dataclasses.MISSING, f"{key} is documented with a default"
+        value = written.strip("`")
+        if isinstance(default, bool):
+            assert value == str(default).lower(), key
+        elif isinstance(default, float):
+            assert loader.parse_duration(value) == default, key
+        elif isinstance(default, tuple):
+            assert value == "[]" and default == (), key
+        else:
+            assert value == str(default), key
+        checked += 1
+    assert checked >= 30, checked

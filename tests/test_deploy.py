@@ -43,7 +43,7 @@ from packaging.utils import canonicalize_name
 from conftest import APPID, SECRET, SIGNING_KEY, Upstream, base_config
 from gateway.testing import simulator
 from gateway.testing.embedded import EmbeddedRedis, free_port
-from gateway.config import parse_duration
+from gateway.loader import parse_duration
 from packages import debian_package
 from process import Launcher
 
@@ -1085,12 +1085,12 @@ def test_caddy_recipe_forward_auth_and_header_hygiene() -> None:
 
 def test_recipes_use_the_gateway_endpoint_names() -> None:
     """The recipes and the gateway agree on the forward-auth path and header names."""
-    from gateway.settings import AUTH_ENDPOINTS
+    from gateway.config import AUTH_ENDPOINTS
     assert "verify" in AUTH_ENDPOINTS
     defaults = base_config("redis://127.0.0.1:6379/0", "p:", "http://127.0.0.1:1",
                            "http://127.0.0.1:2")
-    from gateway import config as config_
-    headers = config_.parse(defaults, environ={}).identity_headers
+    from gateway import loader
+    headers = loader.parse(defaults, environ={}).identity_headers
     assert (headers.openid, headers.unionid, headers.appid, headers.phone) == IDENTITY
     nginx = NGINX_TEMPLATE.read_text(encoding="utf-8")
     for name in IDENTITY:

@@ -20,7 +20,7 @@ from checks import expect_error, unaccepting_port
 from conftest import APPID, GatewayFactory, Upstream, base_config, login
 from process import GatewayProcess, Launch
 from rawhttp import build_request, raw_request
-from gateway import config as config_
+from gateway import loader
 from gateway.testing.embedded import EmbeddedRedis
 from gateway.errors import ConfigError
 
@@ -363,21 +363,21 @@ async def test_trusted_peer_insane_forwarded_host_falls_back_to_host(
 def test_trusted_proxies_config_is_validated(config_dict: dict[str, Any]) -> None:
     data = {**config_dict, "trusted_proxies": ["nonsense"]}
     with pytest.raises(ConfigError) as bad:
-        config_.parse(data, environ={})
+        loader.parse(data, environ={})
     assert len(bad.value.problems) == 1
     assert bad.value.problems[0].startswith("trusted_proxies[0]: ")
     assert "nonsense" in bad.value.problems[0]
 
     data = {**config_dict, "trusted_proxies": ["10.0.0.0/8", "fd00::/8", "300.1.1.1"]}
     with pytest.raises(ConfigError) as bad:
-        config_.parse(data, environ={})
+        loader.parse(data, environ={})
     assert [p.split(":")[0] for p in bad.value.problems] == ["trusted_proxies[2]"]
 
-    good = config_.parse({**config_dict, "trusted_proxies": ["10.0.0.0/8", "127.0.0.1"]},
+    good = loader.parse({**config_dict, "trusted_proxies": ["10.0.0.0/8", "127.0.0.1"]},
                          environ={})
     assert good.is_trusted_proxy("10.9.8.7") and good.is_trusted_proxy("127.0.0.1")
     assert not good.is_trusted_proxy("127.0.0.2") and not good.is_trusted_proxy("11.0.0.1")
-    assert config_.parse(config_dict, environ={}).trusted_proxies == ()
+    assert loader.parse(config_dict, environ={}).trusted_proxies == ()
 
 
 # --- Host ------------------------------------------------------------------------------------
@@ -406,9 +406,9 @@ async def test_preserve_host_sends_the_clients_host(
 def test_preserve_host_config_is_validated(config_dict: dict[str, Any]) -> None:
     routes = [{**config_dict["routes"][0], "preserve_host": "sometimes"}]
     with pytest.raises(ConfigError) as bad:
-        config_.parse({**config_dict, "routes": routes}, environ={})
+        loader.parse({**config_dict, "routes": routes}, environ={})
     assert [p.split(":")[0] for p in bad.value.problems] == ["routes[0].preserve_host"]
-    parsed = config_.parse(config_dict, environ={})
+    parsed = loader.parse(config_dict, environ={})
     assert all(r.preserve_host is False for r in parsed.routes)
 
 
@@ -468,17 +468,17 @@ def test_connect_timeout_config(config_dict: dict[str, Any]) -> None:
     def routes(**options: Any) -> list[dict[str, Any]]:
         return [{"path": "/api/", "upstream": "http://127.0.0.1:9000", **options}]
 
-    default = config_.parse({**config_dict, "routes": routes()}, environ={}).routes[0]
+    default = loader.parse({**config_dict, "routes": routes()}, environ={}).routes[0]
     assert (default.timeout, default.connect_timeout) == (None, 5.0)
-    short = config_.parse({**config_dict, "routes": routes(connect_timeout="250ms")},
+    short = loader.parse({**config_dict, "routes": routes(connect_timeout="250ms")},
                           environ={}).routes[0]
     assert short.connect_timeout == 0.25
-    capped = config_.parse({**config_dict, "routes": routes(timeout="2s", connect_timeout="10s")},
+    capped = loader.parse({**config_dict, "routes": routes(timeout="2s", connect_timeout="10s")},
                            environ={}).routes[0]
     assert (capped.timeout, capped.connect_timeout) == (2.0, 2.0)
     for bad in ("fast", 0, -1, "5 parsecs", True):
         with pytest.raises(ConfigError) as err:
-            config_.parse({**config_dict, "routes": routes(connect_timeout=bad)}, environ={})
+            loader.parse({**config_dict, "routes": routes(connect_timeout=bad)}, environ={})
         assert [p.split(":")[0] for p in err.value.problems] == ["routes[0].connect_timeout"], bad
 
 

@@ -37,7 +37,7 @@ from starlette.routing import Route
 
 from checks import assert_json_error, expect_error
 from conftest import APPID, Upstream, base_config
-from gateway import config as config_
+from gateway import loader
 from gateway.headers import spelling
 from gateway.testing.embedded import EmbeddedRedis, free_port
 from gateway.errors import ConfigError
@@ -88,7 +88,7 @@ def test_every_loose_spelling_folds_onto_the_identity_header_it_imitates() -> No
 
 def config_problems(data: dict[str, Any]) -> list[str]:
     with pytest.raises(ConfigError) as info:
-        config_.parse(data, environ={})
+        loader.parse(data, environ={})
     return info.value.problems
 
 

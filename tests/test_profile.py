@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from checks import expect_error
 from conftest import (APPID, APPID2, SIGNING_KEY, TWO_APPS, GatewayFactory, Upstream, base_config,
                       bearer, closed_port_url, fresh, login)
-from gateway import config as config_
+from gateway import loader
 from gateway import sessions as S
 from gateway.testing import simulator
 from gateway.errors import ConfigError
@@ -702,7 +702,7 @@ def minimal_config(**overrides: Any) -> dict[str, Any]:
 
 
 def test_route_apps_config() -> None:
-    config = config_.parse(minimal_config(apps=TWO_APPS, routes=[
+    config = loader.parse(minimal_config(apps=TWO_APPS, routes=[
         {"path": "/a/", "upstream": "http://127.0.0.1:9000", "apps": [APPID2]},
         {"path": "/b/", "upstream": "http://127.0.0.1:9000"}]), environ={})
     by_path = {r.path: r for r in config.routes}
@@ -721,5 +721,5 @@ def test_route_apps_unknown_appid_is_a_config_error(apps: Any, key: str) -> None
         {"path": "/x/", "upstream": "http://127.0.0.1:9000", "apps": apps},
         {"path": "/y/", "upstream": "http://127.0.0.1:9000"}])
     with pytest.raises(ConfigError) as caught:
-        config_.parse(data, environ={})
+        loader.parse(data, environ={})
     assert any(p.startswith(f"{key}:") for p in caught.value.problems), caught.value.problems

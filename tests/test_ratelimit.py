@@ -16,9 +16,9 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from checks import assert_json_error
 from conftest import APPID, APPID2, TWO_APPS, GatewayFactory, base_config, closed_port_url, fresh
-from gateway import config as config_
+from gateway import loader
 from gateway.testing import simulator
-from gateway.config import RateLimit
+from gateway.config import Config, RateLimit
 from gateway.testing.embedded import EmbeddedRedis
 from gateway.errors import ConfigError
 
@@ -320,11 +320,11 @@ async def test_redis_down_is_store_unavailable(make_gateway: GatewayFactory, wec
 
 # --- configuration ---------------------------------------------------------------------------------
 
-def parse(**auth: Any) -> config_.Config:
+def parse(**auth: Any) -> Config:
     data = base_config("redis://127.0.0.1:6379/0", "t:", "http://127.0.0.1:1",
                        "http://127.0.0.1:2")
     data["auth"] = copy.deepcopy(auth)
-    return config_.parse(data, environ={"LIMIT": "7"})
+    return loader.parse(data, environ={"LIMIT": "7"})
 
 
 @pytest.mark.parametrize("auth", [{}, {"prefix": "/auth"}, {"rate_limit": None},

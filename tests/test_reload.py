@@ -11,20 +11,25 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import jwt
 import pytest
+import yaml
 from aiohttp.test_utils import TestServer
 
 from checks import is_json, metric_samples, parse_json_lines, value
-from conftest import (APPID, APPID2, OLD_SIGNING_KEY, SECRET, SECRET2, SIGNING_KEY, Upstream,
-                      base_config)
+from conftest import (APPID, APPID2, OLD_SIGNING_KEY, SECRET, SECRET2, SIGNING_KEY,
+                      GatewayFactory, Upstream, base_config)
 from gateway.testing.embedded import EmbeddedRedis, free_port
 from gateway.keys import Keyring
+from gateway.reload import RESTART_ONLY, reload as reload_config
+from gateway.state import SERVICES
 from process import Client, GatewayProcess, Launch, launch_with_client
 
 RELOADED = "configuration reloaded"
@@ -436,3 +441,35 @@ async def test_supervisor_switches_its_own_log_format_too(
     after = [line for line in gw.stderr().splitlines()[before:] if line.strip()]
     not_json = [line for line in after if not is_json(line)]
     assert not not_json, f"lines in the old format after the reload: {not_json}"
+
+
+def test_restart_only_keys_are_those_the_declaration_marks() -> None:
+    assert set(RESTART_ONLY) == {
+        "listen_host", "listen_port", "workers", "redis", "auth_prefix", "shutdown_grace",
+        "session.cache_size", "client_header_timeout", "client_body_timeout",
+        "keepalive_timeout", "max_connections"}
+
+
+async def test_a_restart_only_key_inside_a_section_keeps_its_running_value(
+        make_gateway: GatewayFactory, config_dict: dict[str, Any], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    client = await make_gateway()
+    app = client.server.app
+    running = app[SERVICES].current.config
+    data = copy.deepcopy(config_dict)
+    data["session"] = {**data["session"], "cache_size": running.session.cache_size + 7,
+                       "ttl": "1h"}
+    path = tmp_path / "gw.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        with caplog.at_level(logging.WARNING, logger="gateway.reload"):
+            assert reload_config(app, str(path))
+    finally:  # a reload sets up the process's logging; this process is pytest's
+        root.handlers[:], root.level = handlers, level
+    applied = app[SERVICES].current.config.session
+    assert applied.cache_size == running.session.cache_size  # held until a restart
+    assert applied.ttl == 3600.0  # the rest of the section applies
+    (warning,) = [r.getMessage() for r in caplog.records if "restart" in r.getMessage()]
+    assert "session.cache_size" in warning and "session.ttl" not in warning

@@ -12,14 +12,14 @@ from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient
 
 from conftest import GatewayFactory, Upstream, bearer, login
-from gateway import config as config_
+from gateway import loader
 from gateway.errors import ConfigError
 from rawhttp import raw_request
 
 
 def problems(data: dict[str, Any]) -> list[str]:
     with pytest.raises(ConfigError) as info:
-        config_.parse(data, environ={})
+        loader.parse(data, environ={})
     return info.value.problems
 
 
@@ -78,12 +78,12 @@ def test_duplicate_yaml_keys_and_non_utf8_files_are_one_line_each(tmp_path: Any)
     dup = tmp_path / "dup.yaml"
     dup.write_text("listen: '127.0.0.1:1'\nlisten: '127.0.0.1:2'\n")
     with pytest.raises(ConfigError) as info:
-        config_.load(dup)
+        loader.load(dup)
     assert len(info.value.problems) == 1 and "duplicate key 'listen'" in info.value.problems[0]
     binary = tmp_path / "bin.yaml"
     binary.write_bytes(b"\xff\xfe\x00")
     with pytest.raises(ConfigError) as info:
-        config_.load(binary)
+        loader.load(binary)
     assert len(info.value.problems) == 1 and "UTF-8" in info.value.problems[0]
 
 

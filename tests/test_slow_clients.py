@@ -20,7 +20,7 @@ from checks import assert_json_error, metric_samples, value
 from conftest import fresh
 from process import Client, GatewayProcess, Launch, launch_with_client
 from rawhttp import RawResponse, build_request
-from gateway import config as config_
+from gateway import loader
 from gateway.errors import ConfigError
 
 WAIT = 10.0  # upper bound for any single network wait in this file
@@ -340,16 +340,16 @@ async def test_connections_over_max_connections_are_refused_and_logged_once(
 
 def test_client_limits_have_nginx_defaults_and_are_validated_by_key(
         config_dict: dict[str, Any]) -> None:
-    config = config_.parse(config_dict, environ={})
+    config = loader.parse(config_dict, environ={})
     assert (config.client_header_timeout, config.client_body_timeout,
             config.keepalive_timeout, config.max_connections) == (60.0, 60.0, 75.0, 10_000)
-    tuned = config_.parse({**config_dict, "client_header_timeout": "2s",
+    tuned = loader.parse({**config_dict, "client_header_timeout": "2s",
                            "client_body_timeout": "250ms", "keepalive_timeout": "0s",
                            "max_connections": "300"}, environ={})
     assert (tuned.client_header_timeout, tuned.client_body_timeout,
             tuned.keepalive_timeout, tuned.max_connections) == (2.0, 0.25, 0.0, 300)
     with pytest.raises(ConfigError) as caught:
-        config_.parse({**config_dict, "client_header_timeout": "0", "client_body_timeout": "soon",
+        loader.parse({**config_dict, "client_header_timeout": "0", "client_body_timeout": "soon",
                        "keepalive_timeout": -1, "max_connections": 0}, environ={})
     problems = caught.value.problems
     for key in ("client_header_timeout", "client_body_timeout", "keepalive_timeout",
@@ -357,10 +357,10 @@ def test_client_limits_have_nginx_defaults_and_are_validated_by_key(
         assert any(p.startswith(f"{key}: ") for p in problems), (key, problems)
     for bad in ("many", True, 2_000_000, -5):
         with pytest.raises(ConfigError) as caught:
-            config_.parse({**config_dict, "max_connections": bad}, environ={})
+            loader.parse({**config_dict, "max_connections": bad}, environ={})
         assert caught.value.problems[0].startswith("max_connections: "), caught.value.problems
     with pytest.raises(ConfigError) as caught:
-        config_.parse({**config_dict, "keepalive_timeout": True}, environ={})
+        loader.parse({**config_dict, "keepalive_timeout": True}, environ={})
     assert caught.value.problems[0].startswith("keepalive_timeout: "), caught.value.problems
 
 

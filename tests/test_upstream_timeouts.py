@@ -24,7 +24,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from checks import expect_error
 from conftest import APPID, SECRET, SIGNING_KEY, GatewayFactory
-from gateway import config as config_
+from gateway import loader
+from gateway.config import Config
 from gateway.testing.embedded import EmbeddedRedis, free_port
 from process import GatewayProcess, Launch
 
@@ -390,9 +391,9 @@ async def test_a_websocket_exchanging_frames_stays_open(
 # --- configuration --------------------------------------------------------------------------
 
 
-def route_config(config_dict: dict[str, Any], **keys: Any) -> config_.Config:
+def route_config(config_dict: dict[str, Any], **keys: Any) -> Config:
     route = {"path": "/api/", "upstream": "http://127.0.0.1:9000", **keys}
-    return config_.parse({**config_dict, "routes": [route]}, environ={})
+    return loader.parse({**config_dict, "routes": [route]}, environ={})
 
 
 def test_defaults_follow_nginx_and_leave_the_whole_exchange_unbounded(

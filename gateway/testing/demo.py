@@ -15,7 +15,8 @@ import sys
 
 from aiohttp import web
 
-from .. import config as config_
+from .. import loader
+from ..config import Config
 from ..app import create_app
 from ..server import runner
 from . import simulator
@@ -45,8 +46,8 @@ async def _serve(app: web.Application, host: str, port: int) -> web.AppRunner:
     return app_runner
 
 
-def demo_config(redis_url: str, api_base: str, upstream: str, listen: str) -> config_.Config:
-    return config_.parse({
+def demo_config(redis_url: str, api_base: str, upstream: str, listen: str) -> Config:
+    return loader.parse({
         "listen": listen,
         "redis": {"url": redis_url, "key_prefix": "wxgw-demo:"},
         "wechat": {"api_base": api_base, "timeout": "5s"},
