@@ -39,6 +39,7 @@ import logging
 import resource
 import signal
 import time
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
@@ -67,17 +68,24 @@ _FD_MARGIN = 1024  # descriptors beyond two per client (its upstream): Redis, We
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """What one process allows its clients (see ``Config`` for each; the same defaults)."""
+    """What one process allows its clients (each one a ``Config`` key)."""
 
-    header_timeout: float = 60.0
-    body_timeout: float = 60.0
-    keepalive_timeout: float = 75.0
-    max_connections: int = 10_000
+    header_timeout: float
+    body_timeout: float
+    keepalive_timeout: float
+    max_connections: int
 
     @classmethod
     def of(cls, config: Config) -> Limits:
         return cls(config.client_header_timeout, config.client_body_timeout,
                    config.keepalive_timeout, config.max_connections)
+
+    @classmethod
+    def defaults(cls) -> Limits:
+        """The configuration's defaults, for apps served without a ``Config`` (the demo's)."""
+        d: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(Config)}
+        return cls(d["client_header_timeout"], d["client_body_timeout"],
+                   d["keepalive_timeout"], d["max_connections"])
 
 
 class _HeadTimeout(Exception):
@@ -328,13 +336,14 @@ def _closing_on_timeout(handler: Any) -> Any:
     return handle
 
 
-def runner(app: web.Application, shutdown_grace: float, limits: Limits = Limits(),
+def runner(app: web.Application, shutdown_grace: float, limits: Limits | None = None,
            **kwargs: Any) -> Runner:
     # handler_cancellation: a client that goes away cancels its upstream request too.
     # auto_decompress off: a gzip request body is forwarded as the client sent it (with its
     # Content-Encoding and Content-Length), never inflated on the way.
-    return Runner(app, limits=limits, access_log_class=AccessLogger, handler_cancellation=True,
-                  auto_decompress=False, shutdown_timeout=shutdown_grace, **kwargs)
+    return Runner(app, limits=limits or Limits.defaults(), access_log_class=AccessLogger,
+                  handler_cancellation=True, auto_decompress=False,
+                  shutdown_timeout=shutdown_grace, **kwargs)
 
 
 def raise_file_limit(max_connections: int) -> None:
