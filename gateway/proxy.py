@@ -49,13 +49,17 @@ def request_path(raw_path: str) -> str:
 
     The path is forwarded exactly as received, so rather than normalising it (and forwarding
     something the client did not send), every form that different servers could resolve
-    differently is refused: dot segments, empty segments, encoded or back slashes, NUL and
+    differently is refused: a fragment ("#"), dot segments, empty segments, encoded or back slashes, NUL and
     control characters, invalid UTF-8 (overlong encodings), double-encoded dots or slashes,
     and IIS's %u escapes.
     """
     path = raw_path.partition("?")[0]
     if not path.startswith("/"):
         raise InvalidPath("the request path must start with '/'")
+    if "#" in path:
+        # RFC 9112 §3.2: no fragment in a request target; servers that parse the target as a
+        # URL (yarl, Node's url.parse, httptools) cut it off, and "/admin#x" is "/admin" there.
+        raise InvalidPath("the request path contains a '#'")
     lowered = path.lower()
     if "//" in path or "\\" in path or "%2f" in lowered or "%5c" in lowered:
         raise InvalidPath("the request path contains an empty segment or an (encoded) slash")

@@ -173,6 +173,13 @@ TABLE: list[tuple[str, str]] = [
     ("/pub/x%EF%BC%BCadmin", "bad"),  # full-width back slash
     ("/pub/admin%00/users", "bad"),
     ("/pub/admin%09/users", "bad"),
+    # a fragment is never part of a request target, and servers that parse the target as a
+    # URL (aiohttp's yarl, Node's url.parse, httptools) cut it off: "/pub/admin#x" runs the
+    # "/pub/admin" handler there, while the literal path matches no route below "/pub/"
+    ("/pub/admin#x", "bad"),
+    ("/pub/admin#/users", "bad"),
+    ("/pub/app2#", "bad"),
+    ("/pub/x?next=#admin", "pub"),  # in the query it cuts only the query
 ]
 
 
