@@ -100,6 +100,7 @@ async def _pipeline(request: web.Request, handler: endpoints.Handler) -> web.Str
     if task is not None:
         in_flight.add(task)
     try:
+        proxy.refuse_expectation(request)
         response = await handler(request)
     except GatewayError as exc:
         if isinstance(exc, StoreUnavailable):

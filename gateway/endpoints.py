@@ -12,7 +12,7 @@ from . import profile
 from .auth import Identity, bearer_token
 from .config import Config
 from .forwarded import client_address
-from .proxy import identity_headers
+from .proxy import expect_handler, identity_headers
 from .errors import (GatewayError, InvalidCode, InvalidRequest, MethodNotAllowed, NotFound,
                      PayloadTooLarge,
                      StoreUnavailable, Unauthorized, UnknownApp)
@@ -42,9 +42,9 @@ def add_routes(app: web.Application, config: Config) -> None:
             ("/healthz", ("GET", "HEAD"), healthz), ("/readyz", ("GET", "HEAD"), readyz),
             ("/metrics", ("GET", "HEAD"), metrics),
             ("/.well-known/jwks.json", ("GET", "HEAD"), jwks)):
-        app.router.add_route("*", path, _only(methods, handler))
+        app.router.add_route("*", path, _only(methods, handler), expect_handler=expect_handler)
     # Forward-auth callers (nginx auth_request, Traefik, Caddy) may use the original method.
-    app.router.add_route("*", f"{p}/verify", verify)
+    app.router.add_route("*", f"{p}/verify", verify, expect_handler=expect_handler)
 
 
 def _only(methods: tuple[str, ...], handler: Handler) -> Handler:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import re
@@ -282,6 +283,24 @@ async def _continue(request: web.Request) -> None:
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # the final response has not started (as aiohttp does)
     request[CONTINUED] = True
+
+
+async def expect_handler(request: web.Request) -> None:
+    """The router's ``Expect`` handler for the gateway's own endpoints, which need nothing
+    checked before their body: "100 Continue" at once. aiohttp's default answers any other
+    expectation itself, in plain text and outside the middleware; here it is left to
+    ``refuse_expectation``, which the pipeline runs, to refuse in JSON."""
+    with contextlib.suppress(ExpectationFailed):
+        await _continue(request)
+
+
+def refuse_expectation(request: web.Request) -> None:
+    """``ExpectationFailed`` for an endpoint request whose ``Expect`` was not answered by
+    ``expect_handler`` (the proxy answers its own once authorised)."""
+    if ("Expect" in request.headers and not request.get(CONTINUED)
+            and request.match_info.handler is not handle):
+        raise ExpectationFailed(
+            f"the expectation {request.headers['Expect'][:64]!r} is not supported")
 
 
 def body_refused(request: web.BaseRequest) -> bool:

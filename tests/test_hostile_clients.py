@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import threading
 import time
@@ -435,6 +436,35 @@ async def test_expect_on_public_and_unknown_routes(running: Running, upstream: U
                                       body=b"ab"))
     await expect_error(resp, 417, "expectation_failed")
     assert upstream.seen == []
+
+
+async def test_expect_on_the_gateways_own_endpoints(running: Running,
+                                                   upstream: Upstream) -> None:
+    gw = await running(upstream.url)
+    # an unknown expectation: refused in the contract's JSON, like any other error
+    for target in ("/auth/session", "/healthz", "/auth/verify"):
+        resp = await gw.raw(build_request("GET", target, [b"Expect: something-else"]))
+        await expect_error(resp, 417, "expectation_failed")
+        assert resp.header("X-Request-ID"), resp.headers
+    # "100-continue": the interim answer, then the endpoint's, and the connection stays open
+    body = json.dumps({"code": f"hostile-{uuid.uuid4().hex[:12]}"}).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    try:
+        writer.write(build_request("POST", "/auth/login", [
+            b"Connection: keep-alive", b"Content-Type: application/json",
+            b"Expect: 100-continue", f"Content-Length: {len(body)}".encode()]))
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(body)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+        assert head.startswith(b"HTTP/1.1 200 ") and b"Connection: close" not in head, head
+        length = int(re.search(rb"Content-Length: (\d+)", head)[1])  # type: ignore[index]
+        assert b'"token"' in await asyncio.wait_for(reader.readexactly(length), WAIT)
+        writer.write(build_request("GET", "/healthz", [b"Connection: close"]))
+        again = await asyncio.wait_for(reader.read(), WAIT)
+        assert again.startswith(b"HTTP/1.1 200 "), again
+    finally:
+        writer.close()
 
 
 # --- 5. WebSocket upgrades with a body; 101 nobody asked for ---------------------------------
