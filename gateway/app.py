@@ -151,8 +151,8 @@ def dispatcher(app: web.Application, routed: Callable[[web.BaseRequest], Awaitab
 
     async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
         assert isinstance(request, web.Request)  # the app's request_factory makes them
-        if request.version < HttpVersion10:
-            return _refuse_http09(request)
+        if request.version not in (HttpVersion10, HttpVersion11):
+            return _refuse_version(request)
         # path_safe: what the router itself matches endpoints on
         if request.rel_url.path_safe in endpoint_paths:
             return await routed(request)
@@ -162,13 +162,18 @@ def dispatcher(app: web.Application, routed: Callable[[web.BaseRequest], Awaitab
     return dispatch
 
 
-def _refuse_http09(request: web.Request) -> web.StreamResponse:
+def _refuse_version(request: web.Request) -> web.StreamResponse:
     """A request line without a version (HTTP/0.9, which llhttp accepts): no headers could be
-    checked and none answered, so it is refused, in HTTP/1.1, and the connection closed."""
+    checked and none answered, so it is refused, in HTTP/1.1, and the connection closed. So is
+    "HTTP/2.0" in an HTTP/1 request line (llhttp accepts that too): the answer would claim a
+    protocol it does not speak."""
+    message = ("the request line has no HTTP version" if request.version < HttpVersion10
+               else f"HTTP/{request.version.major}.{request.version.minor} in an HTTP/1 "
+                    "request line")
     # The status line echoes the request's version (a reified property: cached already).
     request._version = HttpVersion11
     request._cache.pop("version", None)
-    response = error_response(InvalidRequest("the request line has no HTTP version"))
+    response = error_response(InvalidRequest(message))
     response.force_close()
     return response
 

@@ -6,7 +6,7 @@ own server and dispatcher answer malformed requests and ``Expect``) and real ups
   Starlette app on uvicorn and the CGI/WSGI variable mappings see it; configured names that
   collide once folded are configuration errors;
 - header values with bytes that are not UTF-8: refused, never forwarded altered (either way);
-- HTTP/0.9 request lines: 400, connection closed;
+- HTTP/0.9 request lines and HTTP/2.0 in an HTTP/1 request line: 400, connection closed;
 - ``Expect: 100-continue``: "100 Continue" only once authorised; otherwise the refusal
   without it, the body unread and the connection closed at once;
 - WebSocket upgrades with a body: 400; an upstream switching protocols unasked: 502;
@@ -334,8 +334,9 @@ async def test_upstream_header_value_that_is_not_utf8_is_502(running: Running) -
 
 
 @pytest.mark.parametrize("line", [b"GET /public/p\r\n\r\n", b"GET /public/p HTTP/0.9\r\n\r\n",
-                                  b"POST /api/p\r\nContent-Length: 2\r\n\r\nhi"])
-async def test_http09_request_line_is_refused_and_the_connection_closed(
+                                  b"POST /api/p\r\nContent-Length: 2\r\n\r\nhi",
+                                  b"GET /public/p HTTP/2.0\r\nHost: gateway.test\r\n\r\n"])
+async def test_http09_and_http2_request_lines_are_refused_and_the_connection_closed(
         running: Running, upstream: Upstream, line: bytes) -> None:
     gw = await running(upstream.url)
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
