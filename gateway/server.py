@@ -105,12 +105,14 @@ class _Protocol(RequestHandler):
         if self._head_expired:  # answered 408 and closing: nothing more is read
             return
         queued = len(self._messages)
+        body = self._body
+        ending_body = body is not None and not body.is_eof()
         super().data_received(data)
         if self._heads:
-            self._follow_heads(data, len(self._messages) > queued)
+            self._follow_heads(data, len(self._messages) > queued, ending_body)
         self._time_body()
 
-    def _follow_heads(self, data: bytes, completed: bool) -> None:
+    def _follow_heads(self, data: bytes, completed: bool, ending_body: bool = False) -> None:
         if completed:  # request heads completed: the newest one's body arrives next
             message, self._body = self._messages[-1]
             self._head_begun = False
@@ -122,6 +124,12 @@ class _Protocol(RequestHandler):
                 # the upgrade is declined, to nothing: the connection closes after it).
                 self._heads = False
         elif data and self._head_timer is None and (self._body is None or self._body.is_eof()):
+            if ending_body:
+                # These bytes ended the last body; whether a head began after them cannot be
+                # told (the parser keeps a partial head to itself). Timing them as a head would
+                # answer an idle keep-alive connection with 408: keepalive_timeout bounds it
+                # until more bytes come, which start the head's timing.
+                return
             self._time_head()  # the first bytes of another request on a kept-alive connection
             self._head_begun = True
         elif data and self._head_timer is not None:  # more of the head being timed
