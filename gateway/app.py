@@ -13,7 +13,7 @@ from typing import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from . import endpoints, proxy, sessions, store
+from . import endpoints, expectation, proxy, sessions, store
 from .cache import SessionCache, follow_invalidations
 from .config import Config
 from .errors import (GatewayError, InternalError, InvalidRequest, MethodNotAllowed, NotFound,
@@ -96,6 +96,8 @@ async def pipeline(request: web.Request, handler: endpoints.Handler) -> web.Stre
     if task is not None:
         in_flight.add(task)
     try:
+        if handler is not proxy.handle:  # proxied requests answer Expect once authorised
+            expectation.refuse_unanswered(request)
         response = await handler(request)
     except GatewayError as exc:
         if isinstance(exc, StoreUnavailable):
@@ -115,7 +117,7 @@ async def pipeline(request: web.Request, handler: endpoints.Handler) -> web.Stre
     if not response.prepared:
         response.headers["X-Request-ID"] = request_id
         proxy.close_after_upgrade_attempt(request, response)
-        if proxy.body_refused(request):
+        if expectation.body_refused(request):
             response.force_close()
             with contextlib.suppress(ConnectionError):  # the client may be gone already
                 await response.prepare(request)

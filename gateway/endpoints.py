@@ -8,7 +8,7 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from . import userdata
+from . import expectation, userdata
 from .auth import Identity, bearer_token, identity_headers
 from .config import Config
 from .forwarded import client_address
@@ -42,9 +42,9 @@ def add_routes(app: web.Application, config: Config) -> None:
             ("/healthz", ("GET", "HEAD"), healthz), ("/readyz", ("GET", "HEAD"), readyz),
             ("/metrics", ("GET", "HEAD"), metrics),
             ("/.well-known/jwks.json", ("GET", "HEAD"), jwks)):
-        app.router.add_route("*", path, _only(methods, handler))
+        app.router.add_route("*", path, _only(methods, handler), expect_handler=expectation.expect_handler)
     # Forward-auth callers (nginx auth_request, Traefik, Caddy) may use the original method.
-    app.router.add_route("*", f"{p}/verify", verify)
+    app.router.add_route("*", f"{p}/verify", verify, expect_handler=expectation.expect_handler)
 
 
 def _only(methods: tuple[str, ...], handler: Handler) -> Handler:

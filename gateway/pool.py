@@ -152,12 +152,14 @@ class Pool:
         answered = False
         async with asyncio.timeout(read_timeout) as silence:
 
-            def progress() -> None:
+            def progress(client_turn: bool = False) -> None:
                 # nginx's proxy_send_timeout, at the read timeout's value: silence is measured
                 # between writes too, and only until the answer's headers (the sender may
-                # outlive this block when the upstream answers early).
+                # outlive this block when the upstream answers early). While the next bytes
+                # are awaited from the client, the upstream is owed nothing: that wait is
+                # client_body_timeout's (and the route's timeout's) to bound.
                 if not answered and read_timeout is not None:
-                    silence.reschedule(loop.time() + read_timeout)
+                    silence.reschedule(None if client_turn else loop.time() + read_timeout)
 
             if isinstance(body, StreamReader):
                 if "Content-Length" not in headers:
@@ -248,11 +250,15 @@ def _retrieve(task: asyncio.Task[None]) -> None:
 
 
 async def _send(writer: StreamWriter, body: StreamReader, conn: ResponseHandler,
-                progress: Callable[[], None]) -> None:
+                progress: Callable[[bool], None]) -> None:
     try:
-        while chunk := await body.read(CHUNK):
+        while True:
+            progress(True)  # the client's turn: its silence is not the upstream's
+            chunk = await body.read(CHUNK)
+            progress(False)  # the upstream's turn: it must take the chunk, then answer
+            if not chunk:
+                break
             await writer.write(chunk)
-            progress()
         await writer.write_eof()
     except asyncio.CancelledError:
         raise

@@ -11,21 +11,21 @@ import unicodedata
 from dataclasses import dataclass
 from urllib.parse import unquote
 
-from aiohttp import HttpVersion11, web
+from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from . import pool, websocket
+from . import expectation, pool, websocket
 from .auth import Identity, bearer_token, identity_headers
 from .config import Config, IdentityHeaders, Route
 from .headers import GATEWAY_SET, HOP_BY_HOP, connection_tokens, spelling
 from .config import AuthMode
 from .forwarded import forwarded_headers
-from .errors import (AppForbidden, ExpectationFailed, InvalidPath, InvalidRequest, NotFound,
+from .errors import (AppForbidden, InvalidPath, InvalidRequest, NotFound,
                      RequestTimeout, StoreUnavailable, Unauthorized, UpstreamTimeout,
                      UpstreamUnavailable)
 from .services import Services
-from .state import CONTINUED, IDENTITY, REQUEST_ID, ROUTE_LABEL, SERVICES, UPSTREAM_SECONDS
+from .state import IDENTITY, REQUEST_ID, ROUTE_LABEL, SERVICES, UPSTREAM_SECONDS
 
 log = logging.getLogger("gateway.proxy")
 
@@ -43,13 +43,17 @@ def request_path(raw_path: str) -> str:
 
     The path is forwarded exactly as received, so rather than normalising it (and forwarding
     something the client did not send), every form that different servers could resolve
-    differently is refused: dot segments, empty segments, encoded or back slashes, NUL and
+    differently is refused: a fragment ("#"), dot segments, empty segments, encoded or back slashes, NUL and
     control characters, invalid UTF-8 (overlong encodings), double-encoded dots or slashes,
     and IIS's %u escapes.
     """
     path = raw_path.partition("?")[0]
     if not path.startswith("/"):
         raise InvalidPath("the request path must start with '/'")
+    if "#" in path:
+        # RFC 9112 §3.2: no fragment in a request target; servers that parse the target as a
+        # URL (yarl, Node's url.parse, httptools) cut it off, and "/admin#x" is "/admin" there.
+        raise InvalidPath("the request path contains a '#'")
     lowered = path.lower()
     if "//" in path or "\\" in path or "%2f" in lowered or "%5c" in lowered:
         raise InvalidPath("the request path contains an empty segment or an (encoded) slash")
@@ -221,7 +225,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
                else None)
         return await websocket.relay(request, services.http, url, headers, route, end)
 
-    await _continue(request)
+    await expectation.answer(request)
     body = await _request_body(request)
     started = time.perf_counter()
     # read_timeout bounds each silence (pool.send until the headers, _relay between reads of
@@ -247,26 +251,6 @@ async def handle(request: web.Request) -> web.StreamResponse:
         return await _relay(request, upstream, deadline, route.read_timeout)
     finally:
         upstream.release()
-
-
-async def _continue(request: web.Request) -> None:
-    """Answer ``Expect`` only now that the request is authorised: a client that waits for
-    "100 Continue" sends no body to a request that will be refused (RFC 9110 §10.1.1)."""
-    expect = request.headers.get("Expect")
-    if expect is None:
-        return
-    if expect.strip().lower() != "100-continue":
-        raise ExpectationFailed(f"the expectation {expect[:64]!r} is not supported")
-    if request.version >= HttpVersion11 and request.body_exists:
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        request.writer.output_size = 0  # the final response has not started (as aiohttp does)
-    request[CONTINUED] = True
-
-
-def body_refused(request: web.BaseRequest) -> bool:
-    """A client waiting for "100 Continue" was answered without it: its body, if it sends it
-    anyway, must not be read, so the connection closes after the answer."""
-    return "Expect" in request.headers and not request.get(CONTINUED) and request.body_exists
 
 
 async def _request_body(request: web.Request) -> pool.Body:

@@ -28,7 +28,7 @@ naming the one that changed; pyproject.toml pins aiohttp's minor release for the
 - ``StreamWriter.output_size``: whether an answer has begun (no 408 or JSON error after it);
 - ``UrlMappingMatchInfo({}, route)``, ``add_app``, ``freeze`` and ``web.Request._match_info``
   (the dispatcher): proxied requests skip the router with one prebuilt match;
-- ``web.BaseRequest._version``/``_cache`` (``_refuse_http09``): an HTTP/0.9 request is answered
+- ``web.BaseRequest._version``/``_cache`` (``_refuse_version``): an HTTP/0.9 request is answered
   in HTTP/1.1, and ``version`` is a cached property.
 """
 
@@ -135,12 +135,14 @@ class _Protocol(RequestHandler):
         if self._head_expired:  # answered 408 and closing: nothing more is read
             return
         queued = len(self._messages)
+        body = self._body
+        ending_body = body is not None and not body.is_eof()
         super().data_received(data)
         if self._heads:
-            self._follow_heads(data, len(self._messages) > queued)
+            self._follow_heads(data, len(self._messages) > queued, ending_body)
         self._time_body()
 
-    def _follow_heads(self, data: bytes, completed: bool) -> None:
+    def _follow_heads(self, data: bytes, completed: bool, ending_body: bool = False) -> None:
         if completed:  # request heads completed: the newest one's body arrives next
             message, self._body = self._messages[-1]
             self._head_begun = False
@@ -152,6 +154,12 @@ class _Protocol(RequestHandler):
                 # the upgrade is declined, to nothing: the connection closes after it).
                 self._heads = False
         elif data and self._head_timer is None and (self._body is None or self._body.is_eof()):
+            if ending_body:
+                # These bytes ended the last body; whether a head began after them cannot be
+                # told (the parser keeps a partial head to itself). Timing them as a head would
+                # answer an idle keep-alive connection with 408: keepalive_timeout bounds it
+                # until more bytes come, which start the head's timing.
+                return
             self._time_head()  # the first bytes of another request on a kept-alive connection
             self._head_begun = True
         elif data and self._head_timer is not None:  # more of the head being timed
@@ -419,8 +427,8 @@ def dispatcher(app: web.Application, routed: Callable[[web.BaseRequest], Awaitab
 
     async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
         assert isinstance(request, web.Request)  # the app's request_factory makes them
-        if request.version < HttpVersion10:
-            return _refuse_http09(request)
+        if request.version not in (HttpVersion10, HttpVersion11):
+            return _refuse_version(request)
         # path_safe: what the router itself matches endpoints on
         if request.rel_url.path_safe in endpoint_paths:
             return await routed(request)
@@ -430,12 +438,17 @@ def dispatcher(app: web.Application, routed: Callable[[web.BaseRequest], Awaitab
     return dispatch
 
 
-def _refuse_http09(request: web.Request) -> web.StreamResponse:
+def _refuse_version(request: web.Request) -> web.StreamResponse:
     """A request line without a version (HTTP/0.9, which llhttp accepts): no headers could be
-    checked and none answered, so it is refused, in HTTP/1.1, and the connection closed."""
+    checked and none answered, so it is refused, in HTTP/1.1, and the connection closed. So is
+    "HTTP/2.0" in an HTTP/1 request line (llhttp accepts that too): the answer would claim a
+    protocol it does not speak."""
+    message = ("the request line has no HTTP version" if request.version < HttpVersion10
+               else f"HTTP/{request.version.major}.{request.version.minor} in an HTTP/1 "
+                    "request line")
     # The status line echoes the request's version (a reified property: cached already).
     request._version = HttpVersion11
     request._cache.pop("version", None)
-    response = error_response(InvalidRequest("the request line has no HTTP version"))
+    response = error_response(InvalidRequest(message))
     response.force_close()
     return response

@@ -68,7 +68,7 @@ INTERNALS: dict[str, tuple[str, str]] = {
     "web.Request._match_info": (
         "gateway/server.py dispatcher", "set where the router would; request.app reads it"),
     "web.BaseRequest._version/_cache": (
-        "gateway/server.py _refuse_http09", "an HTTP/0.9 request is answered in HTTP/1.1"),
+        "gateway/server.py _refuse_version", "an HTTP/0.9 or 2.0 request line is answered in HTTP/1.1"),
     "client_proto.ResponseHandler": (
         "gateway/pool.py", "the upstream connection protocol: parser, flow control, errors"),
     "ResponseHandler.set_response_params": (

@@ -6,7 +6,7 @@ own server and dispatcher answer malformed requests and ``Expect``) and real ups
   Starlette app on uvicorn and the CGI/WSGI variable mappings see it; configured names that
   collide once folded are configuration errors;
 - header values with bytes that are not UTF-8: refused, never forwarded altered (either way);
-- HTTP/0.9 request lines: 400, connection closed;
+- HTTP/0.9 request lines and HTTP/2.0 in an HTTP/1 request line: 400, connection closed;
 - ``Expect: 100-continue``: "100 Continue" only once authorised; otherwise the refusal
   without it, the body unread and the connection closed at once;
 - WebSocket upgrades with a body: 400; an upstream switching protocols unasked: 502;
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import threading
 import time
@@ -333,8 +334,9 @@ async def test_upstream_header_value_that_is_not_utf8_is_502(running: Running) -
 
 
 @pytest.mark.parametrize("line", [b"GET /public/p\r\n\r\n", b"GET /public/p HTTP/0.9\r\n\r\n",
-                                  b"POST /api/p\r\nContent-Length: 2\r\n\r\nhi"])
-async def test_http09_request_line_is_refused_and_the_connection_closed(
+                                  b"POST /api/p\r\nContent-Length: 2\r\n\r\nhi",
+                                  b"GET /public/p HTTP/2.0\r\nHost: gateway.test\r\n\r\n"])
+async def test_http09_and_http2_request_lines_are_refused_and_the_connection_closed(
         running: Running, upstream: Upstream, line: bytes) -> None:
     gw = await running(upstream.url)
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
@@ -435,6 +437,35 @@ async def test_expect_on_public_and_unknown_routes(running: Running, upstream: U
                                       body=b"ab"))
     await expect_error(resp, 417, "expectation_failed")
     assert upstream.seen == []
+
+
+async def test_expect_on_the_gateways_own_endpoints(running: Running,
+                                                   upstream: Upstream) -> None:
+    gw = await running(upstream.url)
+    # an unknown expectation: refused in the contract's JSON, like any other error
+    for target in ("/auth/session", "/healthz", "/auth/verify"):
+        resp = await gw.raw(build_request("GET", target, [b"Expect: something-else"]))
+        await expect_error(resp, 417, "expectation_failed")
+        assert resp.header("X-Request-ID"), resp.headers
+    # "100-continue": the interim answer, then the endpoint's, and the connection stays open
+    body = json.dumps({"code": f"hostile-{uuid.uuid4().hex[:12]}"}).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    try:
+        writer.write(build_request("POST", "/auth/login", [
+            b"Connection: keep-alive", b"Content-Type: application/json",
+            b"Expect: 100-continue", f"Content-Length: {len(body)}".encode()]))
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(body)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+        assert head.startswith(b"HTTP/1.1 200 ") and b"Connection: close" not in head, head
+        length = int(re.search(rb"Content-Length: (\d+)", head)[1])  # type: ignore[index]
+        assert b'"token"' in await asyncio.wait_for(reader.readexactly(length), WAIT)
+        writer.write(build_request("GET", "/healthz", [b"Connection: close"]))
+        again = await asyncio.wait_for(reader.read(), WAIT)
+        assert again.startswith(b"HTTP/1.1 200 "), again
+    finally:
+        writer.close()
 
 
 # --- 5. WebSocket upgrades with a body; 101 nobody asked for ---------------------------------

@@ -23,7 +23,7 @@ LAYERS: dict[str, int] = {
     # authentication, and the wiring of everything a request needs
     "auth": 5, "services": 6,
     # endpoints and the proxy pipeline
-    "websocket": 7, "userdata": 7, "endpoints": 8, "proxy": 8,
+    "websocket": 7, "userdata": 7, "expectation": 7, "endpoints": 8, "proxy": 8,
     # the application, the server, the command line
     "app": 9, "reload": 10, "server": 10, "supervisor": 11, "__main__": 12, "__init__": 0,
 }

@@ -173,6 +173,13 @@ TABLE: list[tuple[str, str]] = [
     ("/pub/x%EF%BC%BCadmin", "bad"),  # full-width back slash
     ("/pub/admin%00/users", "bad"),
     ("/pub/admin%09/users", "bad"),
+    # a fragment is never part of a request target, and servers that parse the target as a
+    # URL (aiohttp's yarl, Node's url.parse, httptools) cut it off: "/pub/admin#x" runs the
+    # "/pub/admin" handler there, while the literal path matches no route below "/pub/"
+    ("/pub/admin#x", "bad"),
+    ("/pub/admin#/users", "bad"),
+    ("/pub/app2#", "bad"),
+    ("/pub/x?next=#admin", "pub"),  # in the query it cuts only the query
 ]
 
 
@@ -484,3 +491,30 @@ async def test_no_framework_runs_the_admin_handler_without_a_token(
                 # forwarded as sent: the framework resolves it as it did directly
                 assert signed.body == b"admin", (target, signed.status, signed.body)
     assert (await raw_request(gw, "GET", "/pub/x")).body == b"other"
+
+
+async def test_a_fragment_is_refused_before_an_upstream_cuts_it_off(
+        make_gateway: GatewayFactory, aiohttp_server: Any) -> None:
+    """aiohttp (like Node's url.parse and uvicorn's httptools) parses the request target as a
+    URL and drops what follows "#": an exact /pub/admin handler runs for "/pub/admin#x",
+    a path whose literal form only the public routes match."""
+    from aiohttp import web
+
+    async def admin(request: web.Request) -> web.Response:
+        return web.Response(text="admin")
+
+    async def other(request: web.Request) -> web.Response:
+        return web.Response(text="other")
+
+    app = web.Application()
+    app.router.add_get("/pub/admin", admin)
+    app.router.add_get("/{tail:.*}", other)
+    server = await aiohttp_server(app)
+    assert (await direct(server.port, "/pub/admin#x")).body == b"admin"
+    gw = await make_gateway(routes=[
+        {"path": "/", "upstream": f"http://127.0.0.1:{server.port}", "auth": "public"},
+        {"path": "/pub/admin", "upstream": f"http://127.0.0.1:{server.port}",
+         "auth": "required"}])
+    for target in ("/pub/admin#x", "/pub/admin#", "/pub/admin#/../x", "/pub/adm%69n#x"):
+        await expect_error(await raw_request(gw, "GET", target), 400, "invalid_path")
+    assert (await raw_request(gw, "GET", "/pub/x?y=#z")).body == b"other"

@@ -290,6 +290,30 @@ async def test_a_head_begun_on_a_kept_alive_connection_is_timed_from_its_first_b
         assert_408(parse(await asyncio.wait_for(reader.read(), WAIT)))
 
 
+async def test_an_idle_connection_after_a_body_in_its_own_packets_gets_no_408(
+        launch: Launch, config_dict: dict[str, Any], http: aiohttp.ClientSession) -> None:
+    """The bytes that end a body are no request head: the connection then idles under
+    keepalive_timeout and closes silently, never with an unasked 408 that a client sending
+    its next request at that moment would take for that request's answer."""
+    gw, _ = await start(launch, config_dict, http, keepalive_timeout="2s",
+                        client_header_timeout="500ms")
+    for framing, body in (("Content-Length: 5", b"hello"),
+                          ("Transfer-Encoding: chunked", b"5\r\nhello\r\n0\r\n\r\n")):
+        async with connection(gw) as (reader, writer):
+            writer.write(build_request("POST", "/public/x", [b"Connection: keep-alive",
+                                                              framing.encode()]))
+            await writer.drain()
+            await asyncio.sleep(0.1)  # the body in packets of its own, as large uploads come
+            writer.write(body)
+            assert (await read_response(reader)).status == 200
+            started = time.monotonic()
+            assert await asyncio.wait_for(reader.read(), WAIT) == b"", framing
+            assert time.monotonic() - started > 1.5, framing  # keepalive_timeout's, not 0.5 s
+    samples = metric_samples(await (await http.get(f"{gw.url}/metrics")).text())
+    assert value(samples, "wxgw_client_timeouts_total", phase="header") == 0
+    gw.assert_no_internal_failure()
+
+
 async def test_keepalive_timeout_0_closes_after_every_answer(
         launch: Launch, config_dict: dict[str, Any], http: aiohttp.ClientSession) -> None:
     gw, _ = await start(launch, config_dict, http, keepalive_timeout=0)

@@ -409,3 +409,17 @@ def test_no_phase_outlasts_a_whole_exchange_timeout(config_dict: dict[str, Any])
     assert (r.read_timeout, r.connect_timeout, r.timeout) == (2.0, 2.0, 2.0)
     r = route_config(config_dict, read_timeout="10m", connect_timeout="10m").routes[0]
     assert (r.read_timeout, r.connect_timeout) == (600.0, 600.0)  # no timeout: no clamp
+
+
+async def test_a_client_pausing_its_upload_longer_than_the_read_timeout_is_not_504(
+        sse_gw: TestClient) -> None:
+    """Waiting for the client's next body bytes is no silence of the upstream's: that wait is
+    client_body_timeout's to bound, and an upstream reading all it is given is no timeout."""
+    async def paused() -> AsyncIterator[bytes]:
+        yield b"y" * 1000
+        await asyncio.sleep(2 * READ)  # the client thinks; the upstream has read everything
+        yield b"y" * 1000
+
+    resp = await sse_gw.post("/sse/upload", data=paused())
+    assert resp.status == 200, await resp.text()
+    assert await resp.json() == {"bytes": 2000}
