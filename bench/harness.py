@@ -206,7 +206,7 @@ def gateway_config(port: int, redis_url: str, wechat_url: str, upstream_url: str
         ],
     }
     if workers is not None:
-        # Only for gateways that know the key (issue 6, section 3); unknown keys are errors.
+        # Only for gateways that know the key: to others an unknown key is an error.
         data["workers"] = int(workers) if str(workers).isdigit() else workers
     return data
 

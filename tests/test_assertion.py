@@ -1,4 +1,4 @@
-"""Signed identity assertions (issue 8, section 1): ``identity_assertion`` and the JWKS.
+"""Signed identity assertions: ``identity_assertion`` and the JWKS.
 
 What is proved here:
 
@@ -531,7 +531,7 @@ def test_configuration_mistakes_are_named(assertion: Callable[[], Any], top: dic
 
 
 def test_one_bad_key_is_one_problem_line() -> None:
-    """The configuration contract: one ``key.path: message`` line per problem. A key that is
+    """As every configuration error: one ``key.path: message`` line per problem. A key that is
     given but unusable is one problem (under ``keys[i]``), not also "no key at all"."""
     for keys in ([GARBAGE_PEM], [key_for("RS256")], ["/nonexistent/assertion-key.pem"]):
         problems = _problems(_config(assertion_config("ES256", keys=keys)))

@@ -1,4 +1,4 @@
-"""Security hardening and proxy completeness (issue 4): path normalisation, header spoofing in
+"""Security hardening and proxy completeness: path normalisation, header spoofing in
 every spelling, malformed and oversize requests (answered by the real process), trusted
 proxies, Host handling, response headers, timeouts, cancellation and token hygiene."""
 

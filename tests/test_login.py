@@ -1,4 +1,4 @@
-"""POST /auth/login: every row of SPEC.md's login error table, the success body, and the
+"""POST /auth/login: every login row of README's error table, the success body, and the
 call to WeChat's jscode2session as it goes over the wire."""
 
 from __future__ import annotations

@@ -337,7 +337,7 @@ async def test_concurrent_exchanges_take_separate_connections_then_reuse_them(
             fetch(pool, server.origin, target=f"/{round_}/{i}") for i in range(n)))
         assert [r.body.decode().split(" on ")[0] for r in results] == \
             [f"GET /{round_}/{i}" for i in range(n)]
-    assert len(server.conns) == n  # rounds 2 and 3 went over round 1's connections
+    assert len(server.conns) == n  # the 2nd and 3rd batches went over the 1st's connections
     assert sorted(r.conn for r in server.requests[n:]) == sorted(list(range(1, n + 1)) * 2)
 
 

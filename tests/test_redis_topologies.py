@@ -1,4 +1,4 @@
-"""The gateway against Redis beyond one instance (issue 6, §4), with real redis-server processes
+"""The gateway against Redis beyond one instance, with real redis-server processes
 started here (tests/topologies.py): a 3-master Redis Cluster and a Sentinel setup (one master,
 one replica, three sentinels), plus the Redis memory a session costs.
 
@@ -446,7 +446,7 @@ async def test_sentinel_failover_drill(
 
 async def test_memory_per_session(make_gateway: GatewayFactory, cluster: Cluster) -> None:
     """MEMORY USAGE of a session hash with the default key prefix, with and without unionid,
-    on a single Redis and in the cluster (issue 6 target: at most 300 bytes)."""
+    on a single Redis and in the cluster: at most 300 bytes each."""
     usage: dict[str, int] = {}
     with EmbeddedRedis(persist=False) as server:
         gw = await make_gateway(redis={"url": server.url, "key_prefix": "wxgw:"})

@@ -1,5 +1,4 @@
-"""Bodies stream through the real gateway process with bounded memory (SPEC.md, "Proxying";
-issue 4, "Streaming").
+"""Bodies stream through the real gateway process with bounded memory.
 
 A real ``python -m gateway`` process proxies a public route to an in-process upstream that
 never holds a body: downloads are generated 64 KiB at a time, uploads are counted and hashed as

@@ -1,4 +1,4 @@
-"""The upstream helper (issue 8, section 2): ``gateway.upstream`` mounted in real upstream apps.
+"""The upstream helper: ``gateway.upstream`` mounted in real upstream apps.
 
 Real servers only: the gateway (in-process ``create_app`` on a real socket) in front of an
 aiohttp app using ``aiohttp_middleware`` and a Starlette app using ``ASGIMiddleware`` served by
