@@ -46,6 +46,17 @@ async def expect_error(resp: Any, status: int, code: str | None) -> dict[str, An
                              status, code)
 
 
+# --- identity headers, as an upstream could read them ------------------------------------------
+
+IDENTITY_NAMES = ("x-wx-openid", "x-wx-unionid", "x-wx-appid")
+SPOOF = "spoofed-identity-0000"  # what a client forges into them
+
+
+def identity_headers_seen(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Every header an upstream framework could read as an identity header."""
+    return [(k, v) for k, v in headers if k.strip().lower().replace("_", "-") in IDENTITY_NAMES]
+
+
 # --- Prometheus text ---------------------------------------------------------------------------
 
 Samples = dict[str, list[tuple[dict[str, str], float]]]

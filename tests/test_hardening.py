@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from checks import expect_error, unaccepting_port
+from checks import SPOOF, expect_error, identity_headers_seen, unaccepting_port
 from conftest import APPID, GatewayFactory, Upstream, base_config, login
 from process import GatewayProcess, Launch
 from rawhttp import build_request, raw_request
@@ -24,17 +24,7 @@ from gateway import config as config_
 from gateway.embedded import EmbeddedRedis
 from gateway.errors import ConfigError
 
-IDENTITY_NAMES = ("x-wx-openid", "x-wx-unionid", "x-wx-appid")
-SPOOF = "spoofed-identity-0000"
 WAIT = 10.0  # upper bound for any single network wait in this file
-
-
-# --- what the upstream could read ------------------------------------------------------------
-
-
-def identity_headers_seen(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Every header an upstream framework could read as an identity header."""
-    return [(k, v) for k, v in headers if k.strip().lower().replace("_", "-") in IDENTITY_NAMES]
 
 
 # --- a real gateway process (the runner in gateway/server.py is only there) ------------------

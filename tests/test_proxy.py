@@ -15,19 +15,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from checks import expect_error
+from checks import SPOOF, expect_error, identity_headers_seen
 from conftest import APPID, GatewayFactory, Upstream, bearer, closed_port_url, login
 from gateway.embedded import free_port
 from process import Launch
 from rawhttp import build_request, raw_exchange, raw_request
-
-IDENTITY_NAMES = ("x-wx-openid", "x-wx-unionid", "x-wx-appid")
-SPOOF = "spoofed-identity-0000"
-
-
-def identity_headers_seen(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Every header an upstream framework could read as an identity header."""
-    return [(k, v) for k, v in headers if k.lower().replace("_", "-") in IDENTITY_NAMES]
 
 
 # --- auth modes ------------------------------------------------------------------------------

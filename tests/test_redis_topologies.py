@@ -34,35 +34,13 @@ from redis.crc import key_slot
 from redis.exceptions import MovedError
 
 from conftest import APPID, SIGNING_KEY, GatewayFactory, Upstream, bearer, login
-from gateway.cache import SessionCache
 from gateway.embedded import EmbeddedRedis
-from gateway.services import SERVICES
+from test_cache import cache_of, services, wait_live
 from topologies import Cluster, SentinelSetup, wait_for
 
 
 def report(text: str) -> None:
     print(f"TOPOLOGY {text}", flush=True)
-
-
-def services(client: TestClient) -> Any:
-    live = client.app[SERVICES]
-    return getattr(live, "current", live)  # app[SERVICES].current since reloads exist
-
-
-def cache_of(client: TestClient) -> SessionCache:
-    cache = services(client).authenticator.cache
-    assert cache is not None
-    return cache
-
-
-async def wait_live(client: TestClient, within: float = 5.0) -> float:
-    started = time.monotonic()
-    cache = cache_of(client)
-    while not cache.live:
-        if time.monotonic() - started > within:
-            pytest.fail(f"the session cache did not go live within {within}s")
-        await asyncio.sleep(0.005)
-    return time.monotonic() - started
 
 
 def sid_of(client: TestClient, token: str) -> str:

@@ -14,14 +14,12 @@ import pytest
 from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient, TestServer
 
-from checks import expect_error
+from checks import SPOOF, expect_error, identity_headers_seen
 from conftest import APPID, GatewayFactory, bearer, login
 from gateway.embedded import free_port
 from rawhttp import raw_request
 from test_cache import wait_live
 
-IDENTITY_NAMES = ("x-wx-openid", "x-wx-unionid", "x-wx-appid")
-SPOOF = "spoofed-identity-0000"
 WAIT = 5.0  # every wait in this file is bounded by this many seconds
 UPGRADE = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
@@ -120,11 +118,6 @@ async def ws_gw(make_gateway: GatewayFactory, ws_upstream: WsUpstream) -> TestCl
         {"path": "/ws/", "upstream": ws_upstream.url, "auth": "required", "timeout": "3s"},
         {"path": "/pub/", "upstream": ws_upstream.url, "auth": "public", "timeout": "3s"},
     ])
-
-
-def identity_headers_seen(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Every header an upstream framework could read as an identity header."""
-    return [(k, v) for k, v in headers if k.strip().lower().replace("_", "-") in IDENTITY_NAMES]
 
 
 async def receive(ws: aiohttp.ClientWebSocketResponse) -> aiohttp.WSMessage:
