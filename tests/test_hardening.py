@@ -56,15 +56,6 @@ def real_config(redis_server: EmbeddedRedis, wechat: TestServer,
                        f"http://127.0.0.1:{wechat.port}", upstream.url)
 
 
-async def real_login(gw: GatewayProcess) -> dict[str, Any]:
-    async with aiohttp.ClientSession() as http:
-        async with http.post(f"http://127.0.0.1:{gw.port}/auth/login",
-                             json={"code": f"hard-{uuid.uuid4().hex[:12]}"}) as resp:
-            assert resp.status == 200, await resp.text()
-            body: dict[str, Any] = await resp.json()
-            return body
-
-
 # --- path normalisation ----------------------------------------------------------------------
 
 # Each one arrives on a public prefix and, resolved by some server or framework, would land
@@ -207,7 +198,7 @@ ODD_LINES = [b"X-WX-OpenID : " + SPOOF.encode(), b"X-WX-OpenID\t: " + SPOOF.enco
 async def test_real_process_identity_spellings_never_reach_upstream(
         real_gateway: RealGateway, real_config: dict[str, Any], upstream: Upstream) -> None:
     async with real_gateway(real_config) as gw:
-        session = await real_login(gw)
+        session = await gw.login()
         genuine = sorted([("x-wx-openid", session["openid"]), ("x-wx-appid", APPID),
                           ("x-wx-unionid", session["unionid"])])
         token_line = f"Authorization: Bearer {session['token']}".encode()
