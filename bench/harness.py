@@ -35,7 +35,7 @@ for _p in (str(ROOT), str(BENCH)):
         sys.path.insert(0, _p)
 
 from gateway.embedded import free_port  # noqa: E402
-from stream import children_of, run_loop, serve, wait_port  # noqa: E402
+from stream import children_of, run_loop, serve, stop_all, wait_port  # noqa: E402
 
 __all__ = ["APPID", "SECRET", "SIGNING_KEY", "Stack", "children_of", "free_port",
            "gateway_config", "install_tools", "login", "run_loop", "run_main", "stop_on_sigterm",
@@ -276,15 +276,7 @@ class Stack:
                           port, cwd=ROOT, env=env)
 
     def close(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in reversed(self.procs):
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_all(self.procs)
         self.procs.clear()
         if self.redis is not None:
             self.redis.close()

@@ -75,6 +75,19 @@ def wait_port(port: int, proc: subprocess.Popen[Any], what: str, within: float =
     raise RuntimeError(f"{what} did not listen on 127.0.0.1:{port} within {within}s")
 
 
+def stop_all(procs: list[subprocess.Popen[Any]]) -> None:
+    """SIGTERM, last started first; SIGKILL what has not exited 10 s later."""
+    for proc in reversed(procs):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in reversed(procs):
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def run_loop(main: Any) -> Any:
     try:
         import uvloop
@@ -435,15 +448,7 @@ def main() -> int:
         run_peak_mb = max([status_kib(gateway.pid, "VmHWM") * 1024 / 1e6,
                            *(r.peak_mb or 0 for r in results if r.proxy == "gateway")])
     finally:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in reversed(procs):
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_all(procs)
         redis.close()
         tmp.cleanup()
 
