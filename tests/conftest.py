@@ -83,18 +83,24 @@ class Seen:
 
 
 @dataclass
-class Upstream:
-    """A fake backend that records what reached it. Paths it treats specially:
-    ``/slow/<ms>`` waits, ``/status/<code>`` answers that status, ``/cookies`` sets two
-    cookies, ``/bytes/<n>`` streams n bytes. Anything else: 200 ``{"ok": true}``."""
+class Served:
+    """Something an aiohttp TestServer (``server``) serves, at ``url``."""
 
     server: TestServer | None = None
-    seen: list[Seen] = field(default_factory=list)
 
     @property
     def url(self) -> str:
         assert self.server is not None
         return f"http://127.0.0.1:{self.server.port}"
+
+
+@dataclass
+class Upstream(Served):
+    """A fake backend that records what reached it. Paths it treats specially:
+    ``/slow/<ms>`` waits, ``/status/<code>`` answers that status, ``/cookies`` sets two
+    cookies, ``/bytes/<n>`` streams n bytes. Anything else: 200 ``{"ok": true}``."""
+
+    seen: list[Seen] = field(default_factory=list)
 
     @property
     def last(self) -> Seen:

@@ -43,7 +43,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from conftest import (APPID, GatewayFactory, Upstream, base_config, bearer, login)
+from conftest import (APPID, GatewayFactory, Served, Upstream, base_config, bearer, login)
 from gateway import config as config_
 from gateway.embedded import EmbeddedRedis
 from gateway.errors import ConfigError
@@ -663,14 +663,8 @@ async def test_sighup_dropped_key_stays_published_for_ttl_then_goes(
 
 
 @dataclass
-class WsUpstream:
-    server: TestServer | None = None
+class WsUpstream(Served):
     handshakes: list[list[tuple[str, str]]] = field(default_factory=list)
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.port}"
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.handshakes.append([(k.decode("latin-1"), v.decode("latin-1"))

@@ -18,8 +18,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from checks import expect_error
-from conftest import (APPID, APPID2, SECRET, SECRET2, TWO_APPS, GatewayFactory, bearer, claims_of,
-                      closed_port_url, fresh, login)
+from conftest import (APPID, APPID2, SECRET, SECRET2, TWO_APPS, GatewayFactory, Served, bearer,
+                      claims_of, closed_port_url, fresh, login)
 from gateway import simulator
 from gateway.embedded import free_port
 
@@ -30,16 +30,10 @@ Reply = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @dataclass
-class ScriptedWeChat:
-    server: TestServer | None = None
+class ScriptedWeChat(Served):
     queries: list[dict[str, list[str]]] = field(default_factory=list)
     raw_queries: list[str] = field(default_factory=list)
     reply: Reply | None = None
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.port}"
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         assert request.path == "/sns/jscode2session", request.path

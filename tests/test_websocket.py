@@ -12,10 +12,10 @@ from typing import Any, Awaitable, Callable
 import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from checks import SPOOF, expect_error, identity_headers_seen
-from conftest import APPID, GatewayFactory, bearer, login
+from conftest import APPID, GatewayFactory, Served, bearer, login
 from gateway.embedded import free_port
 from rawhttp import raw_request
 from test_cache import wait_live
@@ -35,7 +35,7 @@ class Handshake:
 
 
 @dataclass
-class WsUpstream:
+class WsUpstream(Served):
     """A WebSocket backend that records handshakes and every frame it receives.
 
     ``/<anything>/echo``: echoes text (prefixed ``echo:``) and binary; answers pings itself
@@ -43,14 +43,8 @@ class WsUpstream:
     echoes. ``/<anything>/close``: closes with 4002 straight away. ``/<anything>/refuse``:
     answers 403 with ``X-Why`` instead of upgrading."""
 
-    server: TestServer | None = None
     handshakes: list[Handshake] = field(default_factory=list)
     events: asyncio.Queue[tuple[str, Any, Any]] = field(default_factory=asyncio.Queue)
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.port}"
 
     async def next_event(self, kind: str) -> tuple[Any, Any]:
         """The next recorded frame of this kind (others before it are skipped)."""
