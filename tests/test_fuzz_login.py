@@ -357,10 +357,10 @@ async def test_login_survives_arbitrary_input_and_keeps_redis_consistent(
 
 
 async def test_deeply_nested_json_is_invalid_request_not_500(gw: TestClient) -> None:
-    """The fuzzer's first find, pinned: a small (< 16 KiB) but deeply nested JSON document makes
-    ``json.loads`` raise RecursionError, which is not a ValueError (``_json_object`` must catch
-    it too). README's error table: a body that is not a JSON object, or has no valid ``code``,
-    is 400 ``invalid_request`` - never 500."""
+    """A small (< 16 KiB) but deeply nested JSON document makes ``json.loads`` raise
+    RecursionError, which is not a ValueError (``_json_object`` must catch it too). README's
+    error table: a body that is not a JSON object, or has no valid ``code``, is 400
+    ``invalid_request`` - never 500."""
     for kind, depth in (("array", 2_000), ("array", 8_000), ("appid", 5_000),
                         ("object", 1_800)):
         body = _nest(depth, kind)

@@ -429,8 +429,9 @@ async def test_unsolicited_answer_on_an_idle_connection_is_not_taken_for_the_nex
     # close for idleness (Go's client ignores such a 408 on an idle connection, golang/go#32310).
     # If the pool takes the connection between the 408's bytes and the close, or if the upstream
     # does not close at all, the 408 must still not become the next request's answer. (With
-    # close=False, checking only is_connected() and age in _take() gave /b the 408 and /c the
-    # answer meant for /b: every later exchange on the connection one response behind.)
+    # close=False, a pool checking only is_connected() and age in _take() would give /b the 408
+    # and /c the answer meant for /b: every later exchange on the connection one response
+    # behind.)
     sent = asyncio.Event()
 
     async def script(conn: Conn) -> None:
