@@ -10,8 +10,8 @@
 * nginx configurations (a fixed-body upstream, a plain keepalive reverse proxy), the
   gateway's benchmark configuration, ``apt-get install`` of missing tools, logins.
 
-The small process helpers (``free_port``, ``wait_port``, ``run_loop``, ``children_of``) are
-bench/stream.py's.
+The small process helpers (``wait_port``, ``run_loop``, ``children_of``) are bench/stream.py's;
+``free_port`` is ``gateway.testing.embedded``'s.
 """
 
 from __future__ import annotations
@@ -34,10 +34,11 @@ for _p in (str(ROOT), str(BENCH)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from stream import children_of, free_port, run_loop, wait_port  # noqa: E402
+from gateway.testing.embedded import free_port  # noqa: E402
+from stream import children_of, run_loop, serve, stop_all, wait_port  # noqa: E402
 
 __all__ = ["APPID", "SECRET", "SIGNING_KEY", "Stack", "children_of", "free_port",
-           "gateway_config", "install_tools", "login", "run_loop", "stop_on_sigterm",
+           "gateway_config", "install_tools", "login", "run_loop", "run_main", "stop_on_sigterm",
            "tool_version", "tree_cpu_seconds", "wait_port", "workers_arg"]
 
 APPID = "wx1234567890abcdef"
@@ -49,36 +50,22 @@ SIGNING_KEY = "bench-signing-key-0123456789-abcdefghijkl"
 
 
 def serve_helpers(simulator_port: int, upstream_port: int | None) -> None:
-    import asyncio
-
     from aiohttp import web
 
-    from gateway import simulator
+    from gateway.testing import simulator
 
     async def ok(request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
-    async def main() -> None:
-        apps = [(simulator.create_app({APPID: SECRET}), simulator_port)]
+    def apps() -> list[tuple[web.Application, int]]:
+        made = [(simulator.create_app({APPID: SECRET}), simulator_port)]
         if upstream_port is not None:
             upstream = web.Application()
             upstream.router.add_route("*", "/{tail:.*}", ok)
-            apps.append((upstream, upstream_port))
-        runners = []
-        for app, port in apps:
-            runner = web.AppRunner(app, access_log=None)
-            await runner.setup()
-            await web.TCPSite(runner, "127.0.0.1", port).start()
-            runners.append(runner)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        for runner in runners:
-            await runner.cleanup()
+            made.append((upstream, upstream_port))
+        return made
 
-    run_loop(main())
+    serve(apps)
 
 
 # --- tools ---------------------------------------------------------------------------------------
@@ -206,7 +193,7 @@ def gateway_config(port: int, redis_url: str, wechat_url: str, upstream_url: str
         ],
     }
     if workers is not None:
-        # Only for gateways that know the key (issue 6, section 3); unknown keys are errors.
+        # Only for gateways that know the key: to others an unknown key is an error.
         data["workers"] = int(workers) if str(workers).isdigit() else workers
     return data
 
@@ -289,15 +276,7 @@ class Stack:
                           port, cwd=ROOT, env=env)
 
     def close(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in reversed(self.procs):
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_all(self.procs)
         self.procs.clear()
         if self.redis is not None:
             self.redis.close()
@@ -328,6 +307,15 @@ def stop_on_sigterm() -> None:
     def handler(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, handler)
+
+
+def run_main(main: Callable[[], int]) -> None:
+    """Exit with ``main()``'s status; on Ctrl+C (the stack's ``finally`` has run) say so, 130."""
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted; every process started has been stopped", file=sys.stderr)
+        sys.exit(130)
 
 
 # --- clients -------------------------------------------------------------------------------------

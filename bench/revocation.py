@@ -32,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import (Stack, free_port, gateway_config, run_loop,  # noqa: E402
+from harness import (Stack, free_port, gateway_config, run_loop, run_main,  # noqa: E402
                      stop_on_sigterm, workers_arg)
 
 
@@ -175,8 +175,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted; every process started has been stopped", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)

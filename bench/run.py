@@ -43,8 +43,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import (APPID, ROOT, SECRET, Stack, free_port, gateway_config,  # noqa: E402
-                     install_tools, login, stop_on_sigterm, tool_version, tree_cpu_seconds,
-                     workers_arg)
+                     install_tools, login, run_main, stop_on_sigterm, tool_version,
+                     tree_cpu_seconds, workers_arg)
 from harness import nginx_proxy_conf, nginx_upstream_conf  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -384,8 +384,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted; every process started has been stopped", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)

@@ -42,11 +42,15 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+for _p in (str(ROOT), str(ROOT / "tests")):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
-CHUNK = 64 * 1024
+# The bodies and the upstream are the streaming test's (tests/bodies.py).
+from bodies import BLOCK, CHUNK, chunk_at, chunks, expected_sha256, stream_app  # noqa: E402
+from gateway.testing.embedded import free_port  # noqa: E402
+
 SIGNING_KEY = "bench-signing-key-0123456789-abcdefghijkl"
-_BLOCK = hashlib.shake_256(b"wx-gateway stream bench").digest(CHUNK)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
           "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
 
@@ -56,20 +60,6 @@ def parse_size(text: str) -> int:
     if not match or match.group(2).lower() not in _UNITS:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 1GiB, 256MiB, 500MB)")
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
-
-
-def chunk_sizes(n: int) -> list[int]:
-    return [CHUNK] * (n // CHUNK) + ([n % CHUNK] if n % CHUNK else [])
-
-
-def chunk_at(i: int, size: int) -> bytes:
-    return (i.to_bytes(8, "big") + _BLOCK[8:])[:size]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_port(port: int, proc: subprocess.Popen[Any], what: str, within: float = 15) -> None:
@@ -85,6 +75,19 @@ def wait_port(port: int, proc: subprocess.Popen[Any], what: str, within: float =
     raise RuntimeError(f"{what} did not listen on 127.0.0.1:{port} within {within}s")
 
 
+def stop_all(procs: list[subprocess.Popen[Any]]) -> None:
+    """SIGTERM, last started first; SIGKILL what has not exited 10 s later."""
+    for proc in reversed(procs):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in reversed(procs):
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def run_loop(main: Any) -> Any:
     try:
         import uvloop
@@ -96,48 +99,31 @@ def run_loop(main: Any) -> Any:
 # --- the upstream (runs in its own process: `stream.py upstream --port N`) -------------------
 
 
-def serve_upstream(port: int) -> None:
+def serve(apps: Callable[[], list[tuple[Any, int]]]) -> None:
+    """Serve the aiohttp applications ``apps()`` makes, each on its loopback port, until
+    SIGTERM or SIGINT."""
     from aiohttp import web
 
-    async def download(request: web.Request) -> web.StreamResponse:
-        n = int(request.match_info["n"])
-        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
-        if request.match_info["mode"] == "/chunked":
-            response.enable_chunked_encoding()
-        else:
-            response.content_length = n
-        await response.prepare(request)
-        for i, size in enumerate(chunk_sizes(n)):
-            await response.write(chunk_at(i, size))
-        await response.write_eof()
-        return response
-
-    async def upload(request: web.Request) -> web.Response:
-        digest = hashlib.sha256() if request.query.get("verify") else None
-        count = 0
-        async for chunk in request.content.iter_chunked(CHUNK):
-            count += len(chunk)
-            if digest is not None:
-                digest.update(chunk)
-        return web.json_response({"bytes": count,
-                                  "sha256": digest.hexdigest() if digest else None})
-
-    app = web.Application()
-    app.router.add_get(r"/public/download/{n:\d+}{mode:(/chunked)?}", download)
-    app.router.add_post("/public/upload", upload)
-
     async def main() -> None:
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runners = []
+        for app, port in apps():
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", port).start()
+            runners.append(runner)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        await runner.cleanup()
+        for runner in runners:
+            await runner.cleanup()
 
     run_loop(main())
+
+
+def serve_upstream(port: int) -> None:
+    serve(lambda: [(stream_app(), port)])
 
 
 # --- processes under test ---------------------------------------------------------------------
@@ -270,8 +256,8 @@ class Result:
 
 
 async def body(n: int, verify: bool) -> AsyncIterator[bytes]:
-    block = _BLOCK
-    for i, size in enumerate(chunk_sizes(n)):
+    block = BLOCK
+    for i, size in enumerate(chunks(n)):
         yield chunk_at(i, size) if verify else (block if size == CHUNK else block[:size])
 
 
@@ -313,12 +299,7 @@ async def measure(proxies: list[Proxy], n: int, verify: bool, timeout: float,
                   repeat: int) -> list[Result]:
     import aiohttp
 
-    expected = None
-    if verify:
-        d = hashlib.sha256()
-        for i, size in enumerate(chunk_sizes(n)):
-            d.update(chunk_at(i, size))
-        expected = d.hexdigest()
+    expected = expected_sha256(n) if verify else None
     results = []
     client_timeout = aiohttp.ClientTimeout(total=timeout, sock_read=60)
     cases = [("upload", "Content-Length"), ("upload", "chunked"),
@@ -467,15 +448,7 @@ def main() -> int:
         run_peak_mb = max([status_kib(gateway.pid, "VmHWM") * 1024 / 1e6,
                            *(r.peak_mb or 0 for r in results if r.proxy == "gateway")])
     finally:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in reversed(procs):
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_all(procs)
         redis.close()
         tmp.cleanup()
 

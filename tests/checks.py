@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway import logs
 from rawhttp import RawResponse
 
-# --- the error contract (README: every error is JSON {"error": code, "message": text}) --------
+# --- the error shape (README: every error is JSON {"error": code, "message": text}) --------
 
 JSON_UTF8 = "application/json;charset=utf-8"
 
@@ -44,6 +44,17 @@ async def expect_error(resp: Any, status: int, code: str | None) -> dict[str, An
                                  status, code)
     return assert_json_error(resp.status, resp.headers["Content-Type"], await resp.read(),
                              status, code)
+
+
+# --- identity headers, as an upstream could read them ------------------------------------------
+
+IDENTITY_NAMES = ("x-wx-openid", "x-wx-unionid", "x-wx-appid")
+SPOOF = "spoofed-identity-0000"  # what a client forges into them
+
+
+def identity_headers_seen(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Every header an upstream framework could read as an identity header."""
+    return [(k, v) for k, v in headers if k.strip().lower().replace("_", "-") in IDENTITY_NAMES]
 
 
 # --- Prometheus text ---------------------------------------------------------------------------

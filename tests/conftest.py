@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +15,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
 import jwt
 import pytest
 import redis.asyncio as aioredis
+import uvicorn
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -80,18 +83,24 @@ class Seen:
 
 
 @dataclass
-class Upstream:
-    """A fake backend that records what reached it. Paths it treats specially:
-    ``/slow/<ms>`` waits, ``/status/<code>`` answers that status, ``/cookies`` sets two
-    cookies, ``/bytes/<n>`` streams n bytes. Anything else: 200 ``{"ok": true}``."""
+class Served:
+    """Something an aiohttp TestServer (``server``) serves, at ``url``."""
 
     server: TestServer | None = None
-    seen: list[Seen] = field(default_factory=list)
 
     @property
     def url(self) -> str:
         assert self.server is not None
         return f"http://127.0.0.1:{self.server.port}"
+
+
+@dataclass
+class Upstream(Served):
+    """A fake backend that records what reached it. Paths it treats specially:
+    ``/slow/<ms>`` waits, ``/status/<code>`` answers that status, ``/cookies`` sets two
+    cookies, ``/bytes/<n>`` streams n bytes. Anything else: 200 ``{"ok": true}``."""
+
+    seen: list[Seen] = field(default_factory=list)
 
     @property
     def last(self) -> Seen:
@@ -193,6 +202,25 @@ def launch(launcher: Launcher) -> Launch:
     """``await launch(config_dict, **options)`` → a running ``python -m gateway`` (not yet
     healthy); see ``Launcher.start``."""
     return launcher.start
+
+
+@contextlib.asynccontextmanager
+async def uvicorn_serving(app: Any, port: int, **options: Any) -> AsyncIterator[None]:
+    """The ASGI ``app`` on uvicorn at 127.0.0.1:``port``, quiet, until the block ends; the
+    test fails if it has not started within 10 s."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None,
+                                           log_level="warning", access_log=False, **options))
+    task = asyncio.create_task(server.serve())
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if task.done() or time.monotonic() > deadline:
+            pytest.fail(f"uvicorn did not start: {task}")
+        await asyncio.sleep(0.01)
+    try:
+        yield
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
 
 
 async def login(client: TestClient, code: str | None = None, **extra: Any) -> dict[str, Any]:

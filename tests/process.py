@@ -175,6 +175,15 @@ class GatewayProcess(ChildProcess):
             await asyncio.sleep(0.05)
         pytest.fail(f"gateway not healthy within {within}s:\n{self.output()}")
 
+    async def login(self) -> dict[str, Any]:
+        """Log in with a fresh (single-use) code; the 200 body."""
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{self.url}/auth/login",
+                                 json={"code": f"user-{uuid.uuid4().hex[:12]}"}) as resp:
+                assert resp.status == 200, await resp.text()
+                body: dict[str, Any] = await resp.json()
+                return body
+
     def mark(self) -> int:
         """How many stderr lines there are so far (for ``wait_for_line(after=...)``)."""
         return len(self.stderr().splitlines())

@@ -1,4 +1,4 @@
-"""Signed identity assertions (issue 8, section 1): ``identity_assertion`` and the JWKS.
+"""Signed identity assertions: ``identity_assertion`` and the JWKS.
 
 What is proved here:
 
@@ -43,7 +43,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from conftest import (APPID, GatewayFactory, Upstream, base_config, bearer, login)
+from conftest import (APPID, GatewayFactory, Served, Upstream, base_config, bearer, login)
 from gateway import loader
 from gateway.testing.embedded import EmbeddedRedis
 from gateway.errors import ConfigError
@@ -531,7 +531,7 @@ def test_configuration_mistakes_are_named(assertion: Callable[[], Any], top: dic
 
 
 def test_one_bad_key_is_one_problem_line() -> None:
-    """The configuration contract: one ``key.path: message`` line per problem. A key that is
+    """As every configuration error: one ``key.path: message`` line per problem. A key that is
     given but unusable is one problem (under ``keys[i]``), not also "no key at all"."""
     for keys in ([GARBAGE_PEM], [key_for("RS256")], ["/nonexistent/assertion-key.pem"]):
         problems = _problems(_config(assertion_config("ES256", keys=keys)))
@@ -663,14 +663,8 @@ async def test_sighup_dropped_key_stays_published_for_ttl_then_goes(
 
 
 @dataclass
-class WsUpstream:
-    server: TestServer | None = None
+class WsUpstream(Served):
     handshakes: list[list[tuple[str, str]]] = field(default_factory=list)
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.port}"
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.handshakes.append([(k.decode("latin-1"), v.decode("latin-1"))

@@ -1,4 +1,4 @@
-"""The in-process session cache (gateway/cache.py) and its pub/sub invalidation (issue 6, §2).
+"""The in-process session cache (gateway/cache.py) and its pub/sub invalidation.
 
 What is proved here, with in-process gateways against real redis-servers:
 

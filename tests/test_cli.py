@@ -1,4 +1,4 @@
-"""The command line and the real process (SPEC.md, "Running it"): ``--check``, where the
+"""The command line and the real process: ``--check``, where the
 configuration comes from, refusing to start on a bad file, serving, and graceful shutdown."""
 
 from __future__ import annotations

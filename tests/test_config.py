@@ -1,4 +1,4 @@
-"""The YAML configuration contract (SPEC.md, "Configuration"): defaults, ${VAR} substitution,
+"""The YAML configuration as README's configuration table has it: defaults, ${VAR} substitution,
 durations, strict keys and one ``key.path: message`` line per problem, all reported at once."""
 
 from __future__ import annotations
@@ -839,6 +839,78 @@ def test_repo_config_yaml_rejects_a_short_signing_key() -> None:
         loader.load(REPO_CONFIG, environ={"GATEWAY_SIGNING_KEY": "short", "WX_APP_SECRET": "s"})
     (line,) = info.value.problems
     assert line.startswith("session.signing_keys[0]: ")
+
+
+# --- values a hostile or careless file could carry ----------------------------------------
+
+
+@pytest.mark.parametrize("key,value", [
+    ("ttl", float("inf")), ("ttl", float("nan")), ("ttl", "400d")])
+def test_infinite_nan_and_huge_durations_are_rejected(
+        config_dict: dict[str, Any], key: str, value: Any) -> None:
+    data = copy.deepcopy(config_dict)
+    data["session"][key] = value
+    assert any(p.startswith(f"session.{key}: ") for p in problems(data))
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:99999/0", "redis://[::1/0",
+                                 "redis://h/0?socket_timeout=abc"])
+def test_unusable_redis_urls_are_config_errors(config_dict: dict[str, Any], url: str) -> None:
+    data = copy.deepcopy(config_dict)
+    data["redis"]["url"] = url
+    assert [p for p in problems(data) if p.startswith("redis.url: ")]
+
+
+def test_tls_redis_url_with_sentinels_is_refused(config_dict: dict[str, Any]) -> None:
+    data = copy.deepcopy(config_dict)
+    data["redis"] = {"url": "rediss://:secret@h/0", "sentinels": ["127.0.0.1:26379"]}
+    assert [p for p in problems(data) if p.startswith("redis.url: ")]
+
+
+@pytest.mark.parametrize("target", ["http://h:9000/a b", "http://h:9000/base%2f..",
+                                    "http://h:9000/a/../b", "http://h:9000/é", "http://h:9000/a//b"])
+def test_upstream_base_paths_must_be_plain(config_dict: dict[str, Any], target: str) -> None:
+    data = copy.deepcopy(config_dict)
+    data["routes"] = [{"path": "/x", "upstream": target}]
+    assert [p for p in problems(data) if p.startswith("routes[0].upstream: ")]
+
+
+def test_credentials_in_a_rejected_url_are_not_echoed(config_dict: dict[str, Any]) -> None:
+    data = copy.deepcopy(config_dict)
+    data["routes"] = [{"path": "/x", "upstream": "ftp://user:hunter2@h"}]
+    assert not any("hunter2" in p for p in problems(data))
+
+
+@pytest.mark.parametrize("name", ["X-Forwarded-For", "X-Request-ID", "Upgrade", "TE",
+                                  "Sec-WebSocket-Key", "Content-Type", "Via"])
+def test_identity_header_names_cannot_be_reserved_headers(
+        config_dict: dict[str, Any], name: str) -> None:
+    data = copy.deepcopy(config_dict)
+    data["identity_headers"] = {"openid": name}
+    assert [p for p in problems(data) if p.startswith("identity_headers.openid: ")]
+
+
+def test_header_names_differing_only_by_underscore_are_duplicates(
+        config_dict: dict[str, Any]) -> None:
+    data = copy.deepcopy(config_dict)
+    data["identity_headers"] = {"openid": "X_WX_AppID"}  # the appid header keeps X-WX-AppID
+    assert [p for p in problems(data) if p.startswith("identity_headers.appid: ")]
+    data = copy.deepcopy(config_dict)
+    data["identity_assertion"] = {"header": "X_WX_OpenID"}
+    assert [p for p in problems(data) if p.startswith("identity_assertion.header: ")]
+
+
+def test_duplicate_yaml_keys_and_non_utf8_files_are_one_line_each(tmp_path: Any) -> None:
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("listen: '127.0.0.1:1'\nlisten: '127.0.0.1:2'\n")
+    with pytest.raises(ConfigError) as info:
+        loader.load(dup)
+    assert len(info.value.problems) == 1 and "duplicate key 'listen'" in info.value.problems[0]
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ConfigError) as info:
+        loader.load(binary)
+    assert len(info.value.problems) == 1 and "UTF-8" in info.value.problems[0]
 
 
 # --- the documentation's key table ---------------------------------------------------------

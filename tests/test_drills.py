@@ -1,4 +1,4 @@
-"""Fault-tolerance drills (issue 4, "Fault tolerance"): each one runs the real gateway process
+"""Fault-tolerance drills: each one runs the real gateway process
 (``python -m gateway``) against a real redis-server and breaks something on purpose.
 
 1. Redis stopped under load: fail closed (503, nothing forwarded), public keeps serving,
@@ -94,7 +94,7 @@ async def fetch(http: aiohttp.ClientSession, method: str, url: str, *, timeout: 
 
 
 def assert_error(reply: Reply, status: int, code: str) -> None:
-    """The contract's error shape (checks.py): that status, JSON ``{"error": code, ...}``."""
+    """The gateway's error shape (checks.py): that status, JSON ``{"error": code, ...}``."""
     assert reply.status == status, reply
     assert reply.headers is not None, reply
     assert_json_error(reply.status, reply.headers.get("Content-Type", ""), reply.body, status,

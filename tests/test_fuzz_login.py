@@ -1,4 +1,4 @@
-"""Property-based fuzzing of POST /auth/login (issue 4, "Login input fuzzing").
+"""Property-based fuzzing of POST /auth/login.
 
 Hypothesis draws arbitrary bodies (random bytes, any JSON value, objects whose ``code`` and
 ``appid`` are of any JSON type, huge and deeply nested documents, unicode, several text
@@ -7,8 +7,8 @@ an in-process gateway whose WeChat is the simulator (single-use codes) and whose
 
 The property, for every request:
 
-* the status is one of SPEC.md's login statuses (200/400/401/403/413/429/502/503/504), never
-  500, and an error carries the SPEC's ``error`` code for that status in exactly the
+* the status is one of the login statuses in README (200/400/401/403/413/429/502/503/504),
+  never 500, and an error carries README's ``error`` code for that status in exactly the
   ``{"error", "message"}`` shape, as ``application/json``;
 * where the outcome follows from the input alone, it is that outcome: a body over 16 KiB is
   413, a body that is not a JSON object or has a bad ``code`` is 400 ``invalid_request``, a bad
@@ -52,7 +52,7 @@ MAX_CODE = 128
 SESSION_FIELDS = {f.encode() for f in (S.OPENID, S.UNIONID, S.APPID, S.CREATED_AT,
                                        S.EXPIRES_AT, S.SESSION_KEY)}
 
-# SPEC.md, login error table: status -> the error codes allowed with it.
+# The login error table in README: status -> the error codes allowed with it.
 ERRORS: dict[int, set[str]] = {
     400: {"invalid_request", "unknown_app"},
     401: {"invalid_code"},
@@ -196,8 +196,8 @@ requests = st.builds(Request, bodies, content_types, st.booleans())
 def expected(body: bytes) -> tuple[set[int], set[str] | None, str | None]:
     """(allowed statuses, allowed error codes or None for "per status", the code logged in).
 
-    Mirrors what SPEC.md fixes from the input alone, decoding with ``json.loads`` on the bytes
-    (any Content-Type: SPEC.md says nothing restricts it, and wx.request's defaults vary)."""
+    Mirrors what README's error table fixes from the input alone, decoding with ``json.loads``
+    on the bytes (any Content-Type: nothing restricts it, and wx.request's defaults vary)."""
     if len(body) > MAX_BODY:
         return {413}, {"payload_too_large"}, None
     try:
@@ -357,10 +357,10 @@ async def test_login_survives_arbitrary_input_and_keeps_redis_consistent(
 
 
 async def test_deeply_nested_json_is_invalid_request_not_500(gw: TestClient) -> None:
-    """The fuzzer's first find, pinned: a small (< 16 KiB) but deeply nested JSON document makes
-    ``json.loads`` raise RecursionError, which is not a ValueError (it was answered 500 until
-    ``_json_object`` caught it). SPEC.md: a body that is not a JSON object, or has no valid
-    ``code``, is 400 ``invalid_request`` - never 500."""
+    """A small (< 16 KiB) but deeply nested JSON document makes ``json.loads`` raise
+    RecursionError, which is not a ValueError (``_json_object`` must catch it too). README's
+    error table: a body that is not a JSON object, or has no valid ``code``, is 400
+    ``invalid_request`` - never 500."""
     for kind, depth in (("array", 2_000), ("array", 8_000), ("appid", 5_000),
                         ("object", 1_800)):
         body = _nest(depth, kind)

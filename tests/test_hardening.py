@@ -1,4 +1,4 @@
-"""Security hardening and proxy completeness (issue 4): path normalisation, header spoofing in
+"""Security hardening and proxy completeness: path normalisation, header spoofing in
 every spelling, malformed and oversize requests (answered by the real process), trusted
 proxies, Host handling, response headers, timeouts, cancellation and token hygiene."""
 
@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from checks import expect_error, unaccepting_port
+from checks import SPOOF, expect_error, identity_headers_seen, unaccepting_port
 from conftest import APPID, GatewayFactory, Upstream, base_config, login
 from process import GatewayProcess, Launch
 from rawhttp import build_request, raw_request
@@ -24,17 +24,7 @@ from gateway import loader
 from gateway.testing.embedded import EmbeddedRedis
 from gateway.errors import ConfigError
 
-IDENTITY_NAMES = ("x-wx-openid", "x-wx-unionid", "x-wx-appid")
-SPOOF = "spoofed-identity-0000"
 WAIT = 10.0  # upper bound for any single network wait in this file
-
-
-# --- what the upstream could read ------------------------------------------------------------
-
-
-def identity_headers_seen(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Every header an upstream framework could read as an identity header."""
-    return [(k, v) for k, v in headers if k.strip().lower().replace("_", "-") in IDENTITY_NAMES]
 
 
 # --- a real gateway process (the runner in gateway/server.py is only there) ------------------
@@ -64,15 +54,6 @@ def real_config(redis_server: EmbeddedRedis, wechat: TestServer,
                 upstream: Upstream) -> dict[str, Any]:
     return base_config(redis_server.url, f"wxgw-hard-{uuid.uuid4().hex[:8]}:",
                        f"http://127.0.0.1:{wechat.port}", upstream.url)
-
-
-async def real_login(gw: GatewayProcess) -> dict[str, Any]:
-    async with aiohttp.ClientSession() as http:
-        async with http.post(f"http://127.0.0.1:{gw.port}/auth/login",
-                             json={"code": f"hard-{uuid.uuid4().hex[:12]}"}) as resp:
-            assert resp.status == 200, await resp.text()
-            body: dict[str, Any] = await resp.json()
-            return body
 
 
 # --- path normalisation ----------------------------------------------------------------------
@@ -217,7 +198,7 @@ ODD_LINES = [b"X-WX-OpenID : " + SPOOF.encode(), b"X-WX-OpenID\t: " + SPOOF.enco
 async def test_real_process_identity_spellings_never_reach_upstream(
         real_gateway: RealGateway, real_config: dict[str, Any], upstream: Upstream) -> None:
     async with real_gateway(real_config) as gw:
-        session = await real_login(gw)
+        session = await gw.login()
         genuine = sorted([("x-wx-openid", session["openid"]), ("x-wx-appid", APPID),
                           ("x-wx-unionid", session["unionid"])])
         token_line = f"Authorization: Bearer {session['token']}".encode()

@@ -28,16 +28,14 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import aiohttp
 import pytest
-import uvicorn
-from aiohttp import web
 from aiohttp.test_utils import TestServer
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from checks import assert_json_error, expect_error
-from conftest import APPID, Upstream, base_config
+from checks import SPOOF, assert_json_error, expect_error
+from conftest import APPID, Upstream, base_config, uvicorn_serving
 from gateway import loader
 from gateway.headers import spelling
 from gateway.testing.embedded import EmbeddedRedis, free_port
@@ -46,7 +44,6 @@ from process import GatewayProcess, Launch
 from rawhttp import build_request
 
 WAIT = 10.0  # upper bound for any single network wait in this file
-SPOOF = "spoofed-identity-0000"
 # Each is read as X-WX-OpenID (or X-WX-UnionID, X-WX-AppID) by some stack: CGI/WSGI
 # (PEP 3333) variables, Apache's environment (any non-alphanumeric character → "_"),
 # frameworks that accept a name already carrying the HTTP_ prefix, case-insensitive lookups.
@@ -143,15 +140,6 @@ async def running(launch: Launch, redis_server: EmbeddedRedis,
         gw.assert_no_internal_failure()
 
 
-async def login(gw: GatewayProcess) -> dict[str, Any]:
-    async with aiohttp.ClientSession() as http:
-        async with http.post(f"{gw.url}/auth/login",
-                             json={"code": f"hostile-{uuid.uuid4().hex[:12]}"}) as resp:
-            assert resp.status == 200, await resp.text()
-            body: dict[str, Any] = await resp.json()
-            return body
-
-
 def token_line(session: dict[str, Any]) -> bytes:
     return f"Authorization: Bearer {session['token']}".encode()
 
@@ -162,7 +150,7 @@ def token_line(session: dict[str, Any]) -> bytes:
 async def test_loose_identity_spellings_never_reach_an_aiohttp_upstream(
         running: Running, upstream: Upstream) -> None:
     gw = await running(upstream.url)
-    session = await login(gw)
+    session = await gw.login()
     genuine = {"X-WX-OpenID": session["openid"], "X-WX-AppID": APPID,
                "X-WX-UnionID": session["unionid"]}
     for path, auth, expected in (("/api/p", [token_line(session)], genuine),
@@ -195,27 +183,15 @@ async def starlette_upstream() -> AsyncIterator[tuple[str, StarletteSeen]]:
         return JSONResponse({"ok": True})
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(
-        Starlette(routes=[Route("/{path:path}", handle)]), host="127.0.0.1", port=port,
-        log_config=None, log_level="warning", access_log=False))
-    task = asyncio.create_task(server.serve())
-    deadline = time.monotonic() + WAIT
-    while not server.started:
-        if task.done() or time.monotonic() > deadline:
-            pytest.fail(f"uvicorn did not start: {task}")
-        await asyncio.sleep(0.01)
-    try:
+    async with uvicorn_serving(Starlette(routes=[Route("/{path:path}", handle)]), port):
         yield f"http://127.0.0.1:{port}", seen
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, WAIT)
 
 
 async def test_loose_identity_spellings_never_reach_a_starlette_upstream(
         running: Running, starlette_upstream: tuple[str, StarletteSeen]) -> None:
     url, seen = starlette_upstream
     gw = await running(url)
-    session = await login(gw)
+    session = await gw.login()
     lines = [f"{name}: {SPOOF}".encode() for name in HOSTILE_NAMES]
     for path, auth in (("/api/p", [token_line(session)]), ("/public/p", [])):
         resp = await gw.raw(build_request("GET", path, [*lines, *auth]))
@@ -257,7 +233,7 @@ async def test_loose_identity_spellings_never_reach_a_wsgi_environ(
         running: Running, wsgi_upstream: tuple[str, list[dict[str, str]]]) -> None:
     url, environs = wsgi_upstream
     gw = await running(url)
-    session = await login(gw)
+    session = await gw.login()
     lines = [f"{name}: {SPOOF}".encode() for name in HOSTILE_NAMES]
     for path, auth in (("/api/p", [token_line(session)]), ("/public/p", [])):
         resp = await gw.raw(build_request("GET", path, [*lines, *auth]))
@@ -407,7 +383,7 @@ async def test_expect_with_the_body_sent_anyway_is_not_read_nor_forwarded(
 async def test_expect_on_an_authorised_request_gets_100_then_the_upstream_answer(
         running: Running, upstream: Upstream) -> None:
     gw = await running(upstream.url)
-    session = await login(gw)
+    session = await gw.login()
     body = b"y" * 100_000
     reader, writer = await send_head(gw, "/api/upload", [token_line(session)], len(body))
     try:
@@ -510,7 +486,7 @@ async def test_websocket_failing_after_authentication_leaves_no_unawaited_corout
             {"path": "/refuse", "upstream": upstream.url, "auth": "required"},
             {"path": "/broken", "upstream": f"http://127.0.0.1:{broken.port}",
              "auth": "required", "timeout": "1s"}])
-        session = await login(gw)
+        session = await gw.login()
         auth = [token_line(session)]
         for path, status in (("/down/ws", 502), ("/refuse/ws", 200), ("/broken/ws", 502)):
             resp = await gw.raw(build_request("GET", path, [*UPGRADE, *auth]))

@@ -1,4 +1,4 @@
-"""POST /auth/login: every row of SPEC.md's login error table, the success body, and the
+"""POST /auth/login: every login row of README's error table, the success body, and the
 call to WeChat's jscode2session as it goes over the wire."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from checks import expect_error
-from conftest import (APPID, APPID2, SECRET, SECRET2, TWO_APPS, GatewayFactory, bearer, claims_of,
-                      closed_port_url, fresh, login)
+from conftest import (APPID, APPID2, SECRET, SECRET2, TWO_APPS, GatewayFactory, Served, bearer,
+                      claims_of, closed_port_url, fresh, login)
 from gateway.testing import simulator
 from gateway.testing.embedded import free_port
 
@@ -30,16 +30,10 @@ Reply = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @dataclass
-class ScriptedWeChat:
-    server: TestServer | None = None
+class ScriptedWeChat(Served):
     queries: list[dict[str, list[str]]] = field(default_factory=list)
     raw_queries: list[str] = field(default_factory=list)
     reply: Reply | None = None
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.port}"
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         assert request.path == "/sns/jscode2session", request.path

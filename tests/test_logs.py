@@ -1,4 +1,4 @@
-"""Logs (issue 7, "Logs"): text or JSON lines, one access line per request, nothing secret.
+"""Logs: text or JSON lines, one access line per request, nothing secret.
 
 What is proved here, mostly against the real ``python -m gateway`` process with its output
 captured:
@@ -25,6 +25,7 @@ import asyncio
 import logging
 import re
 import secrets
+import signal
 import time
 import uuid
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from checks import parse_json_lines, parse_lines
+from checks import is_json, parse_json_lines, parse_lines
 from conftest import APPID, Upstream
 from gateway.testing import simulator
 from gateway import logs
@@ -638,3 +639,70 @@ async def test_start_and_stop_are_logged_once(launch: Launch, redis_server: Embe
     listening = next(m for m in others if "listening" in m)
     assert f"127.0.0.1:{gw.port}" in listening
     assert gw.stdout() == ""  # everything goes to stderr
+
+
+# --- the buffered access log ------------------------------------------------------------------
+
+
+@pytest.fixture
+def json_config(config_dict: dict[str, Any]) -> dict[str, Any]:
+    config_dict["logging"] = {"format": "json"}
+    return config_dict
+
+
+async def started(launch: Launch, data: dict[str, Any]) -> GatewayProcess:
+    gw = await launch(data)
+    async with aiohttp.ClientSession() as http:
+        await gw.wait_healthy(http)
+    return gw
+
+
+def access_lines(gw: GatewayProcess) -> list[dict[str, Any]]:
+    records = parse_json_lines(line for line in gw.stderr().splitlines() if is_json(line))
+    return [r for r in records if r["logger"] == logs.ACCESS]
+
+
+@pytest.mark.timeout(120)
+async def test_access_lines_are_flushed_without_further_traffic(
+        launch: Launch, json_config: dict[str, Any]) -> None:
+    gw = await started(launch, json_config)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{gw.url}/public/one") as resp:
+            assert resp.status == 200
+    # Buffered, but written within the flush interval even though nothing else happens.
+    await gw.wait_for_line(lambda line: '"path": "/public/one"' in line,
+                           within=logs.FLUSH_INTERVAL + 5)
+
+
+@pytest.mark.timeout(120)
+async def test_a_warning_flushes_buffered_lines_first_and_in_order(
+        launch: Launch, json_config: dict[str, Any]) -> None:
+    json_config["routes"].append({"path": "/down/", "upstream": "http://127.0.0.1:9",
+                                  "auth": "public", "timeout": "2s"})
+    gw = await started(launch, json_config)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{gw.url}/public/before") as resp:
+            assert resp.status == 200
+        mark = gw.mark()
+        async with http.get(f"{gw.url}/down/x") as resp:
+            assert resp.status == 502
+        # The warning is written at once, and what was buffered before it comes first.
+        found = await gw.wait_for_line(lambda line: "unavailable" in line, after=mark,
+                                       within=logs.FLUSH_INTERVAL / 2)
+    lines = gw.stderr().splitlines()
+    before = next(i for i, line in enumerate(lines) if '"path": "/public/before"' in line)
+    assert lines.index(found[0]) > before
+
+
+@pytest.mark.timeout(120)
+async def test_sigterm_writes_every_buffered_access_line(
+        launch: Launch, json_config: dict[str, Any]) -> None:
+    gw = await started(launch, json_config)
+    async with aiohttp.ClientSession() as http:
+        for i in range(50):
+            async with http.get(f"{gw.url}/public/n{i}") as resp:
+                assert resp.status == 200
+    gw.proc.send_signal(signal.SIGTERM)
+    assert await gw.exit_code(within=15) == 0
+    paths = {line["path"] for line in access_lines(gw)}
+    assert {f"/public/n{i}" for i in range(50)} <= paths

@@ -1,4 +1,4 @@
-"""Metrics (issue 7, "Metrics"): every metric documented, each one counting what it says,
+"""Metrics: every metric documented, each one counting what it says,
 summed across ``workers: N``, and ``deploy/grafana-dashboard.json`` showing them.
 
 - README.md's metrics table lists every metric family ``gateway.metrics.Metrics`` defines, with

@@ -27,7 +27,6 @@ from typing import Any, AsyncIterator
 from urllib.parse import unquote
 
 import pytest
-import uvicorn
 from aiohttp.test_utils import TestClient
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -40,7 +39,8 @@ from werkzeug.wrappers import Request as WerkzeugRequest
 from werkzeug.wrappers import Response as WerkzeugResponse
 
 from checks import expect_error
-from conftest import APPID, APPID2, TWO_APPS, GatewayFactory, Upstream, closed_port_url, login
+from conftest import (APPID, APPID2, TWO_APPS, GatewayFactory, Upstream, closed_port_url, login,
+                      uvicorn_serving)
 from gateway.testing.embedded import free_port
 from packages import debian_package
 from process import Launcher, child_env
@@ -387,21 +387,7 @@ def werkzeug_app(request: WerkzeugRequest) -> WerkzeugResponse | HTTPException:
 
 async def serve_starlette(stack: contextlib.AsyncExitStack) -> int:
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(starlette_app(), host="127.0.0.1", port=port,
-                                           log_config=None, log_level="warning",
-                                           access_log=False))
-    task = asyncio.create_task(server.serve())
-
-    async def stop() -> None:
-        server.should_exit = True
-        await asyncio.wait_for(task, 10)
-
-    stack.push_async_callback(stop)
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if task.done() or time.monotonic() > deadline:
-            pytest.fail(f"uvicorn did not start: {task}")
-        await asyncio.sleep(0.01)
+    await stack.enter_async_context(uvicorn_serving(starlette_app(), port))
     return port
 
 

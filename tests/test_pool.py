@@ -337,7 +337,7 @@ async def test_concurrent_exchanges_take_separate_connections_then_reuse_them(
             fetch(pool, server.origin, target=f"/{round_}/{i}") for i in range(n)))
         assert [r.body.decode().split(" on ")[0] for r in results] == \
             [f"GET /{round_}/{i}" for i in range(n)]
-    assert len(server.conns) == n  # rounds 2 and 3 went over round 1's connections
+    assert len(server.conns) == n  # the 2nd and 3rd batches went over the 1st's connections
     assert sorted(r.conn for r in server.requests[n:]) == sorted(list(range(1, n + 1)) * 2)
 
 
@@ -429,8 +429,9 @@ async def test_unsolicited_answer_on_an_idle_connection_is_not_taken_for_the_nex
     # close for idleness (Go's client ignores such a 408 on an idle connection, golang/go#32310).
     # If the pool takes the connection between the 408's bytes and the close, or if the upstream
     # does not close at all, the 408 must still not become the next request's answer. (With
-    # close=False, checking only is_connected() and age in _take() gave /b the 408 and /c the
-    # answer meant for /b: every later exchange on the connection one response behind.)
+    # close=False, a pool checking only is_connected() and age in _take() would give /b the 408
+    # and /c the answer meant for /b: every later exchange on the connection one response
+    # behind.)
     sent = asyncio.Event()
 
     async def script(conn: Conn) -> None:

@@ -10,22 +10,16 @@ import time
 import uuid
 from typing import Any, AsyncIterator
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from checks import expect_error
+from checks import SPOOF, expect_error, identity_headers_seen
 from conftest import APPID, GatewayFactory, Upstream, bearer, closed_port_url, login
 from gateway.testing.embedded import free_port
-from rawhttp import raw_request
-
-IDENTITY_NAMES = ("x-wx-openid", "x-wx-unionid", "x-wx-appid")
-SPOOF = "spoofed-identity-0000"
-
-
-def identity_headers_seen(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Every header an upstream framework could read as an identity header."""
-    return [(k, v) for k, v in headers if k.lower().replace("_", "-") in IDENTITY_NAMES]
+from process import Launch
+from rawhttp import build_request, raw_exchange, raw_request
 
 
 # --- auth modes ------------------------------------------------------------------------------
@@ -69,6 +63,18 @@ async def test_required_with_valid_token_injects_identity(
     assert seen.header("X-WX-OpenID") == [session["openid"]]
     assert seen.header("X-WX-AppID") == [APPID]
     assert seen.header("X-WX-UnionID") == [session["unionid"]]
+    assert seen.header("Authorization") == []
+
+
+async def test_login_then_protected_call_reaches_upstream_with_identity(
+        gw: TestClient, upstream: Upstream) -> None:
+    session = await login(gw)
+    resp = await gw.get("/api/orders?page=2", headers=bearer(session["token"]))
+    assert resp.status == 200
+    seen = upstream.last
+    assert seen.raw_path == "/api/orders?page=2"
+    assert seen.header("X-WX-OpenID") == [session["openid"]]
+    assert seen.header("X-WX-AppID") == [APPID]
     assert seen.header("Authorization") == []
 
 
@@ -172,6 +178,17 @@ async def test_all_forged_identity_spellings_at_once_are_removed(
     assert all(SPOOF not in v for _, v in upstream.last.headers)
     assert upstream.last.header("X-WX-OpenID") == [session["openid"]]
     assert len(identity_headers_seen(upstream.last.headers)) == 3
+
+
+async def test_underscored_identity_header_names_strip_every_spelling(
+        make_gateway: GatewayFactory, upstream: Upstream) -> None:
+    gw = await make_gateway(identity_headers={"openid": "X_WX_OPENID"})
+    for spelling in ("X-WX-OPENID", "X_WX_OPENID", "x_wx_openid", "x-Wx-OpenId"):
+        resp = await raw_request(gw, "GET", "/public/p", [(spelling, "forged")])
+        assert resp.status == 200
+        seen = [v for k, v in upstream.last.headers
+                if k.strip().lower().replace("_", "-") == "x-wx-openid"]
+        assert seen == [], (spelling, upstream.last.headers)
 
 
 @pytest.mark.parametrize("path", ["/api/p", "/maybe/p", "/public/p"])
@@ -292,6 +309,69 @@ async def test_prefix_matches_whole_segments_only(
         gw: TestClient, upstream: Upstream, path: str) -> None:
     await expect_error(await gw.get(path), 404, "not_found")
     assert upstream.seen == []
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("size", [16 * 1024 + 1, 40_000, 64 * 1024, 64 * 1024 + 1])
+async def test_bodies_around_the_read_whole_limit_arrive_intact(
+        make_gateway: GatewayFactory, upstream: Upstream, size: int) -> None:
+    # Up to 64 KiB a request body is read whole and sent with the headers; beyond, it streams.
+    # Neither is bound by the 16 KiB limit of the gateway's own endpoints.
+    gw = await make_gateway()
+    body = os.urandom(size)
+    resp = await gw.post("/public/upload", data=body,
+                         headers={"Content-Type": "application/octet-stream"})
+    assert resp.status == 200, await resp.text()
+    assert upstream.last.body == body
+    assert upstream.last.header("Content-Length") == [str(size)]
+
+
+@pytest.mark.timeout(120)
+async def test_expect_100_continue_on_a_proxied_route(
+        launch: Launch, config_dict: dict[str, Any], upstream: Upstream) -> None:
+    gw = await launch(config_dict)
+    async with aiohttp.ClientSession() as http:
+        await gw.wait_healthy(http)
+    body = b"z" * 3000
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    try:
+        writer.write(b"POST /public/upload HTTP/1.1\r\nHost: gw.test\r\n"
+                     b"Content-Length: 3000\r\nExpect: 100-continue\r\n\r\n")
+        await writer.drain()
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert interim.startswith(b"HTTP/1.1 100"), interim  # asked before the body is sent
+        writer.write(body)
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200"), head
+    finally:
+        writer.close()
+    assert upstream.last.body == body
+    assert upstream.last.header("Expect") == []  # the gateway answered it; not forwarded
+
+
+async def test_real_process_forwards_a_gzip_request_body_untouched(
+        launch: Launch, config_dict: dict[str, Any], upstream: Upstream) -> None:
+    gw = await launch(config_dict)
+    async with aiohttp.ClientSession() as http:
+        await gw.wait_healthy(http)
+    body = gzip.compress(b"A" * 5000)
+    request = build_request("POST", "/public/upload",
+                            [b"Content-Encoding: gzip", b"Content-Type: text/plain"], body=body)
+    resp = await raw_exchange("127.0.0.1", gw.port, request)
+    assert resp.status == 200
+    seen = upstream.last
+    # The test upstream is an aiohttp server, which inflates what it receives itself: the full
+    # 5000 bytes mean it got the whole gzip stream, as sent, not a body inflated by the gateway
+    # and cut to the compressed Content-Length.
+    assert seen.body == b"A" * 5000
+    assert seen.header("Content-Encoding") == ["gzip"]
+    assert seen.header("Content-Length") == [str(len(body))]
+    # and a gzip login body is bad input (400), not a crash
+    login_req = build_request("POST", "/auth/login", [b"Content-Encoding: gzip"],
+                              body=b"\x1f\x8bnot really gzip")
+    answer = await raw_exchange("127.0.0.1", gw.port, login_req)
+    assert answer.status == 400 and answer.json()["error"] == "invalid_request"
 
 
 # --- headers the gateway sets or removes -----------------------------------------------------

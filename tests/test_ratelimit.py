@@ -46,7 +46,7 @@ async def ok(gw: TestClient, **kwargs: Any) -> None:
 
 
 async def limited(gw: TestClient, **kwargs: Any) -> int:
-    """Assert a 429 rate_limited in the contract's shape; return Retry-After (seconds)."""
+    """Assert a 429 rate_limited in the gateway's error shape; return Retry-After (seconds)."""
     status, body, headers = await attempt(gw, **kwargs)
     assert_json_error(status, headers.get("Content-Type", ""), body, 429, "rate_limited")
     retry_after = headers.get("Retry-After", "")

@@ -1,4 +1,4 @@
-"""The gateway against Redis beyond one instance (issue 6, §4), with real redis-server processes
+"""The gateway against Redis beyond one instance, with real redis-server processes
 started here (tests/topologies.py): a 3-master Redis Cluster and a Sentinel setup (one master,
 one replica, three sentinels), plus the Redis memory a session costs.
 
@@ -34,35 +34,13 @@ from redis.crc import key_slot
 from redis.exceptions import MovedError
 
 from conftest import APPID, SIGNING_KEY, GatewayFactory, Upstream, bearer, login
-from gateway.cache import SessionCache
 from gateway.testing.embedded import EmbeddedRedis
-from gateway.state import SERVICES
+from test_cache import cache_of, services, wait_live
 from topologies import Cluster, SentinelSetup, wait_for
 
 
 def report(text: str) -> None:
     print(f"TOPOLOGY {text}", flush=True)
-
-
-def services(client: TestClient) -> Any:
-    live = client.app[SERVICES]
-    return getattr(live, "current", live)  # app[SERVICES].current since reloads exist
-
-
-def cache_of(client: TestClient) -> SessionCache:
-    cache = services(client).authenticator.cache
-    assert cache is not None
-    return cache
-
-
-async def wait_live(client: TestClient, within: float = 5.0) -> float:
-    started = time.monotonic()
-    cache = cache_of(client)
-    while not cache.live:
-        if time.monotonic() - started > within:
-            pytest.fail(f"the session cache did not go live within {within}s")
-        await asyncio.sleep(0.005)
-    return time.monotonic() - started
 
 
 def sid_of(client: TestClient, token: str) -> str:
@@ -446,7 +424,7 @@ async def test_sentinel_failover_drill(
 
 async def test_memory_per_session(make_gateway: GatewayFactory, cluster: Cluster) -> None:
     """MEMORY USAGE of a session hash with the default key prefix, with and without unionid,
-    on a single Redis and in the cluster (issue 6 target: at most 300 bytes)."""
+    on a single Redis and in the cluster: at most 300 bytes each."""
     usage: dict[str, int] = {}
     with EmbeddedRedis(persist=False) as server:
         gw = await make_gateway(redis={"url": server.url, "key_prefix": "wxgw:"})

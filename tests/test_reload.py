@@ -1,4 +1,4 @@
-"""SIGHUP reloads the configuration file (issue 7, "Reload"), proved with the real process.
+"""SIGHUP reloads the configuration file, proved with the real process.
 
 Routes, apps, signing keys, identity header names and logging change for new requests; a
 request in flight finishes under the configuration it started with; an invalid file is refused

@@ -412,7 +412,7 @@ async def test_session_expires_with_its_ttl(make_gateway: GatewayFactory, redis:
 
 async def test_session_past_expires_at_is_refused_even_if_redis_key_lingers(
         gw: TestClient, redis: Any, key_prefix: str) -> None:
-    """The contract has no grace: a session whose expires_at passed is over."""
+    """There is no grace: a session whose expires_at passed is over."""
     data = await login(gw)
     key = f"{key_prefix}session:{sid_of(data['token'])}"
     await redis.hset(key, S.EXPIRES_AT, int(time.time()) - 1)  # Redis TTL still ~1 h

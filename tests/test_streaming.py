@@ -1,5 +1,4 @@
-"""Bodies stream through the real gateway process with bounded memory (SPEC.md, "Proxying";
-issue 4, "Streaming").
+"""Bodies stream through the real gateway process with bounded memory.
 
 A real ``python -m gateway`` process proxies a public route to an in-process upstream that
 never holds a body: downloads are generated 64 KiB at a time, uploads are counted and hashed as
@@ -17,13 +16,13 @@ import hashlib
 import time
 import uuid
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from bodies import CHUNK, body_stream, expected_sha256, stream_app
 from conftest import APPID, SECRET, SIGNING_KEY
 from gateway.testing.embedded import EmbeddedRedis, free_port
 from process import GatewayProcess, Launch
@@ -34,65 +33,12 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(),
 MiB = 1 << 20
 BODY = 256 * MiB  # much larger than the bound, so buffering a body would break it
 RSS_LIMIT_MB = 100
-CHUNK = 64 * 1024
 TRANSFER_TIMEOUT = 120  # seconds, per transfer; a stall must fail the test, not hang it
-
-# A fixed pseudo-random block; chunk i is its index followed by the block's tail, so lost,
-# repeated or reordered chunks change the digest.
-_BLOCK = hashlib.shake_256(b"wx-gateway streaming test").digest(CHUNK)
-
-
-def chunk_at(i: int, size: int = CHUNK) -> bytes:
-    return (i.to_bytes(8, "big") + _BLOCK[8:])[:size]
-
-
-def chunks(n: int) -> list[int]:
-    """The sizes of the 64 KiB chunks that make up n bytes."""
-    return [CHUNK] * (n // CHUNK) + ([n % CHUNK] if n % CHUNK else [])
-
-
-def expected_sha256(n: int) -> str:
-    digest = hashlib.sha256()
-    for i, size in enumerate(chunks(n)):
-        digest.update(chunk_at(i, size))
-    return digest.hexdigest()
-
-
-# --- the upstream: generates and swallows bodies, never stores them -------------------------
-
-
-async def download(request: web.Request) -> web.StreamResponse:
-    n = int(request.match_info["n"])
-    response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
-    if request.match_info["mode"] == "/chunked":
-        response.enable_chunked_encoding()
-    else:
-        response.content_length = n
-    await response.prepare(request)
-    for i, size in enumerate(chunks(n)):
-        await response.write(chunk_at(i, size))
-    await response.write_eof()
-    return response
-
-
-async def upload(request: web.Request) -> web.Response:
-    digest = hashlib.sha256()
-    count = 0
-    async for chunk in request.content.iter_chunked(CHUNK):
-        digest.update(chunk)
-        count += len(chunk)
-    return web.json_response({
-        "bytes": count, "sha256": digest.hexdigest(),
-        "content_length": request.headers.get("Content-Length"),
-        "transfer_encoding": request.headers.get("Transfer-Encoding")})
 
 
 @pytest.fixture
 async def stream_upstream(aiohttp_server: Any) -> TestServer:
-    app = web.Application()
-    app.router.add_get(r"/public/download/{n:\d+}{mode:(/chunked)?}", download)
-    app.router.add_post("/public/upload", upload)
-    server: TestServer = await aiohttp_server(app)
+    server: TestServer = await aiohttp_server(stream_app())
     return server
 
 
@@ -118,18 +64,14 @@ async def gateway(redis_server: EmbeddedRedis, stream_upstream: TestServer,
 # --- transfers ------------------------------------------------------------------------------
 
 
-async def body_stream(n: int) -> AsyncIterator[bytes]:
-    for i, size in enumerate(chunks(n)):
-        yield chunk_at(i, size)
-
-
 async def do_upload(http: aiohttp.ClientSession, url: str, n: int,
                     with_length: bool) -> dict[str, Any]:
     # aiohttp sends an async generator chunked, unless a Content-Length is given.
     headers = {"Content-Type": "application/octet-stream"}
     if with_length:
         headers["Content-Length"] = str(n)
-    async with http.post(f"{url}/public/upload", data=body_stream(n), headers=headers) as resp:
+    async with http.post(f"{url}/public/upload?verify=1", data=body_stream(n),
+                         headers=headers) as resp:
         assert resp.status == 200, (resp.status, await resp.text())
         result: dict[str, Any] = await resp.json()
         return result

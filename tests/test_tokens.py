@@ -22,6 +22,7 @@ from conftest import (APPID, APPID2, OLD_SIGNING_KEY, SECRET, SECRET2, SIGNING_K
                       GatewayFactory, Upstream, bearer, claims_of, login)
 from gateway import sessions as sessions_
 from gateway.keys import Keyring
+from rawhttp import raw_request
 
 KEYRING = Keyring(signing_keys=(SIGNING_KEY.encode(),))
 KID, KEY = KEYRING.current_kid, KEYRING.current_key
@@ -245,6 +246,17 @@ async def test_missing_or_wrong_scheme_is_refused(
     resp = await gw.get(target, headers={"Authorization": make_header(token)})
     await expect_unauthorized(resp)
     assert upstream.seen == []
+
+
+@pytest.mark.parametrize("route,status", [("/api/x", 401), ("/maybe/x", 200)])
+async def test_undecodable_authorization_bytes_are_an_invalid_token(
+        gw: TestClient, upstream: Upstream, route: str, status: int) -> None:
+    resp = await raw_request(gw, "GET", route, [("Authorization", b"Bearer \xff\xfe\x80")])
+    assert resp.status == status, resp.body
+    if status == 401:
+        assert resp.json()["error"] == "unauthorized"
+    else:
+        assert not [v for k, v in upstream.last.headers if k.lower() == "x-wx-openid"]
 
 
 @pytest.mark.parametrize("target", TARGETS)

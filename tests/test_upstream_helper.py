@@ -1,4 +1,4 @@
-"""The upstream helper (issue 8, section 2): ``gateway.upstream`` mounted in real upstream apps.
+"""The upstream helper: ``gateway.upstream`` mounted in real upstream apps.
 
 Real servers only: the gateway (in-process ``create_app`` on a real socket) in front of an
 aiohttp app using ``aiohttp_middleware`` and a Starlette app using ``ASGIMiddleware`` served by
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import copy
 import hashlib
 import hmac
@@ -36,7 +37,6 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 import aiohttp
 import jwt
 import pytest
-import uvicorn
 import yaml
 from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient
@@ -49,7 +49,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from conftest import APPID, GatewayFactory, Upstream, bearer, login
+from conftest import APPID, GatewayFactory, Upstream, bearer, login, uvicorn_serving
 from gateway import reload as reload_
 from gateway.testing.embedded import free_port
 from gateway.state import SERVICES
@@ -178,31 +178,17 @@ StartUpstream = Callable[[str, Verifier, int], Awaitable[Seen]]
 @pytest.fixture
 async def start_upstream(aiohttp_server: Any) -> AsyncIterator[StartUpstream]:
     """``await start_upstream(kind, verifier, port)``: a real server on 127.0.0.1:port."""
-    servers: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
-
-    async def start(kind: str, verifier: Verifier, port: int) -> Seen:
-        seen = Seen()
-        if kind == "aiohttp":
-            await aiohttp_server(aiohttp_app(verifier, seen), port=port)
+    async with contextlib.AsyncExitStack() as servers:
+        async def start(kind: str, verifier: Verifier, port: int) -> Seen:
+            seen = Seen()
+            if kind == "aiohttp":
+                await aiohttp_server(aiohttp_app(verifier, seen), port=port)
+                return seen
+            await servers.enter_async_context(
+                uvicorn_serving(starlette_app(verifier, seen), port, lifespan="on"))
             return seen
-        server = uvicorn.Server(uvicorn.Config(
-            starlette_app(verifier, seen), host="127.0.0.1", port=port, lifespan="on",
-            log_config=None, log_level="warning", access_log=False))
-        task = asyncio.create_task(server.serve())
-        servers.append((server, task))
-        deadline = time.monotonic() + WAIT
-        while not server.started:
-            if task.done() or time.monotonic() > deadline:
-                pytest.fail(f"uvicorn did not start: {task}")
-            await asyncio.sleep(0.01)
-        return seen
 
-    try:
         yield start
-    finally:
-        for server, task in servers:
-            server.should_exit = True
-            await asyncio.wait_for(task, WAIT)
 
 
 @dataclass

@@ -20,10 +20,10 @@ from typing import Any, AsyncIterator
 import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from checks import expect_error
-from conftest import APPID, SECRET, SIGNING_KEY, GatewayFactory
+from conftest import APPID, SECRET, SIGNING_KEY, GatewayFactory, Served
 from gateway import loader
 from gateway.config import Config
 from gateway.testing.embedded import EmbeddedRedis, free_port
@@ -35,7 +35,7 @@ WAIT = 10.0  # every wait in this file is bounded by this many seconds (past any
 
 
 @dataclass
-class StreamUpstream:
+class StreamUpstream(Served):
     """An SSE backend. ``/beats/<n>``: n events, one every BEAT seconds. ``/stall/<n>``: n
     events, then silence while the connection lives. ``/stepped/<n>``: event i+1 only once the
     test has acknowledged event i (``acks``). ``/flood/<n>``: n events of 64 KiB, as fast as
@@ -43,16 +43,10 @@ they are taken. ``/late``: headers after 3×READ. ``/small-stall``:
     a Content-Length of 100 and 10 bytes of it. ``/upload``: reads the body, answers its size.
     ``/ignore-body``: reads nothing, answers after 3×READ."""
 
-    server: TestServer | None = None
     sent: dict[int, float] = field(default_factory=dict)  # event → when it left, perf_counter
     acks: dict[int, asyncio.Event] = field(default_factory=dict)
     cut: asyncio.Event = field(default_factory=asyncio.Event)  # a stream's client went away
     late_requests: int = 0
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.port}"
 
     def ack(self, i: int) -> asyncio.Event:
         return self.acks.setdefault(i, asyncio.Event())
@@ -308,14 +302,8 @@ async def test_an_upstream_that_ignores_a_streamed_upload_is_504(sse_gw: TestCli
 
 
 @dataclass
-class EchoUpstream:
-    server: TestServer | None = None
+class EchoUpstream(Served):
     closed: asyncio.Queue[int | None] = field(default_factory=asyncio.Queue)  # close codes
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.port}"
 
     async def handle(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(autoping=False)

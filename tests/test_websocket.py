@@ -1,25 +1,25 @@
-"""WebSocket upgrades through the gateway (SPEC.md "Proxying", issue 4 "WebSocket"): the same
-auth rules and identity headers as plain requests, frames both ways, ping/pong, close codes,
-subprotocols, and the upstream's own answer when it refuses the upgrade."""
+"""WebSocket upgrades through the gateway: the same auth rules and identity headers as plain
+requests, frames both ways, ping/pong, close codes, subprotocols, the upstream's own answer
+when it refuses the upgrade, and upgrades the gateway refuses or cuts itself."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
-from checks import expect_error
-from conftest import APPID, GatewayFactory, bearer, login
+from checks import SPOOF, expect_error, identity_headers_seen
+from conftest import APPID, GatewayFactory, Served, bearer, login
 from gateway.testing.embedded import free_port
+from rawhttp import raw_request
+from test_cache import wait_live
 
-IDENTITY_NAMES = ("x-wx-openid", "x-wx-unionid", "x-wx-appid")
-SPOOF = "spoofed-identity-0000"
 WAIT = 5.0  # every wait in this file is bounded by this many seconds
 UPGRADE = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
@@ -35,7 +35,7 @@ class Handshake:
 
 
 @dataclass
-class WsUpstream:
+class WsUpstream(Served):
     """A WebSocket backend that records handshakes and every frame it receives.
 
     ``/<anything>/echo``: echoes text (prefixed ``echo:``) and binary; answers pings itself
@@ -43,14 +43,8 @@ class WsUpstream:
     echoes. ``/<anything>/close``: closes with 4002 straight away. ``/<anything>/refuse``:
     answers 403 with ``X-Why`` instead of upgrading."""
 
-    server: TestServer | None = None
     handshakes: list[Handshake] = field(default_factory=list)
     events: asyncio.Queue[tuple[str, Any, Any]] = field(default_factory=asyncio.Queue)
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.port}"
 
     async def next_event(self, kind: str) -> tuple[Any, Any]:
         """The next recorded frame of this kind (others before it are skipped)."""
@@ -118,11 +112,6 @@ async def ws_gw(make_gateway: GatewayFactory, ws_upstream: WsUpstream) -> TestCl
         {"path": "/ws/", "upstream": ws_upstream.url, "auth": "required", "timeout": "3s"},
         {"path": "/pub/", "upstream": ws_upstream.url, "auth": "public", "timeout": "3s"},
     ])
-
-
-def identity_headers_seen(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Every header an upstream framework could read as an identity header."""
-    return [(k, v) for k, v in headers if k.strip().lower().replace("_", "-") in IDENTITY_NAMES]
 
 
 async def receive(ws: aiohttp.ClientWebSocketResponse) -> aiohttp.WSMessage:
@@ -317,3 +306,86 @@ async def test_unreachable_upstream_is_502(make_gateway: GatewayFactory) -> None
     with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
         await client.ws_connect("/pub/x")
     assert refused.value.status == 502
+
+
+# --- upgrades refused or cut by the gateway itself ------------------------------------------
+
+
+async def test_non_websocket_upgrade_closes_the_connection(gw: TestClient) -> None:
+    resp = await raw_request(gw, "GET", "/public/x",
+                             [("Connection", "Upgrade"), ("Upgrade", "foo")])
+    assert resp.status == 200
+    assert [v.lower() for v in resp.header("Connection")] == ["close"]
+
+
+async def ws_gateway(make_gateway: GatewayFactory, aiohttp_server: Any,
+                     handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+                     auth: str) -> TestClient:
+    """A gateway whose /ws/ route (with this ``auth``) leads to an upstream served by
+    ``handler``."""
+    up = web.Application()
+    up.router.add_get("/{t:.*}", handler)
+    server = await aiohttp_server(up)
+    return await make_gateway(routes=[{"path": "/ws/", "auth": auth,
+                                       "upstream": f"http://127.0.0.1:{server.port}"}])
+
+
+async def test_broken_websocket_handshake_never_dials_the_upstream(
+        make_gateway: GatewayFactory, aiohttp_server: Any) -> None:
+    dialled = []
+
+    async def ws_handler(request: web.Request) -> web.StreamResponse:
+        dialled.append(request.path)
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        return ws
+
+    gw = await ws_gateway(make_gateway, aiohttp_server, ws_handler, "public")
+    resp = await raw_request(gw, "GET", "/ws/x", [("Connection", "Upgrade"),
+                                                  ("Upgrade", "websocket")])
+    assert resp.status == 400 and resp.json()["error"] == "invalid_request"
+    assert dialled == []
+
+
+async def test_oversize_websocket_message_is_refused_not_buffered(
+        make_gateway: GatewayFactory, aiohttp_server: Any) -> None:
+    received: list[int] = []
+
+    async def ws_handler(request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse(max_msg_size=0)
+        await ws.prepare(request)
+        async for msg in ws:
+            received.append(len(msg.data))
+        return ws
+
+    gw = await ws_gateway(make_gateway, aiohttp_server, ws_handler, "public")
+    async with gw.session.ws_connect(gw.make_url("/ws/x"), max_msg_size=0) as ws:
+        # The gateway stops reading mid-frame, so the send may never finish: run it aside.
+        sending = asyncio.ensure_future(ws.send_bytes(b"x" * (5 * 1024 * 1024)))
+        msg = await asyncio.wait_for(ws.receive(), 5)
+        sending.cancel()
+    assert msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING)
+    assert ws.close_code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
+    assert received == []
+
+
+async def test_logout_closes_an_open_websocket_at_once(
+        make_gateway: GatewayFactory, aiohttp_server: Any) -> None:
+    async def ws_handler(request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            await ws.send_str("echo:" + msg.data)
+        return ws
+
+    gw = await ws_gateway(make_gateway, aiohttp_server, ws_handler, "required")
+    await wait_live(gw)
+    session = await login(gw)
+    async with gw.session.ws_connect(gw.make_url("/ws/x"), headers=bearer(session["token"])) as ws:
+        await ws.send_str("hi")
+        assert (await asyncio.wait_for(ws.receive(), 5)).data == "echo:hi"
+        resp = await gw.post("/auth/logout", headers=bearer(session["token"]))
+        assert resp.status == 204
+        msg = await asyncio.wait_for(ws.receive(), 2)
+        assert msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSED)
+        assert ws.close_code == aiohttp.WSCloseCode.POLICY_VIOLATION

@@ -20,7 +20,7 @@ from typing import Callable
 
 import redis
 
-from gateway.testing.embedded import redis_server_binary
+from gateway.testing.embedded import free_port, redis_server_binary
 
 SLOTS = 16384
 
@@ -47,10 +47,11 @@ def cluster_port(taken: set[int]) -> int:
     raise RuntimeError("no free port pair for a cluster node")
 
 
-def free_port(taken: set[int]) -> int:
+def spare_port(taken: set[int]) -> int:
+    """A free port not handed out before (in ``taken``: its process may not listen yet)."""
     for _ in range(500):
-        port = random.randint(20000, 55000)
-        if port not in taken and _port_free(port):
+        port = free_port()
+        if port not in taken:
             taken.add(port)
             return port
     raise RuntimeError("no free port")
@@ -240,7 +241,7 @@ class SentinelSetup(_Topology):
         return [f"127.0.0.1:{s.port}" for s in self.sentinels]
 
     def _server(self, name: str, *extra: str) -> Process:
-        port = free_port(self._ports)
+        port = spare_port(self._ports)
         data = self.dir / name
         data.mkdir()
         return self._spawn(name, port, [
@@ -260,7 +261,7 @@ class SentinelSetup(_Topology):
             raise RuntimeError(f"{exc}\n{self.logs()}") from None
         binary = redis_server_binary()
         for i in range(self.sentinel_count):
-            port = free_port(self._ports)
+            port = spare_port(self._ports)
             conf = self.dir / f"sentinel-{i}.conf"  # sentinel rewrites its own conf file
             conf.write_text(
                 f"port {port}\nbind 127.0.0.1\ndaemonize no\ndir {self.dir}\n"
