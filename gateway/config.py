@@ -151,7 +151,10 @@ class IdentityHeaders:
 @dataclass(frozen=True, slots=True)
 class Route:
     # normalised: starts with "/", no trailing "/" unless it is "/"
-    path: str = option(read="route_path")
+    path: str = option(read="route_path", part=0)
+    # the path as configured ("/api/"): what metrics and logs call the route, so operators
+    # find their own spelling; one value per route keeps the label set bounded
+    label: str = option(yaml="path", read="route_path", part=1)
     # One key, three fields: the upstream as configured; its origin "http://host:port", what
     # the forwarded path is appended to; its base path, "" or "/base" (no trailing slash),
     # prepended to the forwarded path.

@@ -94,6 +94,9 @@ class Reader:
         value = self.expand(key, value)
         if value is _MISSING:
             return None
+        if value is None:  # absent, or `key:` with nothing after it
+            self.fail(key, "is required")
+            return None
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             self.fail(key, f"expected a string, got {_kind(value)}")
             return None
@@ -169,7 +172,7 @@ def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None)
         data = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
-        line = f" (line {where.line + 1})" if where is not None else ""
+        line = f":{where.line + 1}" if where is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([f"{path}{line}: not valid YAML: {problem}"]) from None
     return parse({} if data is None else data, os.environ if environ is None else environ)
@@ -534,7 +537,8 @@ class _ConfigReader(Reader):
             routes.append(Route(**values))
         return tuple(sorted(routes, key=lambda r: len(r.path), reverse=True))
 
-    def route_path(self, key: str, value: Any, context: Context) -> str | None:
+    def route_path(self, key: str, value: Any, context: Context) -> tuple[str, str] | None:
+        """The path prefix normalised for matching, and as written for metrics and logs."""
         raw = self.string(key, value)
         path = _route_path(raw) if raw is not None else None
         reserved = set(GATEWAY_PATHS)
@@ -547,7 +551,7 @@ class _ConfigReader(Reader):
         elif path is not None and path in reserved:
             self.fail(key, f"{path!r} is one of the gateway's own endpoints")
             return None
-        return path
+        return None if path is None or raw is None else (path, raw)
 
     def upstream(self, key: str, value: Any, _: Context) -> tuple[URL, str, str] | None:
         """The upstream URL, its origin and its base path."""

@@ -211,7 +211,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     route = services.config.route_for(path)
     if route is None:
         raise NotFound(f"no route for {path}")
-    request[ROUTE_LABEL] = route.path
+    request[ROUTE_LABEL] = route.label
     identity = await _authenticate(request, access_for(services.config, path, route))
     headers = forward_headers(request, identity, services, route, request[REQUEST_ID])
     if websocket.is_upgrade(request):
@@ -246,7 +246,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         log.warning("upstream for %s unavailable: %s", route.path, type(exc).__name__)
         raise UpstreamUnavailable(f"the upstream for {route.path} is unavailable") from None
     request[UPSTREAM_SECONDS] = elapsed = time.perf_counter() - started
-    services.metrics.upstream_answered(route.path, elapsed)
+    services.metrics.upstream_answered(route.label, elapsed)
     try:
         return await _relay(request, upstream, deadline, route.read_timeout)
     finally:

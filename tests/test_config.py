@@ -602,7 +602,24 @@ def test_empty_apps_is_rejected() -> None:
 
 
 def test_app_without_secret_is_rejected() -> None:
-    with_problem(problems(modified(lambda d: d["apps"][0].pop("secret"))), "apps[0].secret")
+    line = with_problem(problems(modified(lambda d: d["apps"][0].pop("secret"))), "apps[0].secret")
+    assert line == "apps[0].secret: is required"
+
+
+@pytest.mark.parametrize("key, change", [
+    ("apps[0].secret", lambda d: d["apps"][0].update(secret=None)),  # `secret:` left blank
+    ("routes[0].upstream", lambda d: d["routes"][0].pop("upstream")),
+    ("routes[0].path", lambda d: d["routes"][0].update(path=None)),
+])
+def test_a_missing_required_string_says_it_is_required(
+        key: str, change: Callable[[dict[str, Any]], None]) -> None:
+    assert with_problem(problems(modified(change)), key) == f"{key}: is required"
+
+
+def test_a_string_of_the_wrong_kind_still_names_what_it_got() -> None:
+    line = with_problem(problems(modified(lambda d: d["apps"][0].update(secret=["a"]))),
+                        "apps[0].secret")
+    assert line == "apps[0].secret: expected a string, got a list"
 
 
 def test_apps_must_be_a_list() -> None:
@@ -767,7 +784,7 @@ def test_load_yaml_syntax_error_is_one_clear_line(tmp_path: Path) -> None:
     (line,) = info.value.problems
     assert line.startswith(f"{path}")
     assert "YAML" in line
-    assert re.search(r"\(line \d+\)", line), line
+    assert re.match(rf"{re.escape(str(path))}:\d+: not valid YAML: \w", line), line
 
 
 def test_load_bad_indentation_is_one_clear_line(tmp_path: Path) -> None:
@@ -776,7 +793,7 @@ def test_load_bad_indentation_is_one_clear_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         loader.load(path)
     (line,) = info.value.problems
-    assert line.startswith(f"{path} (line 3): ") and "YAML" in line
+    assert line.startswith(f"{path}:3: not valid YAML: "), line
 
 
 def test_load_missing_file_is_one_clear_line(tmp_path: Path) -> None:

@@ -39,5 +39,5 @@ async def test_endpoints_and_proxy_paths_are_told_apart_as_the_router_would(
             text = await resp.text()
     assert [s.raw_path for s in upstream.seen] == ["/public/hello?x=1"]
     # Proxied requests still reach the metrics, labelled by route, not by raw path.
-    assert 'wxgw_requests_total{route="/public",status="200"} 1.0' in text
+    assert 'wxgw_requests_total{route="/public/",status="200"} 1.0' in text
     assert 'wxgw_requests_total{route="none",status="404"} 1.0' in text

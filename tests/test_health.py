@@ -94,12 +94,12 @@ async def test_metrics_count_requests_by_route_and_status(
     assert (await gw.get("/maybe/status/503")).status == 503
     samples = await scrape(gw)
     total = "wxgw_requests_total"
-    assert value(samples, total, route="/public", status="200") == 3
-    assert value(samples, total, route="/api", status="401") == 1
-    assert value(samples, total, route="/api", status="200") == 1
-    assert value(samples, total, route="/maybe", status="503") == 1
+    assert value(samples, total, route="/public/", status="200") == 3
+    assert value(samples, total, route="/api/", status="401") == 1
+    assert value(samples, total, route="/api/", status="200") == 1
+    assert value(samples, total, route="/maybe/", status="503") == 1
     assert value(samples, total, route="/auth/login", status="200") == 1
-    assert value(samples, total, route="/public", status="401") is None
+    assert value(samples, total, route="/public/", status="401") is None
 
 
 async def test_metrics_upstream_duration_histogram_per_route(
@@ -109,16 +109,16 @@ async def test_metrics_upstream_duration_histogram_per_route(
     assert (await gw.get("/api/x")).status == 401  # never forwarded: no upstream timing
     samples = await scrape(gw)
     name = "wxgw_upstream_duration_seconds"
-    buckets = [(ls, v) for ls, v in samples.get(f"{name}_bucket", []) if ls["route"] == "/public"]
+    buckets = [(ls, v) for ls, v in samples.get(f"{name}_bucket", []) if ls["route"] == "/public/"]
     assert len(buckets) >= 5
-    assert value(samples, f"{name}_bucket", route="/public", le="+Inf") == 3
-    assert value(samples, f"{name}_count", route="/public") == 3
-    total = value(samples, f"{name}_sum", route="/public")
+    assert value(samples, f"{name}_bucket", route="/public/", le="+Inf") == 3
+    assert value(samples, f"{name}_count", route="/public/") == 3
+    total = value(samples, f"{name}_sum", route="/public/")
     assert total is not None and 0 < total < 5
     # cumulative buckets never decrease
     ordered = sorted(buckets, key=lambda lv: float(lv[0]["le"]))
     assert [v for _, v in ordered] == sorted(v for _, v in ordered)
-    assert value(samples, f"{name}_count", route="/api") is None
+    assert value(samples, f"{name}_count", route="/api/") is None
 
 
 async def test_metrics_count_logins_by_outcome(gw: TestClient) -> None:
@@ -143,7 +143,7 @@ async def test_metrics_route_label_never_holds_the_raw_path(
     text = await (await gw.get("/metrics")).text()
     assert marker not in text
     samples = metric_samples(text)
-    assert value(samples, "wxgw_requests_total", route="/public", status="200") == 1
+    assert value(samples, "wxgw_requests_total", route="/public/", status="200") == 1
     statuses = {ls["status"] for ls, _ in samples["wxgw_requests_total"]}
     assert statuses == {"200", "400", "404"}
 
@@ -166,8 +166,8 @@ async def test_metrics_are_per_gateway(make_gateway: GatewayFactory) -> None:
     first, second = await make_gateway(), await make_gateway()
     for _ in range(2):
         assert (await first.get("/public/x")).status == 200
-    assert value(await scrape(first), "wxgw_requests_total", route="/public", status="200") == 2
-    assert value(await scrape(second), "wxgw_requests_total", route="/public",
+    assert value(await scrape(first), "wxgw_requests_total", route="/public/", status="200") == 2
+    assert value(await scrape(second), "wxgw_requests_total", route="/public/",
                  status="200") is None
 
 

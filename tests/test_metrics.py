@@ -285,14 +285,39 @@ async def test_upstream_duration_per_route(make_gateway: GatewayFactory,
     samples = await scrape(client)
     name = "wxgw_upstream_duration_seconds"
     counts = {ls["route"]: v for ls, v in samples[f"{name}_count"]}
-    assert counts == {"/public": 3, "/api": 2, "/maybe": 1}
-    api_sum = value(samples, f"{name}_sum", route="/api")
+    assert counts == {"/public/": 3, "/api/": 2, "/maybe/": 1}
+    api_sum = value(samples, f"{name}_sum", route="/api/")
     assert api_sum is not None and 0.4 <= api_sum < 2
-    assert value(samples, f"{name}_bucket", route="/api", le="0.1") == 0
-    assert value(samples, f"{name}_bucket", route="/api", le="0.25") == 2
+    assert value(samples, f"{name}_bucket", route="/api/", le="0.1") == 0
+    assert value(samples, f"{name}_bucket", route="/api/", le="0.25") == 2
     # the request histogram covers the whole request, at least the upstream's part
-    req_sum = value(samples, "wxgw_request_duration_seconds_sum", route="/api")
+    req_sum = value(samples, "wxgw_request_duration_seconds_sum", route="/api/")
     assert req_sum is not None and req_sum >= api_sum
+
+
+async def test_routes_are_labelled_as_configured_and_never_by_request_path(
+        make_gateway: GatewayFactory, upstream: Upstream) -> None:
+    """``/api/`` and ``/v2`` as written in the file; a hundred distinct request paths add no
+    label value (an unmatched path is ``none``)."""
+    client = await make_gateway(routes=[
+        {"path": "/api/", "upstream": upstream.url, "auth": "public"},
+        {"path": "/v2", "upstream": upstream.url, "auth": "public"},
+        {"path": "/v2/deep//", "upstream": upstream.url, "auth": "public"},
+    ])
+    for i in range(50):
+        assert (await client.get(f"/api/item/{i}")).status == 200
+        assert (await client.get(f"/v2/item/{i}")).status == 200
+        assert (await client.get(f"/nowhere/{i}")).status == 404
+    assert (await client.get("/v2/deep/x")).status == 200
+    assert (await client.get("/api")).status == 200  # the prefix itself: still "/api/"
+    samples = await scrape(client)
+    routes = label_values(samples, "wxgw_upstream_duration_seconds_count", "route")
+    assert routes == {"/api/", "/v2", "/v2/deep//"}
+    assert value(samples, "wxgw_requests_total", route="/api/", status="200") == 51
+    assert value(samples, "wxgw_requests_total", route="/v2", status="200") == 50
+    assert value(samples, "wxgw_requests_total", route="none", status="404") == 50
+    assert not {r for r in label_values(samples, "wxgw_requests_total", "route")
+                if "item" in r or "nowhere" in r}
 
 
 # --- workers: 2 ---------------------------------------------------------------------------------
@@ -326,15 +351,15 @@ async def test_workers_metrics_sum_every_worker(launch: Launch, redis_server: Em
             by_route = {(ls["route"], ls["status"]): v
                         for ls, v in samples["wxgw_requests_total"]}
             sent = [s for s in client.sent[:made]]
-            assert by_route[("/public", "200")] == sum(s.path.startswith("/public/")
+            assert by_route[("/public/", "200")] == sum(s.path.startswith("/public/")
                                                        for s in sent)
-            assert by_route[("/api", "401")] == sum(s.path == "/api/x" for s in sent)
+            assert by_route[("/api/", "401")] == sum(s.path == "/api/x" for s in sent)
             assert by_route[("none", "404")] == sum(s.path == "/nowhere" for s in sent)
             assert value(samples, "wxgw_logins_total", outcome="ok") == 3
             assert value(samples, "wxgw_sessions_created_total", appid=APPID) == 3
             assert sum(v for _, v in samples["wxgw_request_duration_seconds_count"]) == made
             assert value(samples, "wxgw_upstream_duration_seconds_count",
-                         route="/public") == 40
+                         route="/public/") == 40
     assert await gw.stop() == 0, gw.output()
 
 
