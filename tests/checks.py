@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway import logs
 from rawhttp import RawResponse
 
-# --- the error shape (README: every error is JSON {"error": code, "message": text}) --------
+# --- the error shape (docs/endpoints.md: every error is JSON {"error": code, "message": text}) --------
 
 JSON_UTF8 = "application/json;charset=utf-8"
 

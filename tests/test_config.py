@@ -1,4 +1,4 @@
-"""The YAML configuration as README's configuration table has it: defaults, ${VAR} substitution,
+"""The YAML configuration as docs/configuration.md has it: defaults, ${VAR} substitution,
 durations, strict keys and one ``key.path: message`` line per problem, all reported at once."""
 
 from __future__ import annotations
@@ -932,7 +932,7 @@ def test_duplicate_yaml_keys_and_non_utf8_files_are_one_line_each(tmp_path: Any)
 
 # --- the documentation's key table ---------------------------------------------------------
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+KEY_TABLE = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 
 
 def declared_keys(cls: type[Any] = Config, prefix: str = "") -> dict[str, Any]:
@@ -958,10 +958,10 @@ def declared_keys(cls: type[Any] = Config, prefix: str = "") -> dict[str, Any]:
 
 
 def documented_keys() -> dict[str, str | None]:
-    """The keys README's configuration table names, each with its default when the row gives
-    one per key (``.ip_window`` after ``auth.rate_limit.ip_limit`` is short for
+    """The keys the configuration page's table names, in its order, each with its default when
+    the row gives one per key (``.ip_window`` after ``auth.rate_limit.ip_limit`` is short for
     ``auth.rate_limit.ip_window``; ``| `a` / `.b` | `1` / `2` |`` pairs them)."""
-    text = README.read_text(encoding="utf-8")
+    text = KEY_TABLE.read_text(encoding="utf-8")
     table = text[text.index("| key | default | meaning |"):]
     keys: dict[str, str | None] = {}
     for row in table[:table.index("\n\n")].splitlines()[2:]:
@@ -975,15 +975,25 @@ def documented_keys() -> dict[str, str | None]:
     return keys
 
 
-def test_readme_key_table_names_every_declared_key_and_no_other() -> None:
+def test_key_table_names_every_declared_key_and_no_other() -> None:
     declared, documented = declared_keys(), documented_keys()
     assert {"listen", "apps[].secret", "routes[].read_timeout", "auth.prefix",
             "auth.rate_limit.ip_limit", "identity_assertion.keys"} <= declared.keys()
-    assert declared.keys() - documented.keys() == set(), "missing from README's table"
-    assert documented.keys() - declared.keys() == set(), "README's table names unknown keys"
+    assert declared.keys() - documented.keys() == set(), "missing from the key table"
+    assert documented.keys() - declared.keys() == set(), "the key table names unknown keys"
 
 
-def test_readme_key_table_defaults_are_the_declared_ones() -> None:
+def test_key_table_lists_the_keys_in_declaration_order() -> None:
+    """One table, read top to bottom as gateway/config.py declares the keys: a new key's row
+    goes where its field is."""
+    declared = [k for k in declared_keys() if k in documented_keys()]
+    documented = list(documented_keys())
+    for i, (want, got) in enumerate(zip(declared, documented)):
+        assert want == got, f"row {i}: expected {want!r} (declaration order), found {got!r}"
+    assert len(documented) == len(declared)
+
+
+def test_key_table_defaults_are_the_declared_ones() -> None:
     declared = declared_keys()
     checked = 0
     for key, written in documented_keys().items():

@@ -7,8 +7,8 @@ an in-process gateway whose WeChat is the simulator (single-use codes) and whose
 
 The property, for every request:
 
-* the status is one of the login statuses in README (200/400/401/403/413/429/502/503/504),
-  never 500, and an error carries README's ``error`` code for that status in exactly the
+* the status is one of the login statuses in docs/endpoints.md (200/400/401/403/413/429/502/503/504),
+  never 500, and an error carries the documented ``error`` code for that status in exactly the
   ``{"error", "message"}`` shape, as ``application/json``;
 * where the outcome follows from the input alone, it is that outcome: a body over 16 KiB is
   413, a body that is not a JSON object or has a bad ``code`` is 400 ``invalid_request``, a bad
@@ -52,7 +52,7 @@ MAX_CODE = 128
 SESSION_FIELDS = {f.encode() for f in (S.OPENID, S.UNIONID, S.APPID, S.CREATED_AT,
                                        S.EXPIRES_AT, S.SESSION_KEY)}
 
-# The login error table in README: status -> the error codes allowed with it.
+# The login error table in docs/endpoints.md: status -> the error codes allowed with it.
 ERRORS: dict[int, set[str]] = {
     400: {"invalid_request", "unknown_app"},
     401: {"invalid_code"},
@@ -196,7 +196,7 @@ requests = st.builds(Request, bodies, content_types, st.booleans())
 def expected(body: bytes) -> tuple[set[int], set[str] | None, str | None]:
     """(allowed statuses, allowed error codes or None for "per status", the code logged in).
 
-    Mirrors what README's error table fixes from the input alone, decoding with ``json.loads``
+    Mirrors what the error table in docs/endpoints.md fixes from the input alone, decoding with ``json.loads``
     on the bytes (any Content-Type: nothing restricts it, and wx.request's defaults vary)."""
     if len(body) > MAX_BODY:
         return {413}, {"payload_too_large"}, None

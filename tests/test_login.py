@@ -1,4 +1,4 @@
-"""POST /auth/login: every login row of README's error table, the success body, and the
+"""POST /auth/login: every login row of the error table in docs/endpoints.md, the success body, and the
 call to WeChat's jscode2session as it goes over the wire."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Metrics: every metric documented, each one counting what it says,
 summed across ``workers: N``, and ``deploy/grafana-dashboard.json`` showing them.
 
-- README.md's metrics table lists every metric family ``gateway.metrics.Metrics`` defines, with
+- docs/operations.md's metrics table lists every metric family ``gateway.metrics.Metrics`` defines, with
   its type and label names (and nothing that does not exist);
 - after traffic against an in-process gateway: logins by outcome (one label value per error
   code), WeChat calls by endpoint and outcome, sessions created by appid, Redis errors, session
@@ -35,7 +35,7 @@ from gateway.state import SERVICES
 from process import Launch, launch_with_client
 
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
+METRICS_PAGE = ROOT / "docs" / "operations.md"
 DASHBOARD = ROOT / "deploy" / "grafana-dashboard.json"
 
 
@@ -57,14 +57,14 @@ def defined_families() -> dict[str, tuple[str, tuple[str, ...]]]:
     return found
 
 
-def readme_table() -> dict[str, tuple[str, tuple[str, ...]]]:
-    """README's "Metrics" table: name → (type, label names).
+def documented_table() -> dict[str, tuple[str, tuple[str, ...]]]:
+    """The "Metrics" table of docs/operations.md: name → (type, label names).
 
     A label cell names labels in backticks; what follows a colon or sits in parentheses
     describes their values (``route`` (route path ... or ``none``), ``outcome``: ``ok`` ...)."""
-    text = README.read_text(encoding="utf-8")
+    text = METRICS_PAGE.read_text(encoding="utf-8")
     match = re.search(r"^#+ Metrics\s*$(.*?)(?=^#)", text, re.M | re.S)
-    assert match, "README.md has no Metrics section"
+    assert match, "docs/operations.md has no Metrics section"
     rows = {}
     for line in match.group(1).splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -80,22 +80,22 @@ def readme_table() -> dict[str, tuple[str, tuple[str, ...]]]:
     return rows
 
 
-def test_every_metric_is_documented_in_the_readme_with_type_and_labels() -> None:
-    defined, documented = defined_families(), readme_table()
-    assert documented, "the README's metrics table is empty"
+def test_every_metric_is_documented_with_type_and_labels() -> None:
+    defined, documented = defined_families(), documented_table()
+    assert documented, "the metrics table is empty"
     problems = []
     for name, (kind, labels) in sorted(defined.items()):
         if name not in documented:
-            problems.append(f"{name} ({kind}, labels {list(labels)}) is not in README's table")
+            problems.append(f"{name} ({kind}, labels {list(labels)}) is not in the metrics table")
             continue
         doc_kind, doc_labels = documented[name]
         if doc_kind != kind:
-            problems.append(f"{name}: README says {doc_kind}, it is a {kind}")
+            problems.append(f"{name}: the docs say {doc_kind}, it is a {kind}")
         if set(doc_labels) != set(labels):
-            problems.append(f"{name}: README labels {list(doc_labels)}, it has {list(labels)}")
+            problems.append(f"{name}: the docs label {list(doc_labels)}, it has {list(labels)}")
     for name in sorted(set(documented) - set(defined)):
-        problems.append(f"{name} is in README's table but the gateway does not export it")
-    assert not problems, "README.md metrics table:\n" + "\n".join(problems)
+        problems.append(f"{name} is in the metrics table but the gateway does not export it")
+    assert not problems, "docs/operations.md metrics table:\n" + "\n".join(problems)
 
 
 # --- what they count, in-process -------------------------------------------------------------
