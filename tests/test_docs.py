@@ -5,22 +5,31 @@ example config.yaml working from a fresh clone with only the variables it names.
 from __future__ import annotations
 
 import asyncio
+import datetime
+import ipaddress
 import os
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from conftest import Upstream, bearer
 from gateway import loader
 from gateway.errors import ConfigError
+from gateway.testing import simulator
 from gateway.testing.embedded import EmbeddedRedis, free_port
 from process import GATEWAY, Launcher
+from test_deploy import nginx_binary, nginx_conf  # noqa: F401  (a fixture, and its config)
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -181,3 +190,79 @@ async def test_config_yaml_logs_in_against_the_simulator_started_as_readme_shows
     openids = [v for k, v in upstream.last.headers if k.lower() == "x-wx-openid"]
     assert openids == [login["openid"]] and login["openid"] != "forged"
     gw.assert_no_internal_failure()
+
+
+# --- the TLS proxy in front, as README shows it ---------------------------------------------
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, as PEM files."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gw.example.com")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+@pytest.mark.timeout(900)  # the first run on a fresh machine installs nginx
+async def test_readme_nginx_and_configuration_serve_a_login_and_a_request_over_https(
+        nginx_binary: str, launcher: Launcher, redis_server: EmbeddedRedis,
+        upstream: Upstream, aiohttp_server: Any, tmp_path: Path) -> None:
+    """README's nginx server block and configuration, with only addresses and file names
+    changed: TLS ends at nginx, the gateway trusts it, the backend gets the identity and the
+    client's scheme."""
+    wechat = await aiohttp_server(simulator.create_app({"wx1234567890abcdef": "test-secret"}))
+    (config,) = [block for block in fenced(readme(), "yaml") if "routes:" in block]
+    data = yaml.safe_load(config)
+    data["redis"]["url"] = redis_server.url
+    data["routes"][0]["upstream"] = upstream.url
+    gw = await launcher.start(data, env=bare_env(
+        **DOCUMENTED, WECHAT_API_BASE=f"http://127.0.0.1:{wechat.port}"))
+
+    (server_block,) = fenced(readme(), "nginx")
+    prefix = tmp_path / "nginx"
+    prefix.mkdir()
+    cert, key = self_signed(prefix)
+    nginx_port = free_port()
+    site = (server_block.replace("listen 443 ssl;", f"listen 127.0.0.1:{nginx_port} ssl;")
+            .replace("/etc/ssl/gw.example.com.pem", str(cert))
+            .replace("/etc/ssl/gw.example.com.key", str(key))
+            .replace("http://127.0.0.1:8080", gw.url))
+    assert str(nginx_port) in site and str(cert) in site and gw.url in site
+    (prefix / "site.conf").write_text(site, encoding="utf-8")
+    conf = prefix / "nginx.conf"
+    conf.write_text(nginx_conf(prefix, prefix / "site.conf"), encoding="utf-8")
+    base = [nginx_binary, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")]
+    syntax = subprocess.run([*base, "-t"], capture_output=True, text=True, timeout=30)
+    assert syntax.returncode == 0, syntax.stderr
+    await launcher.run(base, env=bare_env(), cwd=prefix, log=prefix / "stdout.log")
+
+    front = f"https://127.0.0.1:{nginx_port}"
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=False)) as http:
+        await gw.wait_healthy(http)
+        for _ in range(100):  # nginx starts alongside
+            try:
+                async with http.post(f"{front}/auth/login", json={"code": "tls"}) as resp:
+                    status, login = resp.status, await resp.json()
+                break
+            except aiohttp.ClientConnectionError:
+                await asyncio.sleep(0.1)
+        assert status == 200, login
+        async with http.get(f"{front}/api/orders", headers=bearer(login["token"])) as resp:
+            assert resp.status == 200, await resp.text()
+    seen = dict((k.lower(), v) for k, v in upstream.last.headers)
+    assert seen["x-wx-openid"] == login["openid"]
+    assert seen["x-forwarded-proto"] == "https"  # believed: nginx is a trusted proxy
+    assert seen["x-forwarded-for"] == "127.0.0.1, 127.0.0.1"  # the client, then nginx
+    assert "authorization" not in seen
