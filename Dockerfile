@@ -18,8 +18,8 @@ FROM python:3.11-slim-bookworm AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 WORKDIR /src
-# The dependencies first, exactly as locked (versions and hashes; see README's development
-# section to regenerate the file): the same set on every build, and a layer that a change to
+# The dependencies first, exactly as locked (versions and hashes; see docs/development.md
+# to regenerate the file): the same set on every build, and a layer that a change to
 # the gateway's source does not invalidate.
 COPY requirements.lock ./
 # Every dependency ships binary wheels for Linux (x86-64 and arm64), so no compiler is needed
