@@ -1,0 +1,73 @@
+"""``python -m gateway.testing.simulator`` as a user runs it: a real process a real gateway
+logs in through."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+
+import aiohttp
+import pytest
+
+from conftest import APPID, APPID2, SECRET, SECRET2, TWO_APPS, base_config, fresh
+from gateway.testing import simulator
+from gateway.testing.embedded import EmbeddedRedis, free_port
+from process import ChildProcess, Launch, Launcher, child_env, launch_with_client
+
+SIMULATOR = [sys.executable, "-m", "gateway.testing.simulator"]
+
+
+async def _start(launcher: Launcher, *args: str) -> tuple[ChildProcess, int]:
+    port = free_port()
+    sim = await launcher.run([*SIMULATOR, "--port", str(port), *args], env=child_env(),
+                             cwd=launcher.directory,
+                             log=launcher.directory / f"simulator-{port}.log")
+    deadline = time.monotonic() + 15
+    while f"listening on http://127.0.0.1:{port}" not in sim.output():
+        if sim.proc.returncode is not None or time.monotonic() > deadline:
+            pytest.fail(f"simulator did not start:\n{sim.output()}")
+        await asyncio.sleep(0.05)
+    return sim, port
+
+
+async def test_a_gateway_pointed_at_the_command_logs_in_each_app_then_it_stops_on_sigterm(
+        launcher: Launcher, launch: Launch, redis_server: EmbeddedRedis, key_prefix: str,
+        ) -> None:
+    sim, port = await _start(launcher, "--app", f"{APPID}:{SECRET}", "--app",
+                             f"{APPID2}:{SECRET2}")
+    data = base_config(redis_server.url, key_prefix, f"http://127.0.0.1:{port}",
+                       "http://127.0.0.1:9")
+    data["apps"] = TWO_APPS
+    async with aiohttp.ClientSession() as http:
+        _, client = await launch_with_client(launch, data, http)
+        code = fresh("sim-")
+        for appid in (APPID, APPID2):
+            login = (await client.login(code, appid)).json()
+            assert login["openid"] == simulator.openid_for(appid, code)
+            assert login["unionid"] == simulator.unionid_for(code)
+        # Its failure prefixes work through the command too.
+        refused = await client.login("errcode-40029-x", APPID, expect=401)
+        assert refused.json()["error"] == "invalid_code"
+    assert await sim.stop() == 0
+
+
+async def test_a_secret_it_was_not_given_is_refused_like_wechat(
+        launcher: Launcher, launch: Launch, redis_server: EmbeddedRedis, key_prefix: str,
+        ) -> None:
+    _, port = await _start(launcher, "--app", f"{APPID}:another-secret")
+    data = base_config(redis_server.url, key_prefix, f"http://127.0.0.1:{port}",
+                       "http://127.0.0.1:9")
+    async with aiohttp.ClientSession() as http:
+        _, client = await launch_with_client(launch, data, http)
+        assert (await client.login(fresh(), expect=502)).json()["error"] == "wechat_error"
+
+
+@pytest.mark.parametrize("app", ["wx1234567890abcdef", "wx1234567890abcdef:", ":secret"])
+async def test_an_app_without_appid_or_secret_is_a_usage_error(launcher: Launcher,
+                                                                 app: str) -> None:
+    sim = await launcher.run([*SIMULATOR, "--port", str(free_port()), "--app", app],
+                             env=child_env(), cwd=launcher.directory,
+                             log=launcher.directory / "simulator-bad.log")
+    assert await sim.exit_code(within=15) == 2
+    assert "expected APPID:SECRET" in sim.output()
