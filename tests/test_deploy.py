@@ -929,7 +929,7 @@ def find_nginx() -> str | None:
 
 @pytest.fixture(scope="session")
 def nginx_binary() -> str:
-    """nginx from PATH, else installed from Debian packages (CI runs as root)."""
+    """nginx from PATH (scripts/system-packages.sh installs it)."""
     found = debian_package("nginx", find_nginx)
     modules = subprocess.run([found, "-V"], capture_output=True, text=True, timeout=30).stderr
     assert "--with-http_auth_request_module" in modules, f"{found} lacks auth_request"
@@ -1017,7 +1017,6 @@ def identity_spellings(seen_headers: list[tuple[str, str]]) -> list[tuple[str, s
     return [(k, v) for k, v in seen_headers if k.strip().lower().replace("_", "-") in wanted]
 
 
-# The first run on a fresh machine installs nginx (apt-get) while setting this test up.
 @pytest.mark.timeout(900)
 async def test_nginx_recipe_forward_auth(
         nginx_binary: str, tmp_path: Path, launcher: Launcher,
