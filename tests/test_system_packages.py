@@ -28,6 +28,8 @@ def test_the_script_installs_every_package_a_test_asks_for() -> None:
     script = (ROOT / SCRIPT).read_text(encoding="utf-8")
     asked: set[str] = set()
     for path in (ROOT / "tests").glob("*.py"):
+        if path.name == "test_system_packages.py":  # its made-up names
+            continue
         asked |= set(re.findall(r'debian_package\(\s*"([^"]+)"', path.read_text("utf-8")))
     # The servlet containers name their package in a table, not in the call.
     asked |= set(re.findall(r'"(lib\w+-java)"',
