@@ -534,6 +534,12 @@ def test_compose_stack_gateway_replicas_redis_persistence_upstream() -> None:
                 check_python_snippet(argv[argv.index("-c") + 1])
     # The demo upstream is the gateway's own echo app, from the same image.
     assert "gateway.testing.demo" in " ".join(upstream["entrypoint"])
+    # The simulator is the documented command, knowing the app the gateway is configured with
+    # ($$: compose's escape, so the shell expands it from the service's environment).
+    simulator_argv = shlex.split(services["wechat-simulator"]["entrypoint"][-1].replace("$$", "$"))
+    assert simulator_argv[:4] == ["exec", "python", "-m", "gateway.testing.simulator"]
+    assert simulator_argv[simulator_argv.index("--app") + 1] == "$WX_APPID:$WX_APP_SECRET"
+    assert simulator_argv[simulator_argv.index("--port") + 1] == "9100"
     assert upstream["image"] == gateway["image"]
     # Only the gateway is published; Redis and the upstream are on internal networks.
     assert "ports" not in redis_ and "ports" not in upstream
