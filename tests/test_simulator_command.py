@@ -4,6 +4,7 @@ logs in through."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 import time
 
@@ -71,3 +72,14 @@ async def test_an_app_without_appid_or_secret_is_a_usage_error(launcher: Launche
                              log=launcher.directory / "simulator-bad.log")
     assert await sim.exit_code(within=15) == 2
     assert "expected APPID:SECRET" in sim.output()
+
+
+async def test_a_port_in_use_is_a_clear_error_and_sigint_stops_it(launcher: Launcher) -> None:
+    first, port = await _start(launcher, "--app", f"{APPID}:{SECRET}")
+    second = await launcher.run([*SIMULATOR, "--port", str(port), "--app", f"{APPID}:{SECRET}"],
+                                env=child_env(), cwd=launcher.directory,
+                                log=launcher.directory / "simulator-second.log")
+    assert await second.exit_code(within=15) == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in second.output()
+    first.proc.send_signal(signal.SIGINT)
+    assert await first.exit_code(within=15) == 0
