@@ -200,3 +200,18 @@ def test_config_errors_name_the_tls_key(tmp_path: Path) -> None:
                            "session": {"signing_keys": [SIGNING_KEY]},
                            "tls": {"cert_file": cert, "key_file": key}}, environ={})
     assert config.tls.enabled and key not in repr(config)
+
+
+async def test_every_worker_serves_https_and_reloads_the_certificate(
+        launch: Launch, tls_config: dict[str, Any], tmp_path: Path) -> None:
+    gw = await launch({**tls_config, "workers": 2})
+    async with trusting(tls_config["tls"]["cert_file"]) as http:
+        await healthy_https(gw, http)
+    await gw.wait_for_line(lambda line: "listening on" in line and "HTTPS" in line, count=2)
+    cert, key, renewed = self_signed(tmp_path, "renewed")
+    mark = gw.mark()
+    gw.rewrite({**tls_config, "workers": 2, "tls": {"cert_file": cert, "key_file": key}})
+    gw.hup()  # to the supervisor, which forwards it to each worker
+    await gw.wait_for_line(lambda line: RELOADED in line, after=mark, count=2)
+    # New connections land on either worker (SO_REUSEPORT): each serves the new certificate.
+    assert {await served_fingerprint(gw.port) for _ in range(12)} == {renewed}
