@@ -109,6 +109,17 @@ async def test_https_login_and_proxied_call_with_a_verified_certificate(
     async with aiohttp.ClientSession() as strict:
         with pytest.raises(aiohttp.ClientConnectorCertificateError):
             await strict.get(f"https://127.0.0.1:{gw.port}/healthz")
+    # Garbage instead of a ClientHello, and a connection closed mid-handshake: dropped quietly.
+    for junk in (b"\x16\x03\x01\x00\x05hello" + bytes(range(256)), b"\x16\x03"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(junk)
+        await writer.drain()
+        if len(junk) > 2:  # the gateway answers with an alert at most, and closes
+            assert len(await asyncio.wait_for(reader.read(), 5)) < 64
+        writer.close()
+    async with trusting(tls_config["tls"]["cert_file"]) as http:
+        await Client(f"https://127.0.0.1:{gw.port}", http).call("GET", "/healthz", expect=200)
+    gw.assert_no_internal_failure()
 
 
 async def test_sighup_serves_the_new_certificate_to_new_connections(
