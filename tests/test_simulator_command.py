@@ -4,9 +4,11 @@ logs in through."""
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import sys
 import time
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -83,3 +85,30 @@ async def test_a_port_in_use_is_a_clear_error_and_sigint_stops_it(launcher: Laun
     assert f"cannot listen on 127.0.0.1:{port}" in second.output()
     first.proc.send_signal(signal.SIGINT)
     assert await first.exit_code(within=15) == 0
+
+
+def _documented_failures() -> list[tuple[str, int, str | None]]:
+    """docs/simulator.md's rows for concrete codes: (code, login status, error or None)."""
+    page = (Path(__file__).resolve().parent.parent / "docs" / "simulator.md").read_text("utf-8")
+    rows = []
+    for match in re.finditer(r"^\| `([a-z0-9-]+-x)` \| [^|]+ \| (\d{3})(?: `(\w+)`)?", page, re.M):
+        rows.append((match.group(1), int(match.group(2)), match.group(3)))
+    return rows
+
+
+async def test_the_documented_failure_codes_give_the_documented_login_answers(
+        launcher: Launcher, launch: Launch, redis_server: EmbeddedRedis, key_prefix: str,
+        ) -> None:
+    rows = _documented_failures()
+    assert len(rows) >= 8, rows
+    _, port = await _start(launcher, "--app", f"{APPID}:{SECRET}")
+    data = base_config(redis_server.url, key_prefix, f"http://127.0.0.1:{port}",
+                       "http://127.0.0.1:9")
+    async with aiohttp.ClientSession() as http:
+        _, client = await launch_with_client(launch, data, http)
+        for code, status, error in rows:
+            reply = await client.login(code, expect=status)
+            if error is not None:
+                assert reply.json()["error"] == error, code
+            else:
+                assert reply.json()["unionid"] is None, code
