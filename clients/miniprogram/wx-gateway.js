@@ -83,7 +83,7 @@ function noop() {}
  * Calls `fn(call)` of the platform. Taro's API answers with a promise as well as the callbacks,
  * and that promise rejects when the call fails: the callbacks already handle the outcome, so
  * the promise's rejection is consumed here instead of surfacing as an unhandled rejection.
- * (wx and uni, given callbacks, return a task object, not a promise.)
+ * (wx and uni, given callbacks, return a RequestTask, not a promise.)
  */
 function invoke(api, name, call) {
   var returned = api[name](call)

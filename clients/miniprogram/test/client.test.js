@@ -197,7 +197,7 @@ function makeWx(options = {}) {
 
 /**
  * uni-app's API object: wx's shapes (uni.request / uni.login / uni.*StorageSync with
- * success/fail/complete); given callbacks, it returns a task, not a promise. Never global `wx`.
+ * success/fail/complete); given callbacks, it returns a RequestTask, not a promise. Never global `wx`.
  */
 function makeUni(options = {}) {
   const state = makeWx(Object.assign({}, options, { global: false }))
