@@ -138,6 +138,18 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TLSConfig:
+    """HTTPS on the main listener when both are set; SIGHUP re-reads the files."""
+
+    cert_file: str = ""  # PEM: the certificate, then its intermediates
+    key_file: str = option("", repr=False)  # PEM: its private key, unencrypted
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file)
+
+
+@dataclass(frozen=True, slots=True)
 class IdentityHeaders:
     openid: str = option("X-WX-OpenID", read="identity_header", read_default=True)
     unionid: str = option("X-WX-UnionID", read="identity_header", read_default=True)
@@ -202,6 +214,8 @@ class Config:
     listen_host: str = option("0.0.0.0", yaml="listen", read="listen", part=0,
                               restart_only=True)
     listen_port: int = option(8080, yaml="listen", read="listen", part=1, restart_only=True)
+    # Turning it on or off takes a restart; new files are loaded on SIGHUP (see reload.py).
+    tls: TLSConfig = option(TLSConfig(), read="tls")
     redis: RedisConfig = option(read="redis", restart_only=True)
     wechat: WeChatConfig = WeChatConfig()
     apps: tuple[App, ...] = option(read="apps")

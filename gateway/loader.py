@@ -12,6 +12,7 @@ import ipaddress
 import math
 import os
 import re
+import ssl
 import typing
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, NamedTuple
@@ -23,10 +24,11 @@ from yarl import URL
 
 from .config import (AUTH_ENDPOINTS, GATEWAY_PATHS, LOG_LEVELS, MIN_SIGNING_KEY_BYTES, App,
                      AssertionConfig, Config, IdentityHeaders, IPNetwork, RedisConfig, Route,
-                     yaml_name)
+                     TLSConfig, yaml_name)
 from .errors import ConfigError
 from .headers import NAME as HEADER_NAME, RESERVED_SPELLINGS, spelling
 from .keys import load_private_key
+from .tls import server_context
 
 __all__ = ["ConfigError", "load", "parse", "parse_duration"]
 
@@ -474,6 +476,34 @@ class _ConfigReader(Reader):
             self.fail(key, f"must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
             return None
         return None if level is None else level.lower()
+
+    def tls(self, key: str, value: Any, context: Context) -> TLSConfig | None:
+        values = self.read(key, value, TLSConfig, context.found)
+        if values is None:
+            return None
+        cert, private = values["cert_file"], values["key_file"]
+        if bool(cert) != bool(private):
+            missing = "key_file" if cert else "cert_file"
+            self.fail(f"{key}.{missing}", "is required when tls."
+                      f"{'cert_file' if cert else 'key_file'} is set (both or neither)")
+            return None
+        if cert:
+            before = len(self.problems)
+            for name, path in (("cert_file", cert), ("key_file", private)):
+                try:
+                    Path(path).read_bytes()
+                except OSError as exc:
+                    self.fail(f"{key}.{name}", f"cannot read {path!r}: {exc.strerror or exc}")
+            if len(self.problems) > before:
+                return None
+            try:  # what the listener will do with them, so --check catches a broken pair
+                server_context(cert, private)
+            except ssl.SSLError as exc:
+                self.fail(f"{key}.cert_file", f"{cert!r} and {key}.key_file {private!r} are "
+                          f"not a PEM certificate chain and its unencrypted private key "
+                          f"({exc.reason or exc})")
+                return None
+        return TLSConfig(**values)
 
     def assertion(self, key: str, value: Any, context: Context) -> AssertionConfig | None:
         values = self.read(key, value, AssertionConfig, context.found)

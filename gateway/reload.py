@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import ssl
 import typing
 from typing import Any
 
@@ -13,7 +14,8 @@ from . import loader
 from . import logs
 from .errors import ConfigError
 from .services import Services
-from .state import SERVICES
+from .state import SERVICES, TLS_CONTEXT
+from .tls import load_chain, server_context
 from .config import Config
 
 log = logging.getLogger("gateway.reload")
@@ -48,6 +50,31 @@ def _replace(value: Any, path: str, new: Any) -> Any:
 RESTART_ONLY = restart_only()
 
 
+def _reload_tls(app: web.Application, old: Config, new: Config) -> Config:
+    """Load the new certificate files into the listener's context: connections accepted from
+    now on get them, open ones keep theirs. HTTPS itself cannot be turned on or off in place
+    (the listener is already bound), so that part of ``new`` waits for a restart."""
+    context = app.get(TLS_CONTEXT)
+    if (context is not None) != new.tls.enabled:
+        log.warning("reload: tls %s only after a restart; the listener keeps %s",
+                    "is turned on" if new.tls.enabled else "is turned off",
+                    "HTTPS" if context is not None else "plain HTTP")
+        return dataclasses.replace(new, tls=old.tls)
+    if context is None:
+        return new
+    try:
+        # A pair that loads into a context of its own first: a key that fails after the
+        # certificate loaded must not leave the listener's context half replaced.
+        server_context(new.tls.cert_file, new.tls.key_file)
+        load_chain(context, new.tls.cert_file, new.tls.key_file)
+    except (OSError, ssl.SSLError) as exc:  # changed since the loader checked them
+        log.error("reload: cannot load tls.cert_file/tls.key_file (%s); new connections keep "
+                  "getting the previous certificate", exc)
+        return dataclasses.replace(new, tls=old.tls)
+    log.info("reload: TLS certificate reloaded from %s", new.tls.cert_file)
+    return new
+
+
 def reload(app: web.Application, path: str) -> bool:
     """Apply the file at ``path``; False (and the old configuration kept) when it is invalid."""
     try:
@@ -66,6 +93,7 @@ def reload(app: web.Application, path: str) -> bool:
     effective = new
     for path in RESTART_ONLY:
         effective = _replace(effective, path, _get(old, path))
+    effective = _reload_tls(app, old, effective)
     services = Services.build(effective, live.connections)
     if services.asserter is not None and live.current.asserter is not None:
         services.asserter.succeed(live.current.asserter)

@@ -52,10 +52,11 @@ from aiohttp.web_urldispatcher import UrlMappingMatchInfo
 
 from . import proxy
 from .app import create_app, error_response, pipeline
-from .state import IN_FLIGHT
+from .state import IN_FLIGHT, TLS_CONTEXT
 from .logs import AccessLogger
 from .metrics import Metrics
 from .reload import reload
+from .tls import server_context
 from .config import Config
 from .errors import GatewayError, HeadersTooLarge, InvalidRequest, RequestTimeout
 from .endpoints import json_response
@@ -381,6 +382,10 @@ async def serve(config: Config, path: str | None = None, reuse_port: bool = Fals
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     app = create_app(config)
+    tls = (server_context(config.tls.cert_file, config.tls.key_file) if config.tls.enabled
+           else None)
+    if tls is not None:
+        app[TLS_CONTEXT] = tls
     if path is not None:
         loop.add_signal_handler(signal.SIGHUP, reload, app, path)
     raise_file_limit(config.max_connections)
@@ -388,12 +393,13 @@ async def serve(config: Config, path: str | None = None, reuse_port: bool = Fals
     await app_runner.setup()
     try:
         await web.TCPSite(app_runner, config.listen_host, config.listen_port,
-                          reuse_port=reuse_port or None).start()
+                          ssl_context=tls, reuse_port=reuse_port or None).start()
     except BaseException:
         await app_runner.cleanup()
         raise
-    log.info("wx-gateway listening on %s:%d (%d route(s), %d app(s))", config.listen_host,
-             config.listen_port, len(config.routes), len(config.apps))
+    log.info("wx-gateway listening on %s:%d (%d route(s), %d app(s))%s", config.listen_host,
+             config.listen_port, len(config.routes), len(config.apps),
+             ", HTTPS" if tls is not None else "")
     await stop.wait()
     log.info("stopping: draining in-flight requests (up to %gs)", config.shutdown_grace)
     # cleanup() closes the listener, waits for in-flight handlers, then runs cleanup_ctx.

@@ -5,6 +5,7 @@ them."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -18,6 +19,8 @@ if TYPE_CHECKING:
 CONFIG: web.AppKey[Config] = web.AppKey("config")
 SERVICES: web.AppKey[Live] = web.AppKey("services")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
+# The main listener's TLS context when it serves HTTPS (reloaded in place on SIGHUP).
+TLS_CONTEXT = web.AppKey("tls_context", ssl.SSLContext)
 # Tasks handling a request right now: a graceful stop cancels what outlives shutdown_grace.
 IN_FLIGHT: web.AppKey[set[asyncio.Task[object]]] = web.AppKey("in_flight")
 

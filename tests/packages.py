@@ -1,35 +1,22 @@
-"""System packages the tests need, installed from Debian packages when missing (CI runs as
-root); a test that cannot get one is skipped with the reason, never passed."""
+"""System packages the tests need. scripts/system-packages.sh installs them, once, before the
+test run (the README's test command and CI run it first); a test that does not find one fails
+here naming that script, never skips, and installs nothing itself."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 from typing import Callable
 
 import pytest
 
+SCRIPT = "scripts/system-packages.sh"
+
 
 def debian_package(package: str, find: Callable[[], str | None]) -> str:
-    """What ``find`` finds, after ``apt-get install package`` when it finds nothing."""
+    """What ``find`` finds; the test fails, naming the script that installs ``package``,
+    when it finds nothing."""
     found = find()
-    if found is not None:
-        return found
-    if os.geteuid() != 0:
-        pytest.skip(f"{package} is not installed and this test is not root, so it cannot "
-                    f"`apt-get install {package}`")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for argv in (["apt-get", "update"],
-                 ["apt-get", "install", "-y", "--no-install-recommends", package]):
-        try:
-            result = subprocess.run(argv, env=env, capture_output=True, text=True,
-                                    timeout=360, stdin=subprocess.DEVNULL)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            pytest.skip(f"`{' '.join(argv)}` failed, so {package} cannot be installed: {exc}")
-        if result.returncode != 0:
-            tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
-            pytest.skip(f"`{' '.join(argv)}` failed, so {package} cannot be installed: "
-                        + " | ".join(tail))
-    found = find()
-    assert found, f"apt-get installed {package}, but it is not where expected"
+    if found is None:
+        pytest.fail(f"{package} is not installed: run `bash {SCRIPT}` (as root, or with sudo) "
+                    f"before the tests; it installs {package} and the suite's other system "
+                    "packages", pytrace=False)
     return found

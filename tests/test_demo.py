@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import shlex
+import shutil
 import signal
 import sys
 
 import aiohttp
 
 from gateway.testing.embedded import free_port
+from packages import debian_package
 
 
 async def test_demo_serves_login_and_protected_call_then_stops_cleanly() -> None:
@@ -47,3 +51,51 @@ async def test_demo_serves_login_and_protected_call_then_stops_cleanly() -> None
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+# A printed command and the status it promises: "   <command>  # 200".
+_COMMAND = re.compile(r"^   ((?:[A-Z]+=\$\()?curl .*?)\s+# (\d{3})$")
+
+
+async def test_every_printed_command_answers_as_the_walkthrough_says_when_pasted_in_order(
+        ) -> None:
+    curl = debian_package("curl", lambda: shutil.which("curl"))
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.testing.demo", "--port", str(port),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        assert proc.stdout is not None
+        banner = b""
+        async with asyncio.timeout(20):
+            while b"Press Ctrl+C" not in banner:
+                line = await proc.stdout.readline()
+                assert line, f"demo exited early: {banner.decode()}"
+                banner += line
+        steps = [m.groups() for m in map(_COMMAND.match, banner.decode().splitlines()) if m]
+        assert len(steps) >= 14, banner.decode()
+        assert "/auth/logout" in steps[-2][0], "logging out must come after every use of $TOKEN"
+        # One shell, as a user pasting them would have; each curl also reports its status on
+        # stderr, one line per call, so a command substitution's call is counted too.
+        script = "\n".join(
+            [f"curl() {{ {shlex.quote(curl)} -w '%{{stderr}}%{{http_code}}\\n' \"$@\"; }}"]
+            + [command for command, _ in steps])
+        shell = await asyncio.create_subprocess_exec(
+            "bash", "-c", script, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        async with asyncio.timeout(60):
+            out, err = await shell.communicate()
+        statuses = err.decode().split()
+        assert [(command, status) for (command, _), status in zip(steps, statuses)] == steps, (
+            out.decode())
+        assert len(statuses) == len(steps), err.decode()
+        assert "X-WX-OpenID" in out.decode() and "forged" not in out.decode()
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                async with asyncio.timeout(15):
+                    await proc.wait()
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()

@@ -17,10 +17,12 @@ import ast
 import asyncio
 import importlib.metadata
 import grp
+import ipaddress
 import json
 import os
 import pwd
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -32,6 +34,7 @@ import tomllib
 import uuid
 from functools import cache
 from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
 from typing import Any, Mapping, Sequence
 
 import aiohttp
@@ -531,6 +534,12 @@ def test_compose_stack_gateway_replicas_redis_persistence_upstream() -> None:
                 check_python_snippet(argv[argv.index("-c") + 1])
     # The demo upstream is the gateway's own echo app, from the same image.
     assert "gateway.testing.demo" in " ".join(upstream["entrypoint"])
+    # The simulator is the documented command, knowing the app the gateway is configured with
+    # ($$: compose's escape, so the shell expands it from the service's environment).
+    simulator_argv = shlex.split(services["wechat-simulator"]["entrypoint"][-1].replace("$$", "$"))
+    assert simulator_argv[:4] == ["exec", "python", "-m", "gateway.testing.simulator"]
+    assert simulator_argv[simulator_argv.index("--app") + 1] == "$WX_APPID:$WX_APP_SECRET"
+    assert simulator_argv[simulator_argv.index("--port") + 1] == "9100"
     assert upstream["image"] == gateway["image"]
     # Only the gateway is published; Redis and the upstream are on internal networks.
     assert "ports" not in redis_ and "ports" not in upstream
@@ -566,6 +575,16 @@ def test_compose_config_passes_check_with_the_compose_environment() -> None:
     assert env["GATEWAY_CONFIG"] == "/etc/wx-gateway/config.yaml"
     result = gateway_check(DEPLOY / "config.yaml", clean_env(**env))
     assert result.returncode == 0, result.stderr
+    assert env["API_UPSTREAM"] == "http://upstream:9000"  # the demo echo service by default
+    # Your backend from deploy/.env reaches every route; a malformed one is refused by name.
+    own = {k: compose_interpolate(str(v), {**filled, "API_UPSTREAM": "http://backend:8000"})
+           for k, v in environment.items()}
+    assert own["API_UPSTREAM"] == "http://backend:8000"
+    result = gateway_check(DEPLOY / "config.yaml", clean_env(**own))
+    assert result.returncode == 0, result.stderr
+    own["API_UPSTREAM"] = "backend:8000"
+    result = gateway_check(DEPLOY / "config.yaml", clean_env(**own))
+    assert result.returncode != 0 and "routes[0].upstream" in result.stderr, result.stderr
     # Exactly the variables the compose file provides are needed: drop a secret, it fails.
     del env["GATEWAY_SIGNING_KEY"]
     result = gateway_check(DEPLOY / "config.yaml", clean_env(**env))
@@ -577,17 +596,43 @@ def test_compose_config_passes_check_with_the_compose_environment() -> None:
 K8S = DEPLOY / "kubernetes"
 
 
-def k8s_documents() -> dict[str, dict[str, Any]]:
-    """kind → manifest, for every manifest except kustomization.yaml."""
+K8S_FORWARD_AUTH = DEPLOY / "kubernetes-ingress-nginx"
+# Kinds a directory may hold several of: keyed "kind/name" by k8s_documents.
+K8S_MANY = ("NetworkPolicy",)
+
+
+def k8s_documents(directory: Path = K8S) -> dict[str, dict[str, Any]]:
+    """kind (or kind/name, for K8S_MANY) → manifest, for every manifest in ``directory``
+    except kustomization.yaml."""
     docs: dict[str, dict[str, Any]] = {}
-    for path in sorted(K8S.glob("*.yaml")):
+    for path in sorted(directory.glob("*.yaml")):
         if path.name == "kustomization.yaml":
             continue
         for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")):
             if doc:
-                assert doc["kind"] not in docs, f"two {doc['kind']} manifests"
-                docs[doc["kind"]] = doc
+                key = doc["kind"]
+                if key in K8S_MANY or key == "Ingress" and directory != K8S:
+                    key = f"{key}/{doc['metadata']['name']}"
+                assert key not in docs, f"two {key} manifests in {directory.name}"
+                docs[key] = doc
     return docs
+
+
+def validate_strictly(docs: Mapping[str, dict[str, Any]]) -> None:
+    """Each manifest against the schemas of every Kubernetes version from 1.30 on."""
+    import kubernetes_validate
+    from kubernetes_validate.utils import all_versions
+    from packaging.version import Version
+
+    versions = [v for v in all_versions() if Version(v) >= Version("1.30")]
+    assert versions, f"kubernetes-validate bundles no schemas for 1.30 or later: {all_versions()}"
+    for version in versions:
+        for kind, doc in docs.items():
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                pytest.fail(f"{kind} is invalid for Kubernetes {version}: {exc.message} "
+                            f"at {'.'.join(map(str, exc.path))}")
 
 
 def test_kubernetes_manifests_validate_against_kubernetes_schemas() -> None:
@@ -599,7 +644,9 @@ def test_kubernetes_manifests_validate_against_kubernetes_schemas() -> None:
     assert versions, f"kubernetes-validate bundles no schemas for 1.30 or later: {all_versions()}"
     docs = k8s_documents()
     assert set(docs) == {"ConfigMap", "Secret", "Deployment", "Service",
-                         "HorizontalPodAutoscaler", "PodDisruptionBudget"}, set(docs)
+                         "HorizontalPodAutoscaler", "PodDisruptionBudget", "Ingress",
+                         "NetworkPolicy/wx-gateway", "NetworkPolicy/wx-gateway-backend"
+                         }, set(docs)
     assert docs["HorizontalPodAutoscaler"]["apiVersion"] == "autoscaling/v2"
     assert docs["PodDisruptionBudget"]["apiVersion"] == "policy/v1"
     for version in versions:
@@ -618,9 +665,9 @@ def test_kubernetes_manifests_validate_against_kubernetes_schemas() -> None:
         kubernetes_validate.validate(bad, versions[-1], strict=True)
 
     listed = load_yaml(K8S / "kustomization.yaml")["resources"]
-    assert sorted(listed) == sorted(p.name for p in K8S.glob("*.yaml")
-                                    if p.name not in ("kustomization.yaml",
-                                                      "secret.example.yaml"))
+    assert sorted(listed) == sorted([*(p.name for p in K8S.glob("*.yaml")
+                                       if p.name not in ("kustomization.yaml",
+                                                         "secret.example.yaml")), "redis"])
 
 
 def test_kubernetes_deployment_probes_resources_and_security() -> None:
@@ -708,18 +755,169 @@ def test_kubernetes_configmap_config_passes_check_with_the_secret_env(tmp_path: 
     config.write_text(docs["ConfigMap"]["data"]["config.yaml"], encoding="utf-8")
     secret: dict[str, str] = docs["Secret"]["stringData"]
     (container,) = docs["Deployment"]["spec"]["template"]["spec"]["containers"]
+    # As Kubernetes builds it: env entries override envFrom's, $(VAR) expanded from the
+    # entries above (REDIS_PASSWORD: the redis Secret's password, as its example says to make).
     deployment_env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+    password = secrets.token_hex(32)
+    deployment_env = {k: v.replace("$(REDIS_PASSWORD)", password)
+                      for k, v in deployment_env.items()}
 
     # The example's placeholders are refused: a copied-as-is Secret cannot start a gateway
     # that signs tokens with a published key.
-    result = gateway_check(config, clean_env(**deployment_env, **secret))
+    result = gateway_check(config, clean_env(**{**secret, **deployment_env}))
     assert result.returncode != 0 and "session.signing_keys[0]" in result.stderr, result.stderr
 
-    # The same variables with real values: valid.
+    # The same variables with real values: valid, with the in-cluster Redis...
     real = {**secret, "GATEWAY_SIGNING_KEY": "s" * 48, "WX_APP_SECRET": "an-app-secret"}
     assert set(real) == set(secret)
-    result = gateway_check(config, clean_env(**deployment_env, **real))
+    result = gateway_check(config, clean_env(**{**real, **deployment_env}))
     assert result.returncode == 0, result.stderr
+    # ...and with a managed one: the Deployment's two Redis entries deleted, the Secret's URL.
+    managed = {k: v for k, v in deployment_env.items() if not k.startswith("REDIS_")}
+    result = gateway_check(config, clean_env(**{**real, **managed}))
+    assert result.returncode == 0, result.stderr
+
+
+def _selects(selector: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
+    return bool(selector["matchLabels"]) and selector["matchLabels"].items() <= labels.items()
+
+
+def _pod_labels(doc: Mapping[str, Any]) -> dict[str, str]:
+    labels: dict[str, str] = doc["spec"]["template"]["metadata"]["labels"]
+    return labels
+
+
+def test_kubernetes_redis_persists_on_a_volume_and_requires_the_secret_password() -> None:
+    docs = k8s_documents(K8S / "redis")
+    assert set(docs) == {"StatefulSet", "Service", "Secret", "NetworkPolicy/wx-gateway-redis"}
+    validate_strictly(docs)
+    assert sorted(load_yaml(K8S / "redis" / "kustomization.yaml")["resources"]) == sorted(
+        p.name for p in (K8S / "redis").glob("*.yaml")
+        if p.name not in ("kustomization.yaml", "secret.example.yaml"))
+
+    sts, service, secret = docs["StatefulSet"], docs["Service"], docs["Secret"]
+    (container,) = sts["spec"]["template"]["spec"]["containers"]
+    args = container["args"]
+    assert args[args.index("--appendonly") + 1] == "yes"
+    # The data directory is the claim's mount: sessions survive the pod.
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts[claim["metadata"]["name"]] == args[args.index("--dir") + 1]
+    # The password: from the Secret, through the environment, never in the manifest.
+    password = args[args.index("--requirepass") + 1]
+    assert password == "$(REDIS_PASSWORD)"
+    env = {e["name"]: e for e in container["env"]}
+    ref = env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"]
+    assert sts["spec"]["serviceName"] == service["metadata"]["name"]
+    assert _selects({"matchLabels": service["spec"]["selector"]}, _pod_labels(sts))
+
+    # The gateway reaches it by that Service, with that password (defined before the URL:
+    # Kubernetes expands $(VAR) only from entries above).
+    (gateway,) = k8s_documents()["Deployment"]["spec"]["template"]["spec"]["containers"]
+    names = [e["name"] for e in gateway["env"]]
+    url = next(e["value"] for e in gateway["env"] if e["name"] == "REDIS_URL")
+    assert names.index("REDIS_PASSWORD") < names.index("REDIS_URL")
+    gateway_ref = gateway["env"][names.index("REDIS_PASSWORD")]["valueFrom"]["secretKeyRef"]
+    assert gateway_ref == ref
+    assert url == f"redis://:$(REDIS_PASSWORD)@{service['metadata']['name']}:6379/0"
+
+
+def test_kubernetes_network_policies_admit_only_the_gateway_to_redis_and_the_backend() -> None:
+    base = k8s_documents()
+    redis_docs = k8s_documents(K8S / "redis")
+    gateway_labels = _pod_labels(base["Deployment"])
+    config = yaml.safe_load(base["ConfigMap"]["data"]["config.yaml"])
+    backend_port = urlsplit(config["routes"][0]["upstream"]).port
+
+    def only_from_gateway(policy: Mapping[str, Any], port: int | None) -> None:
+        spec = policy["spec"]
+        assert spec["policyTypes"] == ["Ingress"]
+        (rule,) = spec["ingress"]
+        (peer,) = rule["from"]
+        # A bare podSelector: gateway pods of this namespace, nothing else, no IP blocks.
+        assert set(peer) == {"podSelector"} and _selects(peer["podSelector"], gateway_labels)
+        assert [p["port"] for p in rule["ports"]] == [port]
+
+    redis_policy = redis_docs["NetworkPolicy/wx-gateway-redis"]
+    assert _selects(redis_policy["spec"]["podSelector"], _pod_labels(redis_docs["StatefulSet"]))
+    only_from_gateway(redis_policy, 6379)
+    backend = base["NetworkPolicy/wx-gateway-backend"]
+    assert not _selects(backend["spec"]["podSelector"], gateway_labels)
+    only_from_gateway(backend, backend_port)
+
+    # The gateway itself: from the ingress controller's pods (and monitoring), on its port.
+    gateway = base["NetworkPolicy/wx-gateway"]["spec"]
+    assert _selects(gateway["podSelector"], gateway_labels)
+    (rule,) = gateway["ingress"]
+    namespaces = [p["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+                  for p in rule["from"]]
+    assert namespaces == ["ingress-nginx", "monitoring"]
+    assert "ipBlock" not in str(rule) and [p["port"] for p in rule["ports"]] == [8080]
+
+
+def test_kubernetes_trusted_proxies_are_narrower_than_the_cluster() -> None:
+    config = yaml.safe_load(k8s_documents()["ConfigMap"]["data"]["config.yaml"])
+    networks = [ipaddress.ip_network(n) for n in config["trusted_proxies"]]
+    assert networks
+    # A range as wide as the cluster's pod or private address space would let any pod in it
+    # claim any client address in X-Forwarded-For.
+    for network in networks:
+        assert network.prefixlen >= (24 if network.version == 4 else 64), network
+
+
+def test_kubernetes_ingress_terminates_tls_for_the_gateway_service() -> None:
+    docs = k8s_documents()
+    ingress, service = docs["Ingress"], docs["Service"]
+    assert ingress["metadata"]["annotations"]["cert-manager.io/cluster-issuer"]
+    (tls,) = ingress["spec"]["tls"]
+    assert tls["secretName"]
+    for rule in ingress["spec"]["rules"]:
+        assert rule["host"] in tls["hosts"]
+        for path in rule["http"]["paths"]:
+            backend = path["backend"]["service"]
+            assert backend["name"] == service["metadata"]["name"]
+            assert backend["port"]["name"] in [p["name"] for p in service["spec"]["ports"]]
+
+
+def test_kubernetes_ingress_nginx_variant_asks_the_gateway_for_every_backend_request() -> None:
+    docs = k8s_documents(K8S_FORWARD_AUTH)
+    assert set(docs) == {"Ingress/wx-backend", "Ingress/wx-gateway-auth",
+                         "NetworkPolicy/wx-gateway-backend-forward-auth"}, set(docs)
+    validate_strictly(docs)
+    base = k8s_documents()
+    service = base["Service"]
+    port = service["spec"]["ports"][0]["port"]
+    annotations = docs["Ingress/wx-backend"]["metadata"]["annotations"]
+    auth_url = urlsplit(annotations["nginx.ingress.kubernetes.io/auth-url"])
+    assert auth_url.hostname is not None
+    assert auth_url.hostname.split(".")[0] == service["metadata"]["name"]
+    assert (auth_url.port or 80) == port and auth_url.path == "/auth/verify"
+    # Every identity header, so that a client's copy of one the answer lacks is overwritten.
+    copied = [h.strip() for h in
+              annotations["nginx.ingress.kubernetes.io/auth-response-headers"].split(",")]
+    assert sorted(copied) == sorted(IDENTITY)
+    # Cached per token, successes only, for a second.
+    assert "$http_authorization" in annotations["nginx.ingress.kubernetes.io/auth-cache-key"]
+    *codes, duration = annotations["nginx.ingress.kubernetes.io/auth-cache-duration"].split()
+    assert codes == ["200"] and parse_duration(duration) <= 1
+    for doc in (docs["Ingress/wx-backend"], docs["Ingress/wx-gateway-auth"]):
+        assert doc["spec"]["tls"][0]["secretName"]
+    (auth_path,) = docs["Ingress/wx-gateway-auth"]["spec"]["rules"][0]["http"]["paths"]
+    assert auth_path["path"].rstrip("/") == "/auth"
+    assert auth_path["backend"]["service"]["name"] == service["metadata"]["name"]
+    # Here the backend's requests come from ingress-nginx, which alone may connect to it.
+    policy = docs["NetworkPolicy/wx-gateway-backend-forward-auth"]["spec"]
+    (peer,) = policy["ingress"][0]["from"]
+    assert peer["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "ingress-nginx"}
+    # The kustomization: the base, minus the base's Ingress and backend policy.
+    kustomization = load_yaml(K8S_FORWARD_AUTH / "kustomization.yaml")
+    assert kustomization["resources"][0] == "../kubernetes"
+    deleted = {(p["target"]["kind"], p["target"]["name"]) for p in kustomization["patches"]
+               if "$patch: delete" in p["patch"]}
+    assert deleted == {("Ingress", base["Ingress"]["metadata"]["name"]),
+                       ("NetworkPolicy", "wx-gateway-backend")}
 
 
 # --- nginx forward-auth recipe, in a real nginx --------------------------------------------
@@ -737,7 +935,7 @@ def find_nginx() -> str | None:
 
 @pytest.fixture(scope="session")
 def nginx_binary() -> str:
-    """nginx from PATH, else installed from Debian packages (CI runs as root)."""
+    """nginx from PATH (scripts/system-packages.sh installs it)."""
     found = debian_package("nginx", find_nginx)
     modules = subprocess.run([found, "-V"], capture_output=True, text=True, timeout=30).stderr
     assert "--with-http_auth_request_module" in modules, f"{found} lacks auth_request"
@@ -825,7 +1023,6 @@ def identity_spellings(seen_headers: list[tuple[str, str]]) -> list[tuple[str, s
     return [(k, v) for k, v in seen_headers if k.strip().lower().replace("_", "-") in wanted]
 
 
-# The first run on a fresh machine installs nginx (apt-get) while setting this test up.
 @pytest.mark.timeout(900)
 async def test_nginx_recipe_forward_auth(
         nginx_binary: str, tmp_path: Path, launcher: Launcher,

@@ -23,7 +23,7 @@ def test_miniprogram_client_node_tests_pass() -> None:
     node = shutil.which("node")
     if node is None:
         pytest.fail("`node` is not on PATH: the mini-program client's tests "
-                    "(clients/miniprogram/test/) need Node.js >= 20, e.g. `apt-get install nodejs`",
+                    "(clients/miniprogram/test/) need Node.js >= 20: run `bash scripts/system-packages.sh`",
                     pytrace=False)
     # The files, not the directory: Node 20 searches a directory argument, Node >= 21 does not
     # (it takes globs and would try to load the directory as a module).

@@ -15,6 +15,7 @@ PACKAGE = ROOT / "gateway"
 LAYERS: dict[str, int] = {
     # leaves: facts and primitives every layer may use
     "errors": 0, "headers": 0, "state": 0, "keys": 0, "metrics": 0, "crypto": 0,
+    "tls": 0,
     # the configuration: what it is, then how a file becomes one
     "config": 1, "loader": 2,
     # stores and clients

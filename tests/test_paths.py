@@ -448,7 +448,7 @@ async def direct(port: int, target: str) -> RawResponse:
     return await raw_exchange("127.0.0.1", port, build_request("GET", target))
 
 
-# The first run on a fresh machine may install a JDK, Tomcat's and Jetty's classes (apt-get).
+# Compiling and starting a JVM per servlet container is slow on a loaded machine.
 @pytest.mark.timeout(900)
 async def test_no_framework_runs_the_admin_handler_without_a_token(
         make_gateway: GatewayFactory, framework: tuple[str, int]) -> None:

@@ -7,8 +7,27 @@ export interface ClientOptions {
   baseURL: string
   /** Sent with the login; needed when the gateway serves several mini-programs. */
   appid?: string
-  /** The `wx` storage key that holds the token. Default `'wxgw_token'`. */
+  /** The storage key that holds the token. Default `'wxgw_token'`. */
   storageKey?: string
+  /**
+   * The API object to call: `wx`, uni-app's `uni` or `Taro`. Default: the global `wx`.
+   * Taro's promise-returning calls are fine: the client uses the callbacks and consumes the
+   * promise.
+   */
+  platform?: Platform
+}
+
+/**
+ * What the client calls on `wx`, `uni` or `Taro` (all three have these, with the same options
+ * and callback results). Return values are ignored, except that a returned promise's rejection
+ * is consumed.
+ */
+export interface Platform {
+  request(options: Record<string, any>): unknown
+  login(options: Record<string, any>): unknown
+  getStorageSync(key: string): any
+  setStorageSync(key: string, value: any): unknown
+  removeStorageSync(key: string): unknown
 }
 
 /** The body of `POST /auth/login` (and `/auth/refresh`). */
@@ -98,7 +117,7 @@ export type ClientErrorCode =
   | 'http_error'
   /** `request()` without a url, or with one outside `baseURL`. */
   | 'invalid_url'
-  /** There is no global `wx`. */
+  /** No `platform` was given and there is no global `wx`. */
   | 'no_wx'
 
 /**

@@ -10,6 +10,12 @@
  *
  *   const { createClient } = require('./utils/wx-gateway.js')
  *   const gateway = createClient({ baseURL: 'https://gw.example.com' })
+ *
+ * uni-app and Taro: pass their API object, which has wx's shapes (request, login and the
+ * storage functions with success/fail callbacks):
+ *
+ *   createClient({ baseURL: 'https://gw.example.com', platform: uni })
+ *   createClient({ baseURL: 'https://gw.example.com', platform: Taro })
  */
 'use strict'
 
@@ -61,11 +67,28 @@ function errorFromResponse(res) {
     'HTTP ' + res.statusCode + ' without a gateway error body', { response: res })
 }
 
+var PLATFORM_FUNCTIONS = ['request', 'login', 'getStorageSync', 'setStorageSync', 'removeStorageSync']
+
 function getWx() {
   if (typeof wx === 'undefined' || !wx) {
-    throw new WxGatewayError(0, 'no_wx', 'the global `wx` object is not available')
+    throw new WxGatewayError(0, 'no_wx',
+      'the global `wx` object is not available (pass `platform`: uni, Taro or wx)')
   }
   return wx
+}
+
+function noop() {}
+
+/**
+ * Calls `fn(call)` of the platform. Taro's API answers with a promise as well as the callbacks,
+ * and that promise rejects when the call fails: the callbacks already handle the outcome, so
+ * the promise's rejection is consumed here instead of surfacing as an unhandled rejection.
+ * (wx and uni, given callbacks, return a RequestTask, not a promise.)
+ */
+function invoke(api, name, call) {
+  var returned = api[name](call)
+  if (returned && typeof returned.then === 'function') returned.then(noop, noop)
+  return returned
 }
 
 function hasOwn(obj, key) {
@@ -73,15 +96,27 @@ function hasOwn(obj, key) {
 }
 
 /**
- * createClient({ baseURL, appid?, storageKey? })
+ * createClient({ baseURL, appid?, storageKey?, platform? })
  *   baseURL     the gateway, e.g. 'https://gw.example.com' (no trailing slash needed)
  *   appid       sent with the login when the gateway serves several mini-programs
- *   storageKey  wx storage key of the token ['wxgw_token']
+ *   storageKey  storage key of the token ['wxgw_token']
+ *   platform    the API object: wx, uni (uni-app) or Taro [the global `wx`]
  */
 function createClient(options) {
   if (!options || typeof options.baseURL !== 'string' || !/^https?:\/\/[^/]+/i.test(options.baseURL)) {
     throw new TypeError('createClient: baseURL must be an http(s) URL, e.g. https://gw.example.com')
   }
+  var platform = options.platform
+  if (platform !== undefined) {
+    var lacking = PLATFORM_FUNCTIONS.filter(function (name) {
+      return !platform || typeof platform[name] !== 'function'
+    })
+    if (lacking.length) {
+      throw new TypeError('createClient: platform must be wx, uni or Taro (an object with ' +
+        PLATFORM_FUNCTIONS.join(', ') + '); it lacks ' + lacking.join(', '))
+    }
+  }
+  function api() { return platform || getWx() }
   var baseURL = options.baseURL.replace(/\/+$/, '')
   var appid = options.appid
   var storageKey = options.storageKey || DEFAULT_STORAGE_KEY
@@ -90,7 +125,7 @@ function createClient(options) {
   var logins = 0 // logins started
 
   function token() {
-    var value = getWx().getStorageSync(storageKey)
+    var value = api().getStorageSync(storageKey)
     return typeof value === 'string' && value ? value : null
   }
 
@@ -130,13 +165,13 @@ function createClient(options) {
         var errMsg = (err && err.errMsg) || 'request:fail'
         reject(new WxGatewayError(0, 'network_error', errMsg, { errMsg: errMsg }))
       }
-      getWx().request(call)
+      invoke(api(), 'request', call)
     })
   }
 
   function wxLogin() {
     return new Promise(function (resolve, reject) {
-      getWx().login({
+      invoke(api(), 'login', {
         success: function (res) {
           if (res && typeof res.code === 'string' && res.code) resolve(res.code)
           else reject(new WxGatewayError(0, 'wx_login_failed', 'wx.login gave no code', { errMsg: res && res.errMsg }))
@@ -166,7 +201,7 @@ function createClient(options) {
           typeof res.data.token !== 'string' || !res.data.token) {
         throw errorFromResponse(res)
       }
-      getWx().setStorageSync(storageKey, res.data.token)
+      api().setStorageSync(storageKey, res.data.token)
       return res.data
     })
     loginInFlight = lastLogin = flight
@@ -225,7 +260,7 @@ function createClient(options) {
     var call = send({ url: baseURL + '/auth/logout', method: 'POST' }, current)
     function clear() {
       try {
-        var w = getWx()
+        var w = api()
         if (w.getStorageSync(storageKey) === current) w.removeStorageSync(storageKey)
       } catch (e) { /* nothing more to do */ }
     }

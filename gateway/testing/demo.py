@@ -39,8 +39,12 @@ def echo_app() -> web.Application:
     return app
 
 
-async def _serve(app: web.Application, host: str, port: int) -> web.AppRunner:
-    app_runner = runner(app, shutdown_grace=2)
+async def _serve(app: web.Application, host: str, port: int, *,
+                 gateway: bool = False) -> web.AppRunner:
+    # Only the gateway's requests go to its access log; the simulator's and the echo
+    # server's would show every call twice.
+    app_runner = (runner(app, shutdown_grace=2) if gateway
+                  else web.AppRunner(app, access_log=None, shutdown_timeout=2))
     await app_runner.setup()
     await web.TCPSite(app_runner, host, port).start()
     return app_runner
@@ -73,7 +77,7 @@ async def run(host: str, port: int) -> None:
             await _serve(echo_app(), "127.0.0.1", upstream_port)]
         config = demo_config(redis.url, f"http://127.0.0.1:{wechat_port}",
                              f"http://127.0.0.1:{upstream_port}", f"{host}:{port}")
-        runners.append(await _serve(create_app(config), host, port))
+        runners.append(await _serve(create_app(config), host, port, gateway=True))
         shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         print(_instructions(f"http://{shown}:{port}", f"http://127.0.0.1:{wechat_port}"),
               flush=True)
@@ -83,37 +87,46 @@ async def run(host: str, port: int) -> None:
 
 
 def _instructions(base: str, wechat: str) -> str:
+    # Every command works pasted in order into one shell: they share $TOKEN, so logging out
+    # comes last. The "# NNN" after each is the HTTP status it answers (the demo's test runs
+    # them as printed and checks it).
     appid = DEMO_APPID
+    token = "python3 -c 'import json,sys; print(json.load(sys.stdin)[\"token\"])'"
     return f"""
 wx-gateway demo is running on {base}
   Redis: embedded   WeChat: built-in simulator   upstream: echo server (shows what it receives)
   routes: /api/ (auth: required)  /public/ (auth: public)  /maybe/ (auth: optional)
 
+Paste these into one shell, in order (the number after # is the HTTP status to expect):
+
 1. Log in with any code (the simulator turns each code into a stable fake user):
-   curl -s -X POST {base}/auth/login -H 'Content-Type: application/json' -d '{{"code": "alice"}}'
+   curl -s -X POST {base}/auth/login -H 'Content-Type: application/json' -d '{{"code": "alice"}}'  # 200
 
 2. Call a protected route with the token (the upstream sees X-WX-OpenID, never the token):
-   TOKEN=$(curl -s -X POST {base}/auth/login -d '{{"code": "alice"}}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
-   curl -s '{base}/api/orders?page=1' -H "Authorization: Bearer $TOKEN"
+   TOKEN=$(curl -s -X POST {base}/auth/login -d '{{"code": "alice"}}' | {token})  # 200
+   curl -s '{base}/api/orders?page=1' -H "Authorization: Bearer $TOKEN"  # 200
 
 3. Without a token, or with forged identity headers:
-   curl -s -i {base}/api/orders
-   curl -s {base}/public/hello -H 'X-WX-OpenID: forged'
+   curl -s -i {base}/api/orders  # 401
+   curl -s {base}/public/hello -H 'X-WX-OpenID: forged'  # 200
 
-4. Session, refresh, logout:
-   curl -s {base}/auth/session -H "Authorization: Bearer $TOKEN"
-   curl -s -X POST {base}/auth/refresh -H "Authorization: Bearer $TOKEN"
-   curl -s -i -X POST {base}/auth/logout -H "Authorization: Bearer $TOKEN"
+4. The session, and a fresh token for it:
+   curl -s {base}/auth/session -H "Authorization: Bearer $TOKEN"  # 200
+   TOKEN=$(curl -s -X POST {base}/auth/refresh -H "Authorization: Bearer $TOKEN" | {token})  # 200
 
 5. Phone number (the code a getPhoneNumber button gives; any code works here):
-   curl -s -X POST {base}/auth/phone -H "Authorization: Bearer $TOKEN" -d '{{"code": "phone-1"}}'
+   curl -s -X POST {base}/auth/phone -H "Authorization: Bearer $TOKEN" -d '{{"code": "phone-1"}}'  # 200
 
 6. Legacy user data: what wx.getUserInfo would hand the mini-program for login code "alice",
    decrypted and signature-checked by the gateway with the session's session_key:
-   USERDATA=$(curl -s '{wechat}/_simulator/userdata?appid={appid}&code=alice')
-   curl -s -X POST {base}/auth/decrypt -H "Authorization: Bearer $TOKEN" -d "$USERDATA"
-   curl -s -X POST {base}/auth/check-signature -H "Authorization: Bearer $TOKEN" -d "$USERDATA"
-   curl -s '{base}/auth/session?check=true' -H "Authorization: Bearer $TOKEN"
+   USERDATA=$(curl -s '{wechat}/_simulator/userdata?appid={appid}&code=alice')  # 200
+   curl -s -X POST {base}/auth/decrypt -H "Authorization: Bearer $TOKEN" -d "$USERDATA"  # 200
+   curl -s -X POST {base}/auth/check-signature -H "Authorization: Bearer $TOKEN" -d "$USERDATA"  # 200
+   curl -s '{base}/auth/session?check=true' -H "Authorization: Bearer $TOKEN"  # 200
+
+7. Log out: the token stops working at once.
+   curl -s -i -X POST {base}/auth/logout -H "Authorization: Bearer $TOKEN"  # 204
+   curl -s -i {base}/auth/session -H "Authorization: Bearer $TOKEN"  # 401
 
 WeChat errors on request: code "errcode-40029-x" (invalid code), "errcode-40226-x" (blocked),
 "errcode-45011-x" (rate limited), "errcode--1-x" (busy), "slow-6000-x" (timeout).

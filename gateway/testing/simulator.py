@@ -1,6 +1,12 @@
 """A WeChat API simulator for the demo, the test suite and users' own integration tests.
 
-Start it with ``simulator.create_app({"wx...": "secret"})`` and point ``wechat.api_base`` at it.
+As a command, for a staging stack or a mini-program's integration tests::
+
+    python -m gateway.testing.simulator --port 9100 --app wx1234567890abcdef:secret [--app ...]
+
+then point the gateway's ``wechat.api_base`` at it (``http://127.0.0.1:9100``); each ``--app``
+is an appid and the secret the gateway's ``apps`` give it. It prints where it listens and runs
+until SIGTERM or SIGINT. In Python: ``simulator.create_app({"wx...": "secret"})``.
 It answers, like WeChat (JSON labelled ``text/plain``):
 
 - ``GET /sns/jscode2session``: any code logs in as a stable fake user (openid per app and code,
@@ -38,6 +44,7 @@ With ``single_use=True`` a login code works once and then gets errcode 40163, as
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import hashlib
@@ -46,6 +53,8 @@ import json
 import math
 import os
 import re
+import signal
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -298,3 +307,57 @@ async def userdata(request: web.Request) -> web.StreamResponse:
     signature = hashlib.sha1((raw_data + key).encode()).hexdigest()
     return web.json_response({"encrypted_data": encrypted, "iv": iv, "raw_data": raw_data,
                               "signature": signature})
+
+
+def _app_arg(text: str) -> tuple[str, str]:
+    appid, sep, secret = text.partition(":")
+    if not sep or not appid or not secret:
+        raise argparse.ArgumentTypeError(f"expected APPID:SECRET, got {text!r}")
+    return appid, secret
+
+
+async def serve(apps: Mapping[str, str], host: str, port: int, *,
+                single_use: bool = False, token_ttl: int = 7200) -> None:
+    """Serve the simulator on ``host:port`` until SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    runner = web.AppRunner(create_app(apps, single_use=single_use, token_ttl=token_ttl),
+                           shutdown_timeout=2)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        print(f"WeChat simulator listening on http://{host}:{port} "
+              f"(apps: {', '.join(apps)}): set wechat.api_base to it", flush=True)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m gateway.testing.simulator",
+        description="A WeChat API simulator: point the gateway's wechat.api_base at it.")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1; 0.0.0.0 in a container)")
+    parser.add_argument("--port", type=int, default=9100, help="default 9100")
+    parser.add_argument("--app", type=_app_arg, action="append", required=True,
+                        metavar="APPID:SECRET", help="a mini-program it knows (repeatable)")
+    parser.add_argument("--single-use", action="store_true",
+                        help="a login code works once, then errcode 40163 (as on WeChat)")
+    parser.add_argument("--token-ttl", type=int, default=7200,
+                        help="access token lifetime in seconds (default 7200)")
+    args = parser.parse_args(argv)
+    try:
+        asyncio.run(serve(dict(args.app), args.host, args.port,
+                          single_use=args.single_use, token_ttl=args.token_ttl))
+    except OSError as exc:
+        print(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -190,7 +190,38 @@ function makeWx(options = {}) {
     getStorageSync(key) { return state.storage.has(key) ? state.storage.get(key) : '' },
     removeStorageSync(key) { state.storage.delete(key) },
   }
-  globalThis.wx = wx
+  state.api = wx
+  if (options.global !== false) globalThis.wx = wx
+  return state
+}
+
+/**
+ * uni-app's API object: wx's shapes (uni.request / uni.login / uni.*StorageSync with
+ * success/fail/complete); given callbacks, it returns a RequestTask, not a promise. Never global `wx`.
+ */
+function makeUni(options = {}) {
+  const state = makeWx(Object.assign({}, options, { global: false }))
+  const uni = Object.assign({}, state.api)
+  state.api = uni
+  return state
+}
+
+/**
+ * Taro's API object: the same callbacks, and each call also returns a promise that rejects
+ * when the call fails (Taro promisifies its APIs). Never global `wx`.
+ */
+function makeTaro(options = {}) {
+  const state = makeWx(Object.assign({}, options, { global: false }))
+  const inner = state.api
+  function promised(name) {
+    return (opts) => new Promise((resolve, reject) => {
+      inner[name](Object.assign({}, opts, {
+        success: (res) => { if (opts.success) opts.success(res); resolve(res) },
+        fail: (err) => { if (opts.fail) opts.fail(err); reject(err) },
+      }))
+    })
+  }
+  state.api = Object.assign({}, inner, { request: promised('request'), login: promised('login') })
   return state
 }
 
@@ -498,5 +529,70 @@ describe('wx-gateway mini-program client against the real gateway', { timeout: 2
     const res = await client.request({ url: '/nowhere' })
     assert.equal(res.statusCode, 404)
     assert.equal(res.data.error, 'not_found')
+  })
+  for (const [name, make] of [['uni', makeUni], ['Taro', makeTaro]]) {
+    it(`platform: ${name} logs in, sends the token, logs out, without any global wx`, async () => {
+      const platform = make()
+      assert.equal(typeof globalThis.wx, 'undefined')
+      const client = createClient({ baseURL, platform: platform.api })
+      const body = await client.login()
+      assert.equal(platform.logins, 1)
+      assert.equal(platform.storage.get(DEFAULT_STORAGE_KEY), body.token)
+      const res = await client.request({ url: '/api/echo' })
+      assert.equal(res.statusCode, 200)
+      assert.equal(res.data.headers['X-WX-OpenID'], body.openid)
+      const [sent] = requestsTo(platform, '/api/echo')
+      assert.equal(sent.header.Authorization, `Bearer ${body.token}`)
+      await client.logout()
+      assert.equal(platform.storage.has(DEFAULT_STORAGE_KEY), false)
+      assert.equal((await rawCall('GET', '/auth/session', body.token)).statusCode, 401)
+      assert.equal(typeof globalThis.wx, 'undefined')
+    })
+
+    it(`platform: ${name}: a failed request or login rejects once, with nothing unhandled`, async () => {
+      const unhandled = []
+      const onUnhandled = (reason) => unhandled.push(reason)
+      process.on('unhandledRejection', onUnhandled)
+      try {
+        const platform = make({ codeFor: () => null }) // wx.login fails
+        const client = createClient({ baseURL, platform: platform.api })
+        await assert.rejects(client.login(), { statusCode: 0, error: 'wx_login_failed' })
+        platform.storage.set(DEFAULT_STORAGE_KEY, 'some-token')
+        const closed = createClient({ baseURL: `http://127.0.0.1:${await freePort()}`, platform: platform.api })
+        await assert.rejects(closed.request({ url: '/api/x' }), { statusCode: 0, error: 'network_error' })
+        await new Promise((resolve) => setTimeout(resolve, 50))
+        assert.deepEqual(unhandled, [])
+      } finally {
+        process.removeListener('unhandledRejection', onUnhandled)
+      }
+    })
+  }
+
+  it('two clients on two platforms keep their own tokens', async () => {
+    const uni = makeUni()
+    const taro = makeTaro()
+    const a = createClient({ baseURL, platform: uni.api })
+    const b = createClient({ baseURL, platform: taro.api })
+    const [ta, tb] = await Promise.all([a.login(), b.login()])
+    assert.notEqual(ta.token, tb.token)
+    assert.equal(a.token(), ta.token)
+    assert.equal(b.token(), tb.token)
+  })
+
+  it('a platform without the functions the client calls is refused at createClient', () => {
+    const uni = makeUni()
+    const partial = Object.assign({}, uni.api)
+    delete partial.login
+    delete partial.removeStorageSync
+    assert.throws(() => createClient({ baseURL, platform: partial }),
+      (err) => err instanceof TypeError && /lacks login, removeStorageSync/.test(err.message))
+    assert.throws(() => createClient({ baseURL, platform: null }), TypeError)
+    assert.throws(() => createClient({ baseURL, platform: 'uni' }), TypeError)
+  })
+
+  it('without platform and without a global wx, calls reject with no_wx', async () => {
+    const client = createClient({ baseURL })
+    await assert.rejects(client.login(), { error: 'no_wx' })
+    await assert.rejects(client.request({ url: '/api/x' }), { error: 'no_wx' })
   })
 })
