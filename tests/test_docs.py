@@ -73,7 +73,8 @@ def test_readme_opens_with_the_demo_and_the_test_commands() -> None:
     assert commands == [
         "python3 -m venv .venv && .venv/bin/pip install -e '.[demo]' && "
         ".venv/bin/python -m gateway.testing.demo",
-        "python3 -m venv .venv && .venv/bin/pip install -e '.[test]' && .venv/bin/python -m pytest",
+        "bash scripts/system-packages.sh && python3 -m venv .venv && "
+        ".venv/bin/pip install -e '.[test]' && .venv/bin/python -m pytest",
     ]
 
 
