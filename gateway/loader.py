@@ -25,7 +25,8 @@ from .config import (AUTH_ENDPOINTS, GATEWAY_PATHS, LOG_LEVELS, MIN_SIGNING_KEY_
                      AssertionConfig, Config, IdentityHeaders, IPNetwork, RedisConfig, Route,
                      yaml_name)
 from .errors import ConfigError
-from .headers import NAME as HEADER_NAME, RESERVED_SPELLINGS, spelling
+from .headers import (CLAIM_SPELLING, MAX_ROLE, NAME as HEADER_NAME, RESERVED_SPELLINGS,
+                      spelling, valid_role)
 from .keys import load_private_key
 
 __all__ = ["ConfigError", "load", "parse", "parse_duration"]
@@ -461,6 +462,8 @@ class _ConfigReader(Reader):
             self.fail(key, f"{text!r} is already used for another identity header")
         elif spelling(text) in RESERVED_SPELLINGS:
             self.fail(key, f"{text!r} is a header the gateway or HTTP itself uses")
+        elif spelling(text).startswith(CLAIM_SPELLING):
+            self.fail(key, f"{text!r} would read as a claim header (X-User-Claim-...)")
         else:
             return text
         return None
@@ -572,6 +575,24 @@ class _ConfigReader(Reader):
             elif appid is not None:
                 only.append(appid)
         return tuple(only)
+
+    def route_roles(self, key: str, value: Any, context: Context) -> tuple[str, ...] | None:
+        items = self.items(key, value)
+        if items is None:
+            return None
+        roles: list[str] = []
+        for i, item in enumerate(items):
+            role = self.string(f"{key}[{i}]", item)
+            if role is not None and not valid_role(role):
+                self.fail(f"{key}[{i}]", f"{role!r} is not a role name (1 to {MAX_ROLE} "
+                                         "printable ASCII characters, no comma)")
+            elif role is not None:
+                roles.append(role)
+        if roles and context.found.get("auth") != "required":
+            # a role can only be checked on a token; optional or public would let anyone by
+            self.fail(key, "roles need auth: required on the same route")
+            return None
+        return tuple(roles)
 
 
 def _one_of(choices: tuple[Any, ...]) -> str:
