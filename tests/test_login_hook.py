@@ -12,18 +12,20 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from checks import expect_error, metric_samples, value
-from conftest import (APPID, GatewayFactory, Served, Upstream, bearer, closed_port_url, fresh,
-                      login)
-from gateway import loader
+from checks import expect_error, is_json, metric_samples, parse_json_lines, value
+from conftest import (APPID, GatewayFactory, Served, Upstream, bearer, claims_of,
+                      closed_port_url, fresh, login)
+from gateway import loader, logs
 from gateway.errors import ConfigError
 from gateway.login_hook import MAX_ANSWER_BYTES
 from gateway.upstream import Verifier
+from process import Launch
 from test_assertion import assertion_config, get_assertion
 
 USER = {"user_id": "u-42", "roles": ["user", "editor"], "claims": {"Tier": "gold"}}
@@ -64,8 +66,7 @@ async def session_keys(redis: aioredis.Redis, prefix: str) -> list[bytes]:
     return [k async for k in redis.scan_iter(match=f"{prefix}session:*")]
 
 
-async def sid_of(gw: TestClient, token: str) -> str:
-    from conftest import claims_of
+def sid_of(token: str) -> str:
     return str(claims_of(token)["sid"])
 
 
@@ -376,7 +377,7 @@ async def test_refresh_passes_the_stored_phone(
         make_gateway: GatewayFactory, hook: Hook, redis: aioredis.Redis, key_prefix: str) -> None:
     gw = await make_gateway(login_hook=hook_config(hook, refresh_after="1s"))
     token = (await login(gw))["token"]
-    await redis.hset(f"{key_prefix}session:{await sid_of(gw, token)}", "p", "+8613800000000")
+    await redis.hset(f"{key_prefix}session:{sid_of(token)}", "p", "+8613800000000")
     await asyncio.sleep(1.1)
     assert (await gw.post("/auth/refresh", headers=bearer(token))).status == 200
     assert hook.asked[-1]["phone"] == "+8613800000000"
@@ -408,10 +409,38 @@ async def test_memory_per_session_with_and_without_hook_data(
     figures = {}
     for name, gw in (("without hook", plain), ("with hook", hooked)):
         token = (await login(gw))["token"]
-        key = f"{key_prefix}session:{await sid_of(gw, token)}"
+        key = f"{key_prefix}session:{sid_of(token)}"
         # the compact encoding (listpack; ziplist before Redis 7), not a hash table
         assert await redis.object("encoding", key) in (b"listpack", b"ziplist")
         figures[name] = await redis.memory_usage(key)
     print(f"\nMEMORY USAGE per session: {figures} (hook answer: {json.dumps(USER)})")
     assert figures["with hook"] > figures["without hook"]
     assert figures["with hook"] - figures["without hook"] < 128
+
+
+# --- the access log (a real gateway process) -------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("log_openid", [False, True])
+async def test_access_log_has_the_hook_outcome_and_user_id_only_with_log_openid(
+        log_openid: bool, launch: Launch, config_dict: dict[str, Any], hook: Hook) -> None:
+    config_dict["logging"] = {"format": "json", "log_openid": log_openid}
+    config_dict["login_hook"] = hook_config(hook)
+    gw = await launch(config_dict)
+    async with aiohttp.ClientSession() as http:
+        await gw.wait_healthy(http)
+        async with http.post(f"{gw.url}/auth/login", json={"code": fresh()}) as resp:
+            token = (await resp.json())["token"]
+        async with http.get(f"{gw.url}/api/x", headers=bearer(token)) as resp:
+            assert resp.status == 200
+    await gw.wait_for_line(lambda line: '"path": "/api/x"' in line, within=logs.FLUSH_INTERVAL + 5)
+    records = parse_json_lines(line for line in gw.stderr().splitlines() if is_json(line))
+    access = {r["path"]: r for r in records if r["logger"] == logs.ACCESS}
+    assert access["/auth/login"]["login_hook"] == "ok"
+    assert isinstance(access["/auth/login"]["login_hook_ms"], float)
+    assert "login_hook" not in access["/api/x"]
+    if log_openid:
+        assert access["/api/x"]["user_id"] == "u-42"
+    else:
+        assert "user_id" not in access["/api/x"] and "u-42" not in gw.stderr()
