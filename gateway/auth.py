@@ -85,7 +85,7 @@ def identity_headers(identity: Identity, config: Config) -> dict[str, str]:
     if session.phone and config.session.store_phone:
         headers[names.phone] = session.phone
     user = session.user
-    if user is not None:
+    if user is not None and config.login_hook is not None:  # its names are checked with it
         if user.user_id is not None:
             headers[names.user_id] = user.user_id
         if user.roles:

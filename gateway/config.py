@@ -153,8 +153,10 @@ class IdentityHeaders:
     unionid: str = option("X-WX-UnionID", read="identity_header", read_default=True)
     appid: str = option("X-WX-AppID", read="identity_header", read_default=True)
     phone: str = option("X-WX-Phone", read="identity_header", read_default=True)
-    user_id: str = option("X-User-ID", read="identity_header", read_default=True)
-    roles: str = option("X-User-Roles", read="identity_header", read_default=True)
+    # The login hook's answer; a clash with the names above matters only with a hook, and
+    # is checked with it (a config naming openid X-User-ID stays valid without one).
+    user_id: str = option("X-User-ID", read="user_header", read_default=True)
+    roles: str = option("X-User-Roles", read="user_header", read_default=True)
 
     def names(self) -> tuple[str, ...]:
         return (self.openid, self.unionid, self.appid, self.phone, self.user_id, self.roles)
@@ -220,7 +222,7 @@ class Config:
     auth_prefix: str = option("/auth", yaml="auth.prefix", read="auth_prefix",
                               restart_only=True)
     identity_headers: IdentityHeaders = option(IdentityHeaders(), read_default=True)
-    login_hook: LoginHookConfig | None = None
+    login_hook: LoginHookConfig | None = option(None, read="login_hook")
     routes: tuple[Route, ...] = option((), read="routes")
     shutdown_grace: float = option(10.0, restart_only=True)
     trusted_proxies: tuple[IPNetwork, ...] = option((), read="networks")

@@ -22,8 +22,8 @@ from redis.connection import parse_url as redis_parse_url
 from yarl import URL
 
 from .config import (AUTH_ENDPOINTS, GATEWAY_PATHS, LOG_LEVELS, MIN_SIGNING_KEY_BYTES, App,
-                     AssertionConfig, Config, IdentityHeaders, IPNetwork, RedisConfig, Route,
-                     yaml_name)
+                     AssertionConfig, Config, IdentityHeaders, IPNetwork, LoginHookConfig,
+                     RedisConfig, Route, yaml_name)
 from .errors import ConfigError
 from .headers import (CLAIM_SPELLING, MAX_ROLE, NAME as HEADER_NAME, RESERVED_SPELLINGS,
                       spelling, valid_role)
@@ -468,6 +468,27 @@ class _ConfigReader(Reader):
             return text
         return None
 
+    def user_header(self, key: str, value: Any, context: Context) -> str | None:
+        """An identity header for the login hook's answer: checked like the others, except
+        that a clash is left to ``login_hook`` (it matters only when there is a hook)."""
+        return self.identity_header(key, value, Context({}, context.parent))
+
+    def login_hook(self, key: str, value: Any, context: Context) -> LoginHookConfig | None:
+        values = self.read(key, value, LoginHookConfig, context.found)
+        if values is None:
+            return None
+        names: IdentityHeaders | None = context.found.get("identity_headers")
+        if names is not None:
+            for field_name in ("user_id", "roles"):
+                name = getattr(names, field_name)
+                others = [n for f, n in zip(_HEADER_FIELDS, names.names()) if f != field_name]
+                if spelling(name) in {spelling(n) for n in others}:
+                    self.fail(f"identity_headers.{field_name}",
+                              f"{name!r} is already used for another identity header (the "
+                              "login hook's answer needs a header of its own)")
+                    return None
+        return LoginHookConfig(**values)
+
     def log_level(self, key: str, value: Any, _: Context) -> str | None:
         level = self.string(key, value)
         if level is not None and level.lower() not in LOG_LEVELS:
@@ -593,6 +614,9 @@ class _ConfigReader(Reader):
             self.fail(key, "roles need auth: required on the same route")
             return None
         return tuple(roles)
+
+
+_HEADER_FIELDS = ("openid", "unionid", "appid", "phone", "user_id", "roles")  # names()'s order
 
 
 def _one_of(choices: tuple[Any, ...]) -> str:

@@ -88,10 +88,11 @@ class LoginHook:
             log.warning("login hook unreachable: %s", type(exc).__name__)
             raise LoginHookUnavailable("the login hook cannot be reached") from None
         finally:
-            seconds = time.perf_counter() - started
-            self._metrics.login_hook_seconds.observe(seconds)
-            self._metrics.login_hook_calls.labels(result).inc()
-            report(Outcome(result, seconds))
+            if result != "error":  # else cancelled (the client left): nothing to report
+                seconds = time.perf_counter() - started
+                self._metrics.login_hook_seconds.observe(seconds)
+                self._metrics.login_hook_calls.labels(result).inc()
+                report(Outcome(result, seconds))
 
     async def _call(self, payload: dict[str, Any]) -> UserData:
         async with self._http.post(self.config.url, json=payload,

@@ -39,6 +39,9 @@ class Metrics:
             "wxgw_login_hook_calls", "Calls to the login hook by outcome: ok, blocked, or why "
             "it was unavailable (unreachable, timeout, status, too_large, not_json, malformed)",
             ["outcome"], registry=self.registry)
+        for outcome in ("ok", "blocked", "unreachable", "timeout", "status", "too_large",
+                        "not_json", "malformed"):  # exported at 0 from the start, for alerts
+            self.login_hook_calls.labels(outcome)
         self.sessions_created = Counter(
             "wxgw_sessions_created", "Sessions created by login, by appid", ["appid"],
             registry=self.registry)

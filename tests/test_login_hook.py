@@ -317,6 +317,19 @@ def test_login_hook_config_is_checked(config_dict: dict[str, Any], hook: dict[st
     assert any(p.startswith(problem) for p in caught.value.problems), caught.value.problems
 
 
+def test_user_headers_may_clash_only_without_a_hook(config_dict: dict[str, Any]) -> None:
+    config_dict["identity_headers"] = {"openid": "X-User-Id"}
+    assert loader.parse(config_dict, environ={}).identity_headers.openid == "X-User-Id"
+    config_dict["login_hook"] = {"url": "http://users.internal/login"}
+    with pytest.raises(ConfigError) as caught:
+        loader.parse(config_dict, environ={})
+    assert caught.value.problems == [
+        "identity_headers.user_id: 'X-User-ID' is already used for another identity header "
+        "(the login hook's answer needs a header of its own)"]
+    config_dict["identity_headers"]["user_id"] = "X-App-User"
+    assert loader.parse(config_dict, environ={}).login_hook is not None
+
+
 def test_login_hook_defaults(config_dict: dict[str, Any]) -> None:
     assert loader.parse(config_dict, environ={}).login_hook is None
     config_dict["login_hook"] = {"url": "https://users.internal/login"}
