@@ -125,7 +125,7 @@ def user_data(answer: Any, now: int) -> UserData:
     user_id = answer.get("user_id")
     if user_id is not None and not (isinstance(user_id, str) and _printable(user_id, MAX_USER_ID)):
         raise Malformed("malformed", f"user_id is not 1 to {MAX_USER_ID} printable ASCII "
-                                     "characters")
+                                     "characters without a space at either end")
     roles = answer.get("roles")
     if roles is None:
         roles = []
@@ -154,5 +154,7 @@ def user_data(answer: Any, now: int) -> UserData:
 
 
 def _printable(text: str, limit: int, *, empty: bool = False) -> bool:
+    """Printable ASCII, and no space at either end: header parsers trim it, so " u-1" would
+    reach upstreams as another value than the one kept."""
     return ((empty or bool(text)) and len(text) <= limit and text.isascii()
-            and text.isprintable())
+            and text.isprintable() and text == text.strip())

@@ -42,9 +42,16 @@ class Hook(Served):
     delay: float = 0.0
     asked: list[dict[str, Any]] = field(default_factory=list)
 
-    async def handle(self, request: web.Request) -> web.Response:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         self.asked.append(await request.json())
         await asyncio.sleep(self.delay)
+        if isinstance(self.body, list) and all(isinstance(c, bytes) for c in self.body):
+            streamed = web.StreamResponse(status=self.status)  # chunked: no Content-Length
+            await streamed.prepare(request)
+            for chunk in self.body:
+                await streamed.write(chunk)
+            await streamed.write_eof()
+            return streamed
         raw = self.body if isinstance(self.body, bytes) else json.dumps(self.body).encode()
         return web.Response(status=self.status, body=raw, content_type="application/json")
 
@@ -134,6 +141,7 @@ BAD_ANSWERS: dict[str, tuple[int, Any]] = {
     "not_json": (200, b"<html>" + SECRET_IN_ANSWER.encode()),
     "too_large": (200, {"user_id": "u", "claims": {"Pad": "x" * 200},
                         "pad": "y" * MAX_ANSWER_BYTES}),
+    "too_large_chunked": (200, [b'{"user_id": "u", "pad": "'] + [b"y" * 4096] * 5 + [b'"}']),
     "a_list": (200, [USER]),
     "a_string": (200, "u-1"),
     "user_id_number": (200, {"user_id": 42}),
@@ -141,6 +149,9 @@ BAD_ANSWERS: dict[str, tuple[int, Any]] = {
     "user_id_too_long": (200, {"user_id": "u" * 129}),
     "user_id_newline": (200, {"user_id": "u-1\r\nX-WX-OpenID: forged"}),
     "user_id_non_ascii": (200, {"user_id": "用户"}),
+    "user_id_padded": (200, {"user_id": " u-1"}),
+    "claim_value_padded": (200, {"claims": {"Tier": "gold "}}),
+    "deeply_nested": (200, b"[" * 8000 + b"]" * 8000),
     "roles_a_string": (200, {"roles": "admin"}),
     "role_with_comma": (200, {"roles": ["user,admin"]}),
     "role_blank": (200, {"roles": ["  "]}),
