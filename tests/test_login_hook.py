@@ -186,6 +186,10 @@ async def test_an_unusable_answer_refuses_the_login_with_one_log_line(
     lines = [r.getMessage() for r in caplog.records if r.name == "gateway.login_hook"]
     assert len(lines) == 1, lines
     assert SECRET_IN_ANSWER not in lines[0] and "forged" not in lines[0]
+    reason = ("status" if case.startswith(("status", "redirect"))
+              else "not_json" if case in ("not_json", "deeply_nested")
+              else "too_large" if case.startswith("too_large") else "malformed")
+    assert f"({reason})" in lines[0], lines
 
 
 async def test_a_slow_hook_times_out(make_gateway: GatewayFactory, hook: Hook,
