@@ -479,10 +479,11 @@ class _ConfigReader(Reader):
             return None
         names: IdentityHeaders | None = context.found.get("identity_headers")
         if names is not None:
+            spelled = {f.name: spelling(getattr(names, f.name))
+                       for f in dataclasses.fields(names)}
             for field_name in ("user_id", "roles"):
                 name = getattr(names, field_name)
-                others = [n for f, n in zip(_HEADER_FIELDS, names.names()) if f != field_name]
-                if spelling(name) in {spelling(n) for n in others}:
+                if spelled[field_name] in {v for k, v in spelled.items() if k != field_name}:
                     self.fail(f"identity_headers.{field_name}",
                               f"{name!r} is already used for another identity header (the "
                               "login hook's answer needs a header of its own)")
@@ -615,8 +616,6 @@ class _ConfigReader(Reader):
             return None
         return tuple(roles)
 
-
-_HEADER_FIELDS = ("openid", "unionid", "appid", "phone", "user_id", "roles")  # names()'s order
 
 
 def _one_of(choices: tuple[Any, ...]) -> str:
