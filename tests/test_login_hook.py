@@ -7,6 +7,7 @@ The hook is a real aiohttp server; the gateway, Redis and the WeChat simulator a
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import logging
 from dataclasses import dataclass, field
@@ -25,8 +26,10 @@ from gateway import loader, logs
 from gateway.errors import ConfigError
 from gateway.login_hook import MAX_ANSWER_BYTES
 from gateway.upstream import Verifier
-from process import Launch
+from gateway.testing.embedded import free_port
+from process import Launch, launch_with_client
 from test_assertion import assertion_config, get_assertion
+from test_reload import reload, token_for
 
 USER = {"user_id": "u-42", "roles": ["user", "editor"], "claims": {"Tier": "gold"}}
 SECRET_IN_ANSWER = "hook-answer-secret-value"
@@ -472,3 +475,30 @@ async def test_access_log_has_the_hook_outcome_and_user_id_only_with_log_openid(
         assert access["/api/x"]["user_id"] == "u-42"
     else:
         assert "user_id" not in access["/api/x"] and "u-42" not in gw.stderr()
+
+
+# --- reload --------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+async def test_a_reload_adds_the_hook_and_routes_roles(
+        launch: Launch, config_dict: dict[str, Any], hook: Hook, upstream: Upstream) -> None:
+    config_dict["listen"] = f"127.0.0.1:{free_port()}"
+    async with aiohttp.ClientSession() as http:
+        gw, client = await launch_with_client(launch, config_dict, http)
+        before = await token_for(client)
+        assert hook.asked == []
+        new = copy.deepcopy(config_dict)
+        new["login_hook"] = hook_config(hook)
+        new["routes"].append({"path": "/admin/", "upstream": upstream.url, "roles": ["admin"]})
+        await reload(gw, new)
+        after = await token_for(client)
+        assert len(hook.asked) == 1
+        await client.call("GET", "/api/x", token=after, expect=200)
+        assert upstream.last.header("X-User-ID") == ["u-42"]
+        await client.call("GET", "/api/x", token=before, expect=200)  # an older session:
+        assert upstream.last.header("X-User-ID") == []                # no hook answer, no role
+        for token in (before, after):
+            reply = await client.call("GET", "/admin/x", token=token, expect=403)
+            assert reply.json()["error"] == "forbidden_role"
+    assert await gw.stop() == 0, gw.output()
