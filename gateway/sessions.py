@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import secrets
 import time
@@ -35,10 +34,14 @@ local n = redis.call('DEL', KEYS[1])
 redis.call('PUBLISH', ARGV[1], ARGV[2])
 return n
 """
-# The login hook's answer replaced as a whole: fields it no longer gives must go.
+# The login hook's answer replaced as a whole: fields it no longer gives must go (the claim
+# fields are every "m<name>"; the session's own fields are one letter).
 _SET_USER = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HDEL', KEYS[1], 'i', 'r', 'm')
+redis.call('HDEL', KEYS[1], 'i', 'r')
+for _, name in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if #name > 1 and string.sub(name, 1, 1) == 'm' then redis.call('HDEL', KEYS[1], name) end
+end
 redis.call('HSET', KEYS[1], unpack(ARGV, 3))
 redis.call('PUBLISH', ARGV[1], ARGV[2])
 return 1
@@ -75,7 +78,9 @@ class Session:
 # Hash field names: one letter each, which with the binary sealed session_key keeps a session
 # in Redis's compact listpack encoding (MEMORY USAGE about 270 bytes instead of 800+).
 OPENID, UNIONID, APPID, CREATED_AT, EXPIRES_AT, SESSION_KEY, PHONE = "ouacekp"
-# The login hook's answer: fetched at, user_id, roles (comma-joined), claims (compact JSON).
+# The login hook's answer: fetched at, user_id, roles (comma-joined), and each claim in a field
+# "m<name>" of its own: Redis keeps a hash compact only while every field and value is at most
+# hash-max-listpack-value (64) bytes, which one field of all claims would soon pass.
 HOOKED, USER_ID, ROLES, CLAIMS = "hirm"
 _B = {name: name.encode() for name in (OPENID, UNIONID, APPID, CREATED_AT, EXPIRES_AT,
                                         SESSION_KEY, PHONE, HOOKED, USER_ID, ROLES, CLAIMS)}
@@ -88,8 +93,8 @@ def _user_fields(user: UserData) -> dict[str, str | int | bytes]:
         fields[USER_ID] = user.user_id
     if user.roles:
         fields[ROLES] = ",".join(user.roles)
-    if user.claims:
-        fields[CLAIMS] = json.dumps(dict(user.claims), separators=(",", ":"))
+    for name, value in user.claims:
+        fields[CLAIMS + name] = value
     return fields
 
 
@@ -98,10 +103,11 @@ def _user(data: dict[Any, Any]) -> UserData | None:
     if hooked is None:
         return None
     roles = data.get(_B[ROLES], b"").decode()
-    claims = json.loads(data[_B[CLAIMS]]) if _B[CLAIMS] in data else {}
+    claims = tuple((k[1:].decode(), v.decode()) for k, v in data.items()
+                   if len(k) > 1 and k[:1] == _B[CLAIMS])
     user_id = data.get(_B[USER_ID])
     return UserData(int(hooked), None if user_id is None else user_id.decode(),
-                    tuple(roles.split(",")) if roles else (), tuple(claims.items()))
+                    tuple(roles.split(",")) if roles else (), claims)
 
 
 class SessionStore:
