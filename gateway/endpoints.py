@@ -16,6 +16,7 @@ from .forwarded import client_address
 from .errors import (GatewayError, InvalidCode, InvalidRequest, MethodNotAllowed, NotFound,
                      PayloadTooLarge,
                      StoreUnavailable, Unauthorized, UnknownApp, UserBlocked)
+from .login_hook import LoginHook
 from .metrics import CONTENT_TYPE
 from .services import Services
 from .sessions import Session
@@ -116,7 +117,7 @@ async def refresh(request: web.Request) -> web.Response:
     identity = await _identity(request)
     current = identity.session
     if s.login_hook is not None and s.login_hook.stale(current.user):
-        current = await _ask_again(request, s, current)
+        current = await _ask_again(request, s, s.login_hook, current)
     renewed = await s.sessions.renew(current, s.config.session.ttl)
     if renewed is None:
         raise Unauthorized("the session has ended (logged out or expired)")
@@ -124,15 +125,14 @@ async def refresh(request: web.Request) -> web.Response:
                                      renewed.appid, int(time.time()), renewed.expires_at))
 
 
-async def _ask_again(request: web.Request, s: Services, current: Session) -> Session:
+async def _ask_again(request: web.Request, s: Services, hook: LoginHook,
+                     current: Session) -> Session:
     """The login hook's answer renewed before the session's lifetime is. A ban ends the
     session; a hook that cannot answer fails this refresh only (503): the session and its
     token keep working until they expire, and no lifetime is granted on data not confirmed."""
-    assert s.login_hook is not None
     try:
-        user = await s.login_hook.ask(current.appid, current.openid, current.unionid,
-                                      current.phone,
-                                      functools.partial(request.__setitem__, HOOK_OUTCOME))
+        user = await hook.ask(current.appid, current.openid, current.unionid, current.phone,
+                              functools.partial(request.__setitem__, HOOK_OUTCOME))
     except UserBlocked:
         await s.sessions.delete(current.sid)
         s.authenticator.forget(current.sid)
