@@ -59,6 +59,11 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         # WeChat gets its own small pool, so busy upstreams can never delay a login.
         wechat_http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64))
         stack.push_async_callback(wechat_http.close)
+        # The login hook too: a slow user directory must not hold WeChat's pool, nor the
+        # reverse. Made even without a hook configured, so a reload may add one.
+        hook_http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64),
+                                          cookie_jar=aiohttp.DummyCookieJar())
+        stack.push_async_callback(hook_http.close)
         cache = (SessionCache(config.session.cache_size, app[METRICS])
                  if config.session.cache_size else None)
         if cache is not None:
@@ -67,7 +72,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
                 sessions.invalidation_channel(config.redis.key_prefix), cache,
                 config.redis.timeout))
             stack.push_async_callback(_cancel, follower)
-        connections = Connections(redis, upstreams, http, wechat_http, cache, app[METRICS])
+        connections = Connections(redis, upstreams, http, wechat_http, cache, app[METRICS],
+                                  hook_http=hook_http)
         app[SERVICES] = Live(Services.build(config, connections), connections)
         yield
 

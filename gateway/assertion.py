@@ -22,7 +22,7 @@ import jwt
 from jwt.algorithms import get_default_algorithms
 
 from .keys import PrivateKey
-from .sessions import Session
+from .sessions import Session, UserData
 
 _REUSE_MARGIN = 0.2  # re-sign once less than this share of the lifetime is left
 
@@ -49,7 +49,8 @@ class Asserter:
     _published: list[dict[str, Any]] = field(init=False)
     _retired: list[tuple[dict[str, Any], float]] = field(init=False, default_factory=list)
     _kid: str = field(init=False)
-    _issued: OrderedDict[tuple[str, str], tuple[str, float]] = field(init=False)
+    _issued: OrderedDict[tuple[str, str], tuple[str, float, UserData | None]] = field(
+        init=False)
 
     def __post_init__(self) -> None:
         self._published = [public_jwk(key, self.algorithm) for key in self.keys]
@@ -75,7 +76,9 @@ class Asserter:
         now = time.time()
         key = (session.sid, audience)
         cached = self._issued.get(key)
-        if cached is not None and cached[1] - now > self.ttl * _REUSE_MARGIN:
+        # a refreshed login hook answer (new roles) is signed anew at once
+        if (cached is not None and cached[1] - now > self.ttl * _REUSE_MARGIN
+                and cached[2] == session.user):
             self._issued.move_to_end(key)
             return cached[0]
         expires = min(now + self.ttl, float(session.expires_at))
@@ -85,9 +88,15 @@ class Asserter:
             "jti": secrets.token_urlsafe(12)}
         if session.unionid:
             claims["unionid"] = session.unionid
+        user = session.user
+        if user is not None:
+            if user.user_id is not None:
+                claims["user_id"] = user.user_id
+            claims["roles"] = list(user.roles)
+            claims["claims"] = dict(user.claims)
         token = jwt.encode(claims, self.keys[0], algorithm=self.algorithm,
                            headers={"kid": self._kid})
-        self._issued[key] = (token, expires)
+        self._issued[key] = (token, expires, session.user)
         while len(self._issued) > self.size:
             self._issued.popitem(last=False)
         return token

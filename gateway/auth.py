@@ -10,6 +10,7 @@ from __future__ import annotations
 from .cache import Identity, SessionCache
 from .config import Config
 from .errors import InvalidRequest, Unauthorized
+from .headers import CLAIM_PREFIX
 from .session_tokens import TokenCodec
 from .sessions import SessionStore
 
@@ -83,4 +84,12 @@ def identity_headers(identity: Identity, config: Config) -> dict[str, str]:
         headers[names.unionid] = session.unionid
     if session.phone and config.session.store_phone:
         headers[names.phone] = session.phone
+    user = session.user
+    if user is not None and config.login_hook is not None:  # its names are checked with it
+        if user.user_id is not None:
+            headers[names.user_id] = user.user_id
+        if user.roles:
+            headers[names.roles] = ",".join(user.roles)
+        for name, value in user.claims:
+            headers[CLAIM_PREFIX + name] = value
     return headers

@@ -92,6 +92,16 @@ class WeChatConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LoginHookConfig:
+    """The app's own user directory, asked on login (and on refresh, once its answer is older
+    than ``refresh_after``) for the user's id, roles and claims, or a ban."""
+
+    url: URL = option()
+    timeout: float = 2.0
+    refresh_after: float = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
 class App:
     appid: str = option(check=_appid)
     secret: str = option(repr=False)
@@ -155,9 +165,13 @@ class IdentityHeaders:
     unionid: str = option("X-WX-UnionID", read="identity_header", read_default=True)
     appid: str = option("X-WX-AppID", read="identity_header", read_default=True)
     phone: str = option("X-WX-Phone", read="identity_header", read_default=True)
+    # The login hook's answer; a clash with the names above matters only with a hook, and
+    # is checked with it (a config naming openid X-User-ID stays valid without one).
+    user_id: str = option("X-User-ID", read="user_header", read_default=True)
+    roles: str = option("X-User-Roles", read="user_header", read_default=True)
 
     def names(self) -> tuple[str, ...]:
-        return (self.openid, self.unionid, self.appid, self.phone)
+        return (self.openid, self.unionid, self.appid, self.phone, self.user_id, self.roles)
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +193,8 @@ class Route:
     preserve_host: bool = False
     # when set, only tokens of these appids are accepted
     apps: tuple[str, ...] = option((), read="route_apps")
+    # when set, only tokens whose session has one of these roles (from the login hook)
+    roles: tuple[str, ...] = option((), read="route_roles")
     audience: str | None = None  # the identity assertion's aud; None: the upstream's origin
     # The longest silence while waiting for or reading the answer (nginx's proxy_read_timeout):
     # a stream lives as long as data keeps coming.
@@ -223,6 +239,7 @@ class Config:
     auth_prefix: str = option("/auth", yaml="auth.prefix", read="auth_prefix",
                               restart_only=True)
     identity_headers: IdentityHeaders = option(IdentityHeaders(), read_default=True)
+    login_hook: LoginHookConfig | None = option(None, read="login_hook")
     routes: tuple[Route, ...] = option((), read="routes")
     shutdown_grace: float = option(10.0, restart_only=True)
     trusted_proxies: tuple[IPNetwork, ...] = option((), read="networks")

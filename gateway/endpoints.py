@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from typing import Any, Awaitable, Callable
@@ -14,10 +15,12 @@ from .config import Config
 from .forwarded import client_address
 from .errors import (GatewayError, InvalidCode, InvalidRequest, MethodNotAllowed, NotFound,
                      PayloadTooLarge,
-                     StoreUnavailable, Unauthorized, UnknownApp)
+                     StoreUnavailable, Unauthorized, UnknownApp, UserBlocked)
+from .login_hook import LoginHook
 from .metrics import CONTENT_TYPE
 from .services import Services
-from .state import IDENTITY, METRICS, SERVICES
+from .sessions import Session
+from .state import HOOK_OUTCOME, IDENTITY, METRICS, SERVICES
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_BODY_BYTES = 16 * 1024
@@ -83,8 +86,12 @@ async def login(request: web.Request) -> web.Response:
         except InvalidCode:
             await s.limiter.failed(ip)
             raise
+        user = None
+        if s.login_hook is not None:  # before the session: a refused user gets none
+            user = await s.login_hook.ask(app.appid, reply.openid, reply.unionid, None,
+                                          functools.partial(request.__setitem__, HOOK_OUTCOME))
         new = await s.sessions.create(app.appid, reply.openid, reply.unionid, reply.session_key,
-                                      s.config.session.ttl)
+                                      s.config.session.ttl, user)
         await s.limiter.succeeded(ip)
         s.metrics.sessions_created.labels(app.appid).inc()
     except GatewayError as exc:
@@ -108,11 +115,33 @@ async def logout(request: web.Request) -> web.Response:
 async def refresh(request: web.Request) -> web.Response:
     s = request.app[SERVICES].current
     identity = await _identity(request)
-    renewed = await s.sessions.renew(identity.session, s.config.session.ttl)
+    current = identity.session
+    if s.login_hook is not None and s.login_hook.stale(current.user):
+        current = await _ask_again(request, s, s.login_hook, current)
+    renewed = await s.sessions.renew(current, s.config.session.ttl)
     if renewed is None:
         raise Unauthorized("the session has ended (logged out or expired)")
     return json_response(_token_body(s, renewed.sid, renewed.openid, renewed.unionid,
                                      renewed.appid, int(time.time()), renewed.expires_at))
+
+
+async def _ask_again(request: web.Request, s: Services, hook: LoginHook,
+                     current: Session) -> Session:
+    """The login hook's answer renewed before the session's lifetime is. A ban ends the
+    session; a hook that cannot answer fails this refresh only (503): the session and its
+    token keep working until they expire, and no lifetime is granted on data not confirmed."""
+    try:
+        user = await hook.ask(current.appid, current.openid, current.unionid, current.phone,
+                              functools.partial(request.__setitem__, HOOK_OUTCOME))
+    except UserBlocked:
+        await s.sessions.delete(current.sid)
+        s.authenticator.forget(current.sid)
+        raise
+    updated = await s.sessions.set_user(current, user)
+    s.authenticator.forget(current.sid)
+    if updated is None:
+        raise Unauthorized("the session has ended (logged out or expired)")
+    return updated
 
 
 async def session(request: web.Request) -> web.Response:

@@ -71,6 +71,12 @@ class AppForbidden(GatewayError):
     status, code = 403, "app_forbidden"
 
 
+class ForbiddenRole(GatewayError):
+    """The route wants a role (from the login hook) the session does not have."""
+
+    status, code = 403, "forbidden_role"
+
+
 class NotFound(GatewayError):
     status, code = 404, "not_found"
 
@@ -121,6 +127,12 @@ class WeChatUnavailable(GatewayError):
 
 class StoreUnavailable(GatewayError):
     status, code = 503, "store_unavailable"
+
+
+class LoginHookUnavailable(GatewayError):
+    """The login hook could not be asked, or gave an answer that cannot be used."""
+
+    status, code = 503, "login_hook_unavailable"
 
 
 class WeChatTimeout(GatewayError):

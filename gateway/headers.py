@@ -24,6 +24,10 @@ RESERVED = HOP_BY_HOP | GATEWAY_SET | {h.lower() for h in WEBSOCKET_HANDSHAKE} |
     "cookie", "set-cookie", "content-length", "content-type", "content-encoding", "via",
     "www-authenticate"}
 _NOT_ALNUM = re.compile(r"[^0-9a-z]")
+# The login hook's claims reach upstreams as X-User-Claim-<Name>; a client header whose
+# spelling starts like it is a forgery whatever follows.
+CLAIM_PREFIX = "X-User-Claim-"
+MAX_ROLE = 64
 
 
 @functools.lru_cache(maxsize=4096)  # folded on every request, for every header
@@ -44,6 +48,14 @@ def spelling(name: str) -> str:
 
 
 RESERVED_SPELLINGS = frozenset(map(spelling, RESERVED))
+CLAIM_SPELLING = spelling(CLAIM_PREFIX)
+
+
+def valid_role(role: str) -> bool:
+    """A role that survives a comma-separated header intact: printable ASCII, no comma, no
+    space at either end (header parsers trim it), at most MAX_ROLE characters."""
+    return (0 < len(role) <= MAX_ROLE and role.isascii() and role.isprintable()
+            and "," not in role and role == role.strip())
 
 
 def connection_tokens(headers: MultiMapping[str]) -> set[str]:

@@ -23,10 +23,11 @@ from redis.connection import parse_url as redis_parse_url
 from yarl import URL
 
 from .config import (AUTH_ENDPOINTS, GATEWAY_PATHS, LOG_LEVELS, MIN_SIGNING_KEY_BYTES, App,
-                     AssertionConfig, Config, IdentityHeaders, IPNetwork, RedisConfig, Route,
-                     TLSConfig, yaml_name)
+                     AssertionConfig, Config, IdentityHeaders, IPNetwork, LoginHookConfig,
+                     RedisConfig, Route, TLSConfig, yaml_name)
 from .errors import ConfigError
-from .headers import NAME as HEADER_NAME, RESERVED_SPELLINGS, spelling
+from .headers import (CLAIM_SPELLING, MAX_ROLE, NAME as HEADER_NAME, RESERVED_SPELLINGS,
+                      spelling, valid_role)
 from .keys import load_private_key
 from .tls import server_context
 
@@ -466,9 +467,33 @@ class _ConfigReader(Reader):
             self.fail(key, f"{text!r} is already used for another identity header")
         elif spelling(text) in RESERVED_SPELLINGS:
             self.fail(key, f"{text!r} is a header the gateway or HTTP itself uses")
+        elif spelling(text).startswith(CLAIM_SPELLING):
+            self.fail(key, f"{text!r} would read as a claim header (X-User-Claim-...)")
         else:
             return text
         return None
+
+    def user_header(self, key: str, value: Any, context: Context) -> str | None:
+        """An identity header for the login hook's answer: checked like the others, except
+        that a clash is left to ``login_hook`` (it matters only when there is a hook)."""
+        return self.identity_header(key, value, Context({}, context.parent))
+
+    def login_hook(self, key: str, value: Any, context: Context) -> LoginHookConfig | None:
+        values = self.read(key, value, LoginHookConfig, context.found)
+        if values is None:
+            return None
+        names: IdentityHeaders | None = context.found.get("identity_headers")
+        if names is not None:
+            spelled = {f.name: spelling(getattr(names, f.name))
+                       for f in dataclasses.fields(names)}
+            for field_name in ("user_id", "roles"):
+                name = getattr(names, field_name)
+                if spelled[field_name] in {v for k, v in spelled.items() if k != field_name}:
+                    self.fail(f"identity_headers.{field_name}",
+                              f"{name!r} is already used for another identity header (the "
+                              "login hook's answer needs a header of its own)")
+                    return None
+        return LoginHookConfig(**values)
 
     def log_level(self, key: str, value: Any, _: Context) -> str | None:
         level = self.string(key, value)
@@ -606,6 +631,25 @@ class _ConfigReader(Reader):
             elif appid is not None:
                 only.append(appid)
         return tuple(only)
+
+    def route_roles(self, key: str, value: Any, context: Context) -> tuple[str, ...] | None:
+        items = self.items(key, value)
+        if items is None:
+            return None
+        roles: list[str] = []
+        for i, item in enumerate(items):
+            role = self.string(f"{key}[{i}]", item)
+            if role is not None and not valid_role(role):
+                self.fail(f"{key}[{i}]", f"{role!r} is not a role name (1 to {MAX_ROLE} "
+                                         "printable ASCII characters, no comma)")
+            elif role is not None:
+                roles.append(role)
+        if roles and context.found.get("auth") != "required":
+            # a role can only be checked on a token; optional or public would let anyone by
+            self.fail(key, "roles need auth: required on the same route")
+            return None
+        return tuple(roles)
+
 
 
 def _one_of(choices: tuple[Any, ...]) -> str:

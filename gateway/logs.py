@@ -21,7 +21,8 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from .forwarded import client_address
-from .state import IDENTITY, REQUEST_ID, ROUTE_LABEL, SERVICES, STARTED, UPSTREAM_SECONDS
+from .state import (HOOK_OUTCOME, IDENTITY, REQUEST_ID, ROUTE_LABEL, SERVICES, STARTED,
+                    UPSTREAM_SECONDS)
 from .config import LoggingConfig
 
 ACCESS = "gateway.access"
@@ -224,10 +225,17 @@ def access_fields(request: web.BaseRequest, response: web.StreamResponse,
         fields["client_ip"] = client_address(request, services.config)
         if identity is not None and services.config.logging.log_openid:
             fields["openid"] = identity.session.openid
+            user = identity.session.user
+            if user is not None and user.user_id is not None:
+                fields["user_id"] = user.user_id
         elif identity is not None:
             fields["openid_hash"] = openid_hash(services.keyring.log_key, identity.session.openid)
     else:
         fields["client_ip"] = request.remote
+    hook = request.get(HOOK_OUTCOME)
+    if hook is not None:
+        fields["login_hook"] = hook.result
+        fields["login_hook_ms"] = round(hook.seconds * 1000, 2)
     return fields
 
 

@@ -32,6 +32,16 @@ class Metrics:
         self.wechat_seconds = Histogram(
             "wxgw_wechat_duration_seconds", "WeChat API calls by endpoint and outcome",
             ["endpoint", "outcome"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.login_hook_seconds = Histogram(
+            "wxgw_login_hook_duration_seconds", "Calls to the login hook, answered or not",
+            buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.login_hook_calls = Counter(
+            "wxgw_login_hook_calls", "Calls to the login hook by outcome: ok, blocked, or why "
+            "it was unavailable (unreachable, timeout, status, too_large, not_json, malformed)",
+            ["outcome"], registry=self.registry)
+        for outcome in ("ok", "blocked", "unreachable", "timeout", "status", "too_large",
+                        "not_json", "malformed"):  # exported at 0 from the start, for alerts
+            self.login_hook_calls.labels(outcome)
         self.sessions_created = Counter(
             "wxgw_sessions_created", "Sessions created by login, by appid", ["appid"],
             registry=self.registry)

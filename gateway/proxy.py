@@ -18,10 +18,10 @@ from yarl import URL
 from . import expectation, pool, websocket
 from .auth import Identity, bearer_token, identity_headers
 from .config import Config, IdentityHeaders, Route
-from .headers import GATEWAY_SET, HOP_BY_HOP, connection_tokens, spelling
+from .headers import CLAIM_SPELLING, GATEWAY_SET, HOP_BY_HOP, connection_tokens, spelling
 from .config import AuthMode
 from .forwarded import forwarded_headers
-from .errors import (AppForbidden, InvalidPath, InvalidRequest, NotFound,
+from .errors import (AppForbidden, ForbiddenRole, InvalidPath, InvalidRequest, NotFound,
                      RequestTimeout, StoreUnavailable, Unauthorized, UpstreamTimeout,
                      UpstreamUnavailable)
 from .services import Services
@@ -98,6 +98,8 @@ class Access:
 
     auth: AuthMode
     limits: tuple[Route, ...] = ()  # routes with ``apps``: the token's appid must be in each
+    # routes with ``roles``: the session must have one of each route's roles
+    role_limits: tuple[Route, ...] = ()
 
 
 def _resolutions(decoded: str) -> set[str]:
@@ -142,16 +144,20 @@ def access_for(config: Config, decoded: str, route: Route) -> Access:
     decided by their own route alone."""
     if (not config.folds and decoded.isascii() and ";" not in decoded and "." not in decoded
             and " " not in decoded and decoded == decoded.lower()):
-        return Access(route.auth, (route,) if route.apps else ())
+        return Access(route.auth, (route,) if route.apps else (),
+                      (route,) if route.roles else ())
     strictest = route.auth
     limited = [route] if route.apps else []
+    role_limited = [route] if route.roles else []
     for form in _resolutions(decoded):
         for other in config.routes_matching(form):
             if _STRICTNESS[other.auth] > _STRICTNESS[strictest]:
                 strictest = other.auth
             if other.apps and all(other is not r for r in limited):
                 limited.append(other)
-    return Access(strictest, tuple(limited))
+            if other.roles and all(other is not r for r in role_limited):
+                role_limited.append(other)
+    return Access(strictest, tuple(limited), tuple(role_limited))
 
 
 def close_after_upgrade_attempt(request: web.Request, response: web.StreamResponse) -> None:
@@ -177,7 +183,8 @@ def forward_headers(request: web.Request, identity: Identity | None, services: S
     for name, value in request.headers.items():
         # Clients (and some proxies) spell header names loosely; any spelling that an upstream
         # framework could read as an identity header is a forgery attempt and goes.
-        if spelling(name) not in drop:
+        folded = spelling(name)
+        if folded not in drop and not folded.startswith(CLAIM_SPELLING):
             if not value.isascii() and _undecodable(value):
                 raise InvalidRequest(f"the value of {name} is not valid UTF-8")
             out.add(name, value)
@@ -316,6 +323,11 @@ async def _authenticate(request: web.Request, access: Access) -> Identity | None
         if identity.session.appid not in limit.apps:
             raise AppForbidden(f"tokens of {identity.session.appid} are not accepted on "
                                f"{limit.path}")
+    if access.role_limits:
+        roles = identity.session.user.roles if identity.session.user is not None else ()
+        for limit in access.role_limits:
+            if not any(role in limit.roles for role in roles):
+                raise ForbiddenRole(f"{limit.path} needs a role this session does not have")
     request[IDENTITY] = identity
     return identity
 

@@ -15,6 +15,7 @@ from .cache import SessionCache
 from .config import Config
 from .access_tokens import AccessTokens
 from .keys import Keyring
+from .login_hook import LoginHook
 from .metrics import Metrics
 from .pool import Pool
 from .ratelimit import LoginLimiter
@@ -33,6 +34,7 @@ class Connections:
     wechat_http: aiohttp.ClientSession
     cache: SessionCache | None
     metrics: Metrics
+    hook_http: aiohttp.ClientSession | None = None  # the login hook's own small pool
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +51,7 @@ class Services:
     access_tokens: AccessTokens
     limiter: LoginLimiter
     asserter: Asserter | None
+    login_hook: LoginHook | None = None
 
     @classmethod
     def build(cls, config: Config, c: Connections) -> Services:
@@ -65,7 +68,10 @@ class Services:
                                        lock_ttl=2 * config.wechat.timeout + 1,
                                        force_refresh=config.wechat.force_refresh),
             limiter=LoginLimiter(c.redis, config.redis.key_prefix, config.rate_limit),
-            asserter=_asserter(config))
+            asserter=_asserter(config),
+            login_hook=(LoginHook(c.hook_http, config.login_hook, c.metrics)
+                        if config.login_hook is not None and c.hook_http is not None
+                        else None))
 
 
 def _asserter(config: Config) -> Asserter | None:

@@ -34,11 +34,33 @@ local n = redis.call('DEL', KEYS[1])
 redis.call('PUBLISH', ARGV[1], ARGV[2])
 return n
 """
+# The login hook's answer replaced as a whole: fields it no longer gives must go (the claim
+# fields are every "m<name>"; the session's own fields are one letter).
+_SET_USER = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HDEL', KEYS[1], 'i', 'r')
+for _, name in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if #name > 1 and string.sub(name, 1, 1) == 'm' then redis.call('HDEL', KEYS[1], name) end
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('PUBLISH', ARGV[1], ARGV[2])
+return 1
+"""
 _CREATE = """
 redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 redis.call('EXPIREAT', KEYS[1], ARGV[1])
 return 1
 """
+
+
+@dataclass(frozen=True, slots=True)
+class UserData:
+    """What the login hook said about the user, and when (unix seconds)."""
+
+    fetched_at: int
+    user_id: str | None = None
+    roles: tuple[str, ...] = ()
+    claims: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,13 +72,42 @@ class Session:
     created_at: int
     expires_at: int
     phone: str | None = None
+    user: UserData | None = None  # None: no login hook asked (yet)
 
 
 # Hash field names: one letter each, which with the binary sealed session_key keeps a session
 # in Redis's compact listpack encoding (MEMORY USAGE about 270 bytes instead of 800+).
 OPENID, UNIONID, APPID, CREATED_AT, EXPIRES_AT, SESSION_KEY, PHONE = "ouacekp"
+# The login hook's answer: fetched at, user_id, roles (comma-joined), and each claim in a field
+# "m<name>" of its own: Redis keeps a hash compact only while every field and value is at most
+# hash-max-listpack-value (64) bytes, which one field of all claims would soon pass.
+HOOKED, USER_ID, ROLES, CLAIMS = "hirm"
 _B = {name: name.encode() for name in (OPENID, UNIONID, APPID, CREATED_AT, EXPIRES_AT,
-                                        SESSION_KEY, PHONE)}
+                                        SESSION_KEY, PHONE, HOOKED, USER_ID, ROLES, CLAIMS)}
+
+
+def _user_fields(user: UserData) -> dict[str, str | int | bytes]:
+    """Only what the hook gave: an absent field costs nothing in the hash."""
+    fields: dict[str, str | int | bytes] = {HOOKED: user.fetched_at}
+    if user.user_id is not None:
+        fields[USER_ID] = user.user_id
+    if user.roles:
+        fields[ROLES] = ",".join(user.roles)
+    for name, value in user.claims:
+        fields[CLAIMS + name] = value
+    return fields
+
+
+def _user(data: dict[Any, Any]) -> UserData | None:
+    hooked = data.get(_B[HOOKED])
+    if hooked is None:
+        return None
+    roles = data.get(_B[ROLES], b"").decode()
+    claims = tuple((k[1:].decode(), v.decode()) for k, v in data.items()
+                   if len(k) > 1 and k[:1] == _B[CLAIMS])
+    user_id = data.get(_B[USER_ID])
+    return UserData(int(hooked), None if user_id is None else user_id.decode(),
+                    tuple(roles.split(",")) if roles else (), claims)
 
 
 class SessionStore:
@@ -68,21 +119,24 @@ class SessionStore:
         self._set_field = client.register_script(_SET_FIELD)
         self._delete = client.register_script(_DELETE)
         self._create = client.register_script(_CREATE)
+        self._set_user = client.register_script(_SET_USER)
         self.channel = invalidation_channel(key_prefix)
 
     def key(self, sid: str) -> str:
         return f"{self._prefix}session:{sid}"
 
     async def create(self, appid: str, openid: str, unionid: str | None, session_key: str,
-                     ttl: float) -> Session:
+                     ttl: float, user: UserData | None = None) -> Session:
         now = int(time.time())
         session = Session(secrets.token_urlsafe(16), openid, unionid, appid, now,
-                          now + math.ceil(ttl))
+                          now + math.ceil(ttl), user=user)
         sealed = self._keyring.seal_bytes(session_key.encode(),
                                           self._context(session.sid, appid))
         fields: dict[str, str | int | bytes] = {
             OPENID: openid, UNIONID: unionid or "", APPID: appid, CREATED_AT: now,
             EXPIRES_AT: session.expires_at, SESSION_KEY: sealed}
+        if user is not None:
+            fields.update(_user_fields(user))
         args: list[str | int | bytes] = [session.expires_at]
         args += [item for pair in fields.items() for item in pair]
         # One script, one key: atomic on a single Redis and in a cluster alike.
@@ -99,7 +153,7 @@ class SessionStore:
         return Session(sid, data[_B[OPENID]].decode(),
                        data.get(_B[UNIONID], b"").decode() or None, data[_B[APPID]].decode(),
                        int(data[_B[CREATED_AT]]), expires_at,
-                       data.get(_B[PHONE], b"").decode() or None)
+                       data.get(_B[PHONE], b"").decode() or None, _user(data))
 
     async def renew(self, session: Session, ttl: float) -> Session | None:
         """Give the session a fresh lifetime; None if it no longer exists."""
@@ -114,6 +168,13 @@ class SessionStore:
         done = await guarded(lambda: self._set_field(
             keys=[self.key(session.sid)], args=[PHONE, phone, self.channel, session.sid]))
         return bool(done)
+
+    async def set_user(self, session: Session, user: UserData) -> Session | None:
+        """Replace the login hook's answer in a session that still exists."""
+        args: list[str | int | bytes] = [self.channel, session.sid]
+        args += [item for pair in _user_fields(user).items() for item in pair]
+        done = await guarded(lambda: self._set_user(keys=[self.key(session.sid)], args=args))
+        return dataclasses.replace(session, user=user) if done else None
 
     async def delete(self, sid: str) -> bool:
         deleted: int = await guarded(lambda: self._delete(keys=[self.key(sid)],

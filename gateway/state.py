@@ -13,6 +13,7 @@ from aiohttp import web
 if TYPE_CHECKING:
     from .cache import Identity
     from .config import Config
+    from .login_hook import Outcome
     from .metrics import Metrics
     from .services import Live
 
@@ -29,6 +30,8 @@ ROUTE_LABEL = web.RequestKey("route", str)
 REQUEST_ID = web.RequestKey("request_id", str)
 IDENTITY: web.RequestKey[Identity] = web.RequestKey("identity")
 UPSTREAM_SECONDS = web.RequestKey("upstream_seconds", float)
+# The login hook's outcome and latency, on a login or refresh that asked it.
+HOOK_OUTCOME: web.RequestKey[Outcome] = web.RequestKey("login_hook")
 STARTED = web.RequestKey("started", float)  # time.perf_counter() when the request arrived
 # Set once "100 Continue" went out: the client was told to send its body.
 CONTINUED = web.RequestKey("continued", bool)

@@ -112,7 +112,7 @@ def test_empty_sections_take_their_defaults() -> None:
     assert cfg.wechat.timeout == 5.0
     assert cfg.auth_prefix == "/auth"
     assert cfg.identity_headers.names() == ("X-WX-OpenID", "X-WX-UnionID", "X-WX-AppID",
-                                           "X-WX-Phone")
+                                           "X-WX-Phone", "X-User-ID", "X-User-Roles")
     assert cfg.redis.key_prefix == "wxgw:"
     assert cfg.session.ttl == 7 * 86400.0
     assert cfg.routes[0].auth == "required"
@@ -143,7 +143,8 @@ def test_explicit_values_override_the_defaults() -> None:
     assert cfg.session.ttl == 3600.0
     assert cfg.session.signing_keys == (SIGNING_KEY.encode(), OLD_SIGNING_KEY.encode())
     assert cfg.auth_prefix == "/login-api"
-    assert cfg.identity_headers.names() == ("X-User", "X-Union", "X-App", "X-WX-Phone")
+    assert cfg.identity_headers.names() == ("X-User", "X-Union", "X-App", "X-WX-Phone",
+                                           "X-User-ID", "X-User-Roles")
     assert cfg.shutdown_grace == 3.0
     assert cfg.app(APPID2) is not None and cfg.app(APPID2).secret == SECRET2  # type: ignore[union-attr]
     assert cfg.app("wxnope") is None
@@ -946,6 +947,9 @@ def declared_keys(cls: type[Any] = Config, prefix: str = "") -> dict[str, Any]:
             continue
         hint = hints[f.name]
         item = typing.get_args(hint)[0] if typing.get_origin(hint) is tuple else None
+        section = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(section) == 1 and dataclasses.is_dataclass(section[0]):  # an optional section
+            hint = section[0]
         if dataclasses.is_dataclass(hint):
             keys |= declared_keys(hint, f"{prefix}{name}.")
         elif dataclasses.is_dataclass(item):

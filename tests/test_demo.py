@@ -41,8 +41,15 @@ async def test_demo_serves_login_and_protected_call_then_stops_cleanly() -> None
                 echoed = await resp.json()
             async with http.get(f"{base}/api/orders") as resp:
                 assert resp.status == 401
+            async with http.get(f"{base}/admin/users",
+                                headers={"Authorization": f"Bearer {login['token']}",
+                                         "X-User-Roles": "admin"}) as resp:
+                assert resp.status == 403
+                assert (await resp.json())["error"] == "forbidden_role"
         assert echoed["path"] == "/api/orders" and echoed["query"] == "page=1"
         assert echoed["headers"]["X-WX-OpenID"] == login["openid"]
+        assert echoed["headers"]["X-User-ID"] == f"u-{login['openid'][:8]}"
+        assert echoed["headers"]["X-User-Roles"] == "user"
         assert "Authorization" not in echoed["headers"]
         proc.send_signal(signal.SIGINT)
         async with asyncio.timeout(15):

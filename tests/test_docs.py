@@ -97,7 +97,7 @@ def test_readme_links_every_docs_page() -> None:
 
 
 def test_the_readme_configuration_passes_check_with_the_two_variables() -> None:
-    (config,) = [block for block in fenced(readme(), "yaml") if "routes:" in block]
+    (config,) = [block for block in fenced(readme(), "yaml") if "apps:" in block]
     cfg = loader.parse(yaml.safe_load(config), environ=DOCUMENTED)
     assert [r.label for r in cfg.routes] == ["/api/"]
     assert cfg.apps[0].secret == "test-secret"
@@ -224,7 +224,7 @@ async def test_readme_nginx_and_configuration_serve_a_login_and_a_request_over_h
     changed: TLS ends at nginx, the gateway trusts it, the backend gets the identity and the
     client's scheme."""
     wechat = await aiohttp_server(simulator.create_app({"wx1234567890abcdef": "test-secret"}))
-    (config,) = [block for block in fenced(readme(), "yaml") if "routes:" in block]
+    (config,) = [block for block in fenced(readme(), "yaml") if "apps:" in block]
     data = yaml.safe_load(config)
     data["redis"]["url"] = redis_server.url
     data["routes"][0]["upstream"] = upstream.url

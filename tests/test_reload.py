@@ -209,29 +209,29 @@ async def test_identity_header_names_change(launch: Launch, make_config: Any,
         openid = (await client.call("GET", "/auth/session", token=token,
                                     expect=200)).json()["openid"]
         forged = f"forged-{uuid.uuid4().hex[:8]}"
-        await client.call("GET", "/api/who", token=token, headers={"X-User-Id": forged},
+        await client.call("GET", "/api/who", token=token, headers={"X-Member-Id": forged},
                           expect=200)
         assert upstream.last.header("X-WX-OpenID") == [openid]
-        assert upstream.last.header("X-User-Id") == [forged]  # not an identity header yet
+        assert upstream.last.header("X-Member-Id") == [forged]  # not an identity header yet
 
         new = copy.deepcopy(data)
-        new["identity_headers"] = {"openid": "X-User-Id", "appid": "X-User-App"}
+        new["identity_headers"] = {"openid": "X-Member-Id", "appid": "X-Member-App"}
         await reload(gw, new)
 
         await client.call("GET", "/api/who", token=token, expect=200)
-        assert upstream.last.header("X-User-Id") == [openid]
-        assert upstream.last.header("X-User-App") == [APPID]
+        assert upstream.last.header("X-Member-Id") == [openid]
+        assert upstream.last.header("X-Member-App") == [APPID]
         assert upstream.last.header("X-WX-OpenID") == []
-        for spelling in ("X-User-Id", "x_user_id", "X-USER-ID", "X-User-App"):
+        for spelling in ("X-Member-Id", "x_member_id", "X-MEMBER-ID", "X-Member-App"):
             await client.call("GET", "/api/who", token=token, headers={spelling: forged},
                               expect=200)
-            assert upstream.last.header("X-User-Id") == [openid], spelling
-            assert upstream.last.header("X-User-App") == [APPID], spelling
+            assert upstream.last.header("X-Member-Id") == [openid], spelling
+            assert upstream.last.header("X-Member-App") == [APPID], spelling
             assert forged not in str(upstream.last.headers), spelling
             await client.call("GET", "/public/who", headers={spelling: forged}, expect=200)
             assert forged not in str(upstream.last.headers), spelling
         verify = await client.call("GET", "/auth/verify", token=token, expect=200)
-        assert verify.headers.get("X-User-Id") == openid
+        assert verify.headers.get("X-Member-Id") == openid
         assert "X-WX-OpenID" not in verify.headers
     assert await gw.stop() == 0, gw.output()
 

@@ -1,7 +1,8 @@
 """``python -m gateway.testing.demo``: the whole gateway on one machine, nothing to install or sign up for.
 
-Starts an embedded Redis, the WeChat simulator and an echo upstream that shows the headers
-it receives, then the gateway in front of them, and prints curl commands to try it.
+Starts an embedded Redis, the WeChat simulator, a login hook (the app's own user directory)
+and an echo upstream that shows the headers it receives, then the gateway in front of them,
+and prints curl commands to try it.
 """
 
 from __future__ import annotations
@@ -39,6 +40,18 @@ def echo_app() -> web.Application:
     return app
 
 
+def hook_app() -> web.Application:
+    """A login hook as an app would write one: every user is ``u-<openid's start>`` with the
+    role ``user`` (so /admin/, which needs ``admin``, answers 403 forbidden_role)."""
+    async def hook(request: web.Request) -> web.Response:
+        asked = await request.json()
+        return web.json_response({"user_id": f"u-{str(asked['openid'])[:8]}",
+                                  "roles": ["user"]})
+    app = web.Application()
+    app.router.add_post("/login-hook", hook)
+    return app
+
+
 async def _serve(app: web.Application, host: str, port: int, *,
                  gateway: bool = False) -> web.AppRunner:
     # Only the gateway's requests go to its access log; the simulator's and the echo
@@ -50,8 +63,10 @@ async def _serve(app: web.Application, host: str, port: int, *,
     return app_runner
 
 
-def demo_config(redis_url: str, api_base: str, upstream: str, listen: str) -> Config:
+def demo_config(redis_url: str, api_base: str, upstream: str, listen: str,
+                login_hook: str | None = None) -> Config:
     return loader.parse({
+        **({"login_hook": {"url": login_hook}} if login_hook else {}),
         "listen": listen,
         "redis": {"url": redis_url, "key_prefix": "wxgw-demo:"},
         "wechat": {"api_base": api_base, "timeout": "5s"},
@@ -62,6 +77,7 @@ def demo_config(redis_url: str, api_base: str, upstream: str, listen: str) -> Co
             {"path": "/api/", "upstream": upstream, "auth": "required"},
             {"path": "/public/", "upstream": upstream, "auth": "public"},
             {"path": "/maybe/", "upstream": upstream, "auth": "optional"},
+            {"path": "/admin/", "upstream": upstream, "roles": ["admin"]},
         ]}, environ={})
 
 
@@ -71,12 +87,14 @@ async def run(host: str, port: int) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     with EmbeddedRedis(persist=False) as redis:
-        wechat_port, upstream_port = free_port(), free_port()
+        wechat_port, upstream_port, hook_port = free_port(), free_port(), free_port()
         runners = [
             await _serve(simulator.create_app({DEMO_APPID: DEMO_SECRET}), "127.0.0.1", wechat_port),
-            await _serve(echo_app(), "127.0.0.1", upstream_port)]
+            await _serve(echo_app(), "127.0.0.1", upstream_port),
+            await _serve(hook_app(), "127.0.0.1", hook_port)]
         config = demo_config(redis.url, f"http://127.0.0.1:{wechat_port}",
-                             f"http://127.0.0.1:{upstream_port}", f"{host}:{port}")
+                             f"http://127.0.0.1:{upstream_port}", f"{host}:{port}",
+                             f"http://127.0.0.1:{hook_port}/login-hook")
         runners.append(await _serve(create_app(config), host, port, gateway=True))
         shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         print(_instructions(f"http://{shown}:{port}", f"http://127.0.0.1:{wechat_port}"),
@@ -95,20 +113,24 @@ def _instructions(base: str, wechat: str) -> str:
     return f"""
 wx-gateway demo is running on {base}
   Redis: embedded   WeChat: built-in simulator   upstream: echo server (shows what it receives)
+  login hook: every user gets X-User-ID and the role "user"
   routes: /api/ (auth: required)  /public/ (auth: public)  /maybe/ (auth: optional)
+          /admin/ (auth: required, role admin)
 
 Paste these into one shell, in order (the number after # is the HTTP status to expect):
 
 1. Log in with any code (the simulator turns each code into a stable fake user):
    curl -s -X POST {base}/auth/login -H 'Content-Type: application/json' -d '{{"code": "alice"}}'  # 200
 
-2. Call a protected route with the token (the upstream sees X-WX-OpenID, never the token):
+2. Call a protected route with the token (the upstream sees X-WX-OpenID, X-User-ID and
+   X-User-Roles from the login hook, never the token):
    TOKEN=$(curl -s -X POST {base}/auth/login -d '{{"code": "alice"}}' | {token})  # 200
    curl -s '{base}/api/orders?page=1' -H "Authorization: Bearer $TOKEN"  # 200
 
-3. Without a token, or with forged identity headers:
+3. Without a token, with forged identity headers, without the role a route needs:
    curl -s -i {base}/api/orders  # 401
-   curl -s {base}/public/hello -H 'X-WX-OpenID: forged'  # 200
+   curl -s {base}/public/hello -H 'X-WX-OpenID: forged' -H 'X-User-Roles: admin'  # 200
+   curl -s -i {base}/admin/users -H "Authorization: Bearer $TOKEN"  # 403
 
 4. The session, and a fresh token for it:
    curl -s {base}/auth/session -H "Authorization: Bearer $TOKEN"  # 200

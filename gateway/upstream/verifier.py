@@ -20,6 +20,10 @@ class WxIdentity:
     appid: str
     unionid: str | None
     claims: dict[str, Any] = field(repr=False)
+    # from the app's login hook, when the gateway has one
+    user_id: str | None = None
+    roles: tuple[str, ...] = ()
+    user_claims: dict[str, str] = field(default_factory=dict)
 
 
 class Verifier:
@@ -56,8 +60,14 @@ class Verifier:
         appid, unionid = claims.get("appid"), claims.get("unionid")
         if not isinstance(appid, str) or not isinstance(claims["sub"], str):
             raise InvalidAssertion("the identity assertion lacks sub or appid")
-        return WxIdentity(claims["sub"], appid, unionid if isinstance(unionid, str) else None,
-                          claims)
+        user_id, roles, user_claims = (claims.get("user_id"), claims.get("roles"),
+                                       claims.get("claims"))
+        return WxIdentity(
+            claims["sub"], appid, unionid if isinstance(unionid, str) else None, claims,
+            user_id if isinstance(user_id, str) else None,
+            tuple(r for r in roles if isinstance(r, str)) if isinstance(roles, list) else (),
+            ({k: v for k, v in user_claims.items() if isinstance(v, str)}
+             if isinstance(user_claims, dict) else {}))
 
     async def _key(self, kid: str) -> Any:
         cached = self._keys.get(kid)
