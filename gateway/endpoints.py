@@ -14,7 +14,7 @@ from .config import Config
 from .forwarded import client_address
 from .errors import (GatewayError, InvalidCode, InvalidRequest, MethodNotAllowed, NotFound,
                      PayloadTooLarge,
-                     StoreUnavailable, Unauthorized, UnknownApp)
+                     StoreUnavailable, Unauthorized, UnknownApp, UserBlocked)
 from .metrics import CONTENT_TYPE
 from .services import Services
 from .state import IDENTITY, METRICS, SERVICES
@@ -85,6 +85,9 @@ async def login(request: web.Request) -> web.Response:
             raise
         new = await s.sessions.create(app.appid, reply.openid, reply.unionid, reply.session_key,
                                       s.config.session.ttl)
+        if new is None:  # only now is the openid known: the ban is checked as the session is made
+            s.metrics.logins_banned.labels(app.appid).inc()
+            raise UserBlocked("this user is banned from logging in")
         await s.limiter.succeeded(ip)
         s.metrics.sessions_created.labels(app.appid).inc()
     except GatewayError as exc:
@@ -108,6 +111,11 @@ async def logout(request: web.Request) -> web.Response:
 async def refresh(request: web.Request) -> web.Response:
     s = request.app[SERVICES].current
     identity = await _identity(request)
+    session = identity.session
+    # A ban ended the user's sessions already; this catches one created before sessions
+    # were indexed by user, which the ban could not find.
+    if await s.sessions.banned(session.appid, session.openid):
+        raise UserBlocked("this user is banned")
     renewed = await s.sessions.renew(identity.session, s.config.session.ttl)
     if renewed is None:
         raise Unauthorized("the session has ended (logged out or expired)")

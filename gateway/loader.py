@@ -441,6 +441,26 @@ class _ConfigReader(Reader):
                 keys.append(raw)
         return tuple(keys) if keys else None
 
+    def admin_tokens(self, key: str, value: Any, context: Context) -> tuple[bytes, ...] | None:
+        items = self.items(key, value)
+        if items is None:
+            return None
+        if context.found.get("listen") is not None and not items:
+            self.fail(key, "at least one token is required when admin.listen is set")
+            return None
+        tokens: list[bytes] = []
+        for i, item in enumerate(items):
+            text = self.string(f"{key}[{i}]", item)
+            if text is None:
+                continue
+            raw = text.encode("utf-8")
+            if len(raw) < MIN_SIGNING_KEY_BYTES:
+                self.fail(f"{key}[{i}]",
+                          f"must be at least {MIN_SIGNING_KEY_BYTES} bytes, got {len(raw)}")
+            else:
+                tokens.append(raw)
+        return tuple(tokens)
+
     def auth_prefix(self, key: str, value: Any, _: Context) -> str | None:
         prefix = self.string(key, value)
         if prefix is None:

@@ -21,7 +21,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from .forwarded import client_address
-from .state import IDENTITY, REQUEST_ID, ROUTE_LABEL, SERVICES, STARTED, UPSTREAM_SECONDS
+from .state import ADMIN_TOKEN, IDENTITY, REQUEST_ID, ROUTE_LABEL, SERVICES, STARTED, UPSTREAM_SECONDS
 from .config import LoggingConfig
 
 ACCESS = "gateway.access"
@@ -219,6 +219,8 @@ def access_fields(request: web.BaseRequest, response: web.StreamResponse,
         "upstream_ms": round(upstream * 1000, 2) if upstream is not None else None,
         "auth": "ok" if identity else ("denied" if response.status in (401, 403) else "none"),
         "appid": identity.session.appid if identity else None}
+    if ADMIN_TOKEN in request:  # which admin token, by its position: never its value
+        fields["admin_token"] = request[ADMIN_TOKEN]
     if live is not None and isinstance(request, web.Request):  # not for unparsable requests
         services = live.current
         fields["client_ip"] = client_address(request, services.config)

@@ -32,6 +32,19 @@ class Metrics:
         self.wechat_seconds = Histogram(
             "wxgw_wechat_duration_seconds", "WeChat API calls by endpoint and outcome",
             ["endpoint", "outcome"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.logins_banned = Counter(
+            "wxgw_logins_banned", "Logins refused because the user is banned, by appid",
+            ["appid"], registry=self.registry)
+        self.admin_requests = Counter(
+            "wxgw_admin_requests", "Admin API calls by endpoint, outcome (ok or the error "
+            "code) and token (its position in admin.tokens, or none)",
+            ["endpoint", "outcome", "token"], registry=self.registry)
+        self.bans = Counter(
+            "wxgw_bans", "Bans applied and lifted through the admin API, by action",
+            ["action"], registry=self.registry)
+        self.sessions_revoked = Counter(
+            "wxgw_sessions_revoked", "Sessions ended by the admin API (revoke or ban)",
+            registry=self.registry)
         self.sessions_created = Counter(
             "wxgw_sessions_created", "Sessions created by login, by appid", ["appid"],
             registry=self.registry)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import hashlib
 import math
 import secrets
 import time
@@ -15,11 +17,17 @@ from .keys import Keyring
 from .store import guarded
 
 # Renew only a session that still exists: a logout racing a refresh must not resurrect it.
-# ('e' is the expires_at field, see the field names below.)
+# ('e' is the expires_at field, see the field names below.) KEYS[2], when given, is the user's
+# index of sessions (see _user_tag), kept in step in the same script.
 _RENEW = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'e', ARGV[1])
 redis.call('EXPIREAT', KEYS[1], ARGV[1])
+if KEYS[2] then
+  redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
+  local last = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
+  redis.call('EXPIREAT', KEYS[2], last[2])
+end
 return 1
 """
 _SET_FIELD = """
@@ -31,13 +39,52 @@ return 1
 # Deleting and announcing in one script: no replica can miss a logout that happened.
 _DELETE = """
 local n = redis.call('DEL', KEYS[1])
+if KEYS[2] then redis.call('ZREM', KEYS[2], ARGV[2]) end
 redis.call('PUBLISH', ARGV[1], ARGV[2])
 return n
 """
+# KEYS: the session, the user's index, the user's ban. A ban set at any moment either comes
+# before (no session) or after (its revocation finds this session in the index).
 _CREATE = """
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
 redis.call('EXPIREAT', KEYS[1], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[1], ARGV[3])
+local last = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
+redis.call('EXPIREAT', KEYS[2], last[2])
 return 1
+"""
+# The session hashes are named from the index's members: they share its hash slot (the sid
+# carries the user's tag), so this holds in a Redis Cluster too.
+_LIST = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+local found = {}
+for _, sid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local c = redis.call('HMGET', ARGV[1] .. sid, 'c', 'e')
+  if c[1] then
+    table.insert(found, {sid, c[1], c[2]})
+  else
+    redis.call('ZREM', KEYS[1], sid)
+  end
+end
+return found
+"""
+# Every session of a user ends in one step, each announced like a logout; with ARGV[4] the
+# ban is set in the same step ('0': until lifted, else its lifetime in ms).
+_REVOKE = """
+local n = 0
+for _, sid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  n = n + redis.call('DEL', ARGV[1] .. sid)
+  redis.call('PUBLISH', ARGV[3], sid)
+end
+redis.call('DEL', KEYS[1])
+if ARGV[4] == '0' then
+  redis.call('SET', KEYS[2], ARGV[2])
+elseif ARGV[4] then
+  redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[4])
+end
+return n
 """
 
 
@@ -68,25 +115,46 @@ class SessionStore:
         self._set_field = client.register_script(_SET_FIELD)
         self._delete = client.register_script(_DELETE)
         self._create = client.register_script(_CREATE)
+        self._list = client.register_script(_LIST)
+        self._revoke = client.register_script(_REVOKE)
         self.channel = invalidation_channel(key_prefix)
 
     def key(self, sid: str) -> str:
         return f"{self._prefix}session:{sid}"
 
+    def user_key(self, appid: str, openid: str) -> str:
+        """The user's index of sessions: a sorted set of sids scored by expiry."""
+        return f"{self._prefix}user:{_user_tag(appid, openid)}"
+
+    def ban_key(self, appid: str, openid: str) -> str:
+        return f"{self._prefix}ban:{_user_tag(appid, openid)}"
+
+    def _index_of(self, sid: str) -> list[str]:
+        """The index key of a session, [] for a session created before sids carried their
+        user's tag (such a session lives in another hash slot and is in no index)."""
+        if not sid.startswith("{"):
+            return []
+        return [f"{self._prefix}user:{sid[:sid.index('}') + 1]}"]
+
     async def create(self, appid: str, openid: str, unionid: str | None, session_key: str,
-                     ttl: float) -> Session:
+                     ttl: float) -> Session | None:
+        """A new session; None when the user is banned."""
         now = int(time.time())
-        session = Session(secrets.token_urlsafe(16), openid, unionid, appid, now,
+        tag = _user_tag(appid, openid)
+        session = Session(tag + secrets.token_urlsafe(16), openid, unionid, appid, now,
                           now + math.ceil(ttl))
         sealed = self._keyring.seal_bytes(session_key.encode(),
                                           self._context(session.sid, appid))
         fields: dict[str, str | int | bytes] = {
             OPENID: openid, UNIONID: unionid or "", APPID: appid, CREATED_AT: now,
             EXPIRES_AT: session.expires_at, SESSION_KEY: sealed}
-        args: list[str | int | bytes] = [session.expires_at]
+        args: list[str | int | bytes] = [session.expires_at, now, session.sid]
         args += [item for pair in fields.items() for item in pair]
-        # One script, one key: atomic on a single Redis and in a cluster alike.
-        await guarded(lambda: self._create(keys=[self.key(session.sid)], args=args))
+        # One script, keys of one hash slot (the user's tag): atomic in a cluster too.
+        keys = [self.key(session.sid), self.user_key(appid, openid),
+                self.ban_key(appid, openid)]
+        if not await guarded(lambda: self._create(keys=keys, args=args)):
+            return None
         return session
 
     async def get(self, sid: str) -> Session | None:
@@ -104,7 +172,8 @@ class SessionStore:
     async def renew(self, session: Session, ttl: float) -> Session | None:
         """Give the session a fresh lifetime; None if it no longer exists."""
         expires_at = int(time.time()) + math.ceil(ttl)
-        done = await guarded(lambda: self._renew(keys=[self.key(session.sid)], args=[expires_at]))
+        keys = [self.key(session.sid), *self._index_of(session.sid)]
+        done = await guarded(lambda: self._renew(keys=keys, args=[expires_at, session.sid]))
         if not done:
             return None
         return dataclasses.replace(session, expires_at=expires_at)
@@ -116,9 +185,40 @@ class SessionStore:
         return bool(done)
 
     async def delete(self, sid: str) -> bool:
-        deleted: int = await guarded(lambda: self._delete(keys=[self.key(sid)],
-                                                          args=[self.channel, sid]))
+        keys = [self.key(sid), *self._index_of(sid)]
+        deleted: int = await guarded(lambda: self._delete(keys=keys, args=[self.channel, sid]))
         return deleted > 0
+
+    async def sessions_of(self, appid: str, openid: str) -> list[tuple[str, int, int]]:
+        """The user's live sessions: (sid, created_at, expires_at), soonest to expire first."""
+        found: list[Any] = await guarded(lambda: self._list(
+            keys=[self.user_key(appid, openid)],
+            args=[self.key(""), int(time.time())]))
+        return [(sid.decode(), int(c), int(e)) for sid, c, e in found]
+
+    async def revoke(self, appid: str, openid: str) -> int:
+        """End every session of the user at once, on every replica: the number ended."""
+        return await self._end(appid, openid)
+
+    async def ban(self, appid: str, openid: str, ttl: float | None) -> int:
+        """Refuse the user new sessions (for ``ttl`` seconds, or until lifted) and end those
+        they have, in one step: the number ended."""
+        return await self._end(appid, openid, str(math.ceil(ttl * 1000)) if ttl else "0")
+
+    async def _end(self, appid: str, openid: str, *ban: str) -> int:
+        args: list[str | int] = [self.key(""), int(time.time()), self.channel, *ban]
+        ended: int = await guarded(lambda: self._revoke(
+            keys=[self.user_key(appid, openid), self.ban_key(appid, openid)], args=args))
+        return ended
+
+    async def unban(self, appid: str, openid: str) -> bool:
+        """Lift the user's ban; False if none was in force."""
+        lifted: int = await guarded(lambda: self._redis.delete(self.ban_key(appid, openid)))
+        return lifted > 0
+
+    async def banned(self, appid: str, openid: str) -> bool:
+        found: int = await guarded(lambda: self._redis.exists(self.ban_key(appid, openid)))
+        return found > 0
 
     async def session_key(self, session: Session) -> bytes | None:
         """The decrypted session_key, for features that call WeChat on the user's behalf."""
@@ -135,6 +235,13 @@ class SessionStore:
     def _context(sid: str, appid: str) -> bytes:
         return f"{appid}/{sid}".encode()
 
+
+
+def _user_tag(appid: str, openid: str) -> str:
+    """A Redis Cluster hash tag for the user: their sessions, index and ban share its slot.
+    96 bits of a hash: no two users share an index or a ban in practice."""
+    digest = hashlib.blake2b(f"{appid}/{openid}".encode(), digest_size=12).digest()
+    return "{" + base64.urlsafe_b64encode(digest).decode() + "}"
 
 
 def invalidation_channel(key_prefix: str) -> str:

@@ -26,6 +26,8 @@ ROUTE_LABEL = web.RequestKey("route", str)
 REQUEST_ID = web.RequestKey("request_id", str)
 IDENTITY: web.RequestKey[Identity] = web.RequestKey("identity")
 UPSTREAM_SECONDS = web.RequestKey("upstream_seconds", float)
+# Which admin token authorised an admin API call: its position in admin.tokens.
+ADMIN_TOKEN = web.RequestKey("admin_token", int)
 STARTED = web.RequestKey("started", float)  # time.perf_counter() when the request arrived
 # Set once "100 Continue" went out: the client was told to send its body.
 CONTINUED = web.RequestKey("continued", bool)
