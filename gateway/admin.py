@@ -108,17 +108,23 @@ def session_id(key: bytes, sid: str) -> str:
 
 
 async def revoke(request: web.Request, s: Services, appid: str, openid: str) -> web.Response:
-    ended = await s.sessions.revoke(appid, openid)
-    s.metrics.sessions_revoked.inc(ended)
+    ended = _forget(s, await s.sessions.revoke(appid, openid))
     return json_response({"revoked": ended})
 
 
 async def ban(request: web.Request, s: Services, appid: str, openid: str) -> web.Response:
     ttl = _ttl(await _body(request))
-    ended = await s.sessions.ban(appid, openid, ttl)
-    s.metrics.sessions_revoked.inc(ended)
+    _forget(s, await s.sessions.ban(appid, openid, ttl))
     s.metrics.bans.labels("ban").inc()
     return web.Response(status=204)
+
+
+def _forget(s: Services, sids: list[str]) -> int:
+    """This process drops the ended sessions now; other replicas on the invalidations."""
+    for sid in sids:
+        s.authenticator.forget(sid)
+    s.metrics.sessions_revoked.inc(len(sids))
+    return len(sids)
 
 
 async def unban(request: web.Request, s: Services, appid: str, openid: str) -> web.Response:

@@ -442,7 +442,7 @@ class _ConfigReader(Reader):
         return tuple(keys) if keys else None
 
     def admin_tokens(self, key: str, value: Any, context: Context) -> tuple[bytes, ...] | None:
-        items = self.items(key, value)
+        items = self.items(key, None if value == () else value)  # (): absent, the default
         if items is None:
             return None
         if context.found.get("listen") is not None and not items:

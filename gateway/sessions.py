@@ -73,9 +73,9 @@ return found
 # Every session of a user ends in one step, each announced like a logout; with ARGV[4] the
 # ban is set in the same step ('0': until lifted, else its lifetime in ms).
 _REVOKE = """
-local n = 0
+local ended = {}
 for _, sid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  n = n + redis.call('DEL', ARGV[1] .. sid)
+  if redis.call('DEL', ARGV[1] .. sid) == 1 then table.insert(ended, sid) end
   redis.call('PUBLISH', ARGV[3], sid)
 end
 redis.call('DEL', KEYS[1])
@@ -84,7 +84,7 @@ if ARGV[4] == '0' then
 elseif ARGV[4] then
   redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[4])
 end
-return n
+return ended
 """
 
 
@@ -196,20 +196,20 @@ class SessionStore:
             args=[self.key(""), int(time.time())]))
         return [(sid.decode(), int(c), int(e)) for sid, c, e in found]
 
-    async def revoke(self, appid: str, openid: str) -> int:
-        """End every session of the user at once, on every replica: the number ended."""
+    async def revoke(self, appid: str, openid: str) -> list[str]:
+        """End every session of the user at once, on every replica: the sids ended."""
         return await self._end(appid, openid)
 
-    async def ban(self, appid: str, openid: str, ttl: float | None) -> int:
+    async def ban(self, appid: str, openid: str, ttl: float | None) -> list[str]:
         """Refuse the user new sessions (for ``ttl`` seconds, or until lifted) and end those
-        they have, in one step: the number ended."""
+        they have, in one step: the sids ended."""
         return await self._end(appid, openid, str(math.ceil(ttl * 1000)) if ttl else "0")
 
-    async def _end(self, appid: str, openid: str, *ban: str) -> int:
+    async def _end(self, appid: str, openid: str, *ban: str) -> list[str]:
         args: list[str | int] = [self.key(""), int(time.time()), self.channel, *ban]
-        ended: int = await guarded(lambda: self._revoke(
+        ended: list[bytes] = await guarded(lambda: self._revoke(
             keys=[self.user_key(appid, openid), self.ban_key(appid, openid)], args=args))
-        return ended
+        return [sid.decode() for sid in ended]
 
     async def unban(self, appid: str, openid: str) -> bool:
         """Lift the user's ban; False if none was in force."""
