@@ -17,7 +17,8 @@ from .endpoints import MAX_BODY_BYTES, json_response
 from .errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge, Unauthorized
 from .loader import parse_duration
 from .services import Services
-from .state import ADMIN_TOKEN, CONFIG, IN_FLIGHT, METRICS, SERVICES
+from .logs import openid_hash
+from .state import ADMIN_TOKEN, CONFIG, IN_FLIGHT, LOGGED_PATH, METRICS, SERVICES
 
 # WeChat openids are 28 characters of this set; other platforms' user ids are longer.
 _OPENID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -52,6 +53,10 @@ def _call(endpoint: str, user: Callable[[web.Request], tuple[Any, Any]],
           operation: Operation) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handler(request: web.Request) -> web.Response:
         s = request.app[SERVICES].current
+        if "openid" in request.match_info and not s.config.logging.log_openid:
+            # the openid is in the path: logged as the keyed hash, like every other openid
+            head = request.raw_path.partition("?")[0].rpartition("/")[0][:192]
+            request[LOGGED_PATH] = f"{head}/{openid_hash(s.keyring.log_key, _path(request)[1])}"
         token = "none"
         try:
             token = str(authorise(request, s.config.admin.tokens))

@@ -21,7 +21,8 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from .forwarded import client_address
-from .state import ADMIN_TOKEN, IDENTITY, REQUEST_ID, ROUTE_LABEL, SERVICES, STARTED, UPSTREAM_SECONDS
+from .state import (ADMIN_TOKEN, IDENTITY, LOGGED_PATH, REQUEST_ID, ROUTE_LABEL, SERVICES,
+                    STARTED, UPSTREAM_SECONDS)
 from .config import LoggingConfig
 
 ACCESS = "gateway.access"
@@ -213,7 +214,7 @@ def access_fields(request: web.BaseRequest, response: web.StreamResponse,
     fields: dict[str, Any] = {
         "request_id": request.get(REQUEST_ID), "method": request.method,
         # raw: percent-escapes stay escaped, so no control character reaches the log
-        "path": request.raw_path.partition("?")[0][:256],
+        "path": request.get(LOGGED_PATH) or request.raw_path.partition("?")[0][:256],
         "route": request.get(ROUTE_LABEL), "status": response.status,
         "duration_ms": round(seconds * 1000, 2),
         "upstream_ms": round(upstream * 1000, 2) if upstream is not None else None,

@@ -466,9 +466,13 @@ async def test_admin_command_line_against_a_real_gateway(
     assert done.returncode == 1 and "cannot reach" in done.stderr
     done = await run("bogus", *who)
     assert done.returncode == 2
-    # the access line names the admin token by its position, never its value
+    # the access line names the admin token by its position, never its value, and shows
+    # the openid in a ban's path only as its keyed hash
     lines = [line for line in a.lines() if "/admin/" in line]
-    assert lines and TOKEN not in a.output()
+    assert len([line for line in lines if "admin_token=0" in line]) == 6, lines
+    assert TOKEN not in a.output()
+    assert simulator.openid_for(APPID, code) not in a.output()
+    assert any(f"/admin/bans/{APPID}/" in line and " 204 " in line for line in lines), lines
 
 
 async def test_only_one_worker_serves_the_admin_api(
