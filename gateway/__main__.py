@@ -50,8 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         _run(serve(config, path, reuse_port=supervisor.is_worker(),
                    admin=supervisor.serves_admin()))
     except OSError as exc:  # e.g. the port is taken
-        print(f"listen: cannot listen on {config.listen_host}:{config.listen_port}: "
-              f"{exc.strerror or exc}", file=sys.stderr)
+        key, (host, port) = "listen", (config.listen_host, config.listen_port)
+        if exc.filename == "admin.listen" and config.admin.listen is not None:
+            key, (host, port) = exc.filename, config.admin.listen
+        print(f"{key}: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     logging.getLogger("gateway").info("wx-gateway stopped")
     return 0

@@ -445,7 +445,12 @@ class _ConfigReader(Reader):
         items = self.items(key, None if value == () else value)  # (): absent, the default
         if items is None:
             return None
-        if context.found.get("listen") is not None and not items:
+        listen = context.found.get("listen")
+        if listen is not None and listen == (context.parent.get("listen_host"),
+                                             context.parent.get("listen_port")):
+            self.fail(key.rpartition(".")[0] + ".listen", "must not be the main listen address")
+            return None
+        if listen is not None and not items:
             self.fail(key, "at least one token is required when admin.listen is set")
             return None
         tokens: list[bytes] = []

@@ -429,6 +429,9 @@ async def _serve_admin(app: web.Application, config: Config) -> Runner:
     await admin_runner.setup()
     try:
         await web.TCPSite(admin_runner, host, port).start()
+    except OSError as exc:  # named, so the command line says which listener failed
+        await admin_runner.cleanup()
+        raise OSError(exc.errno, exc.strerror or str(exc), "admin.listen") from exc
     except BaseException:
         await admin_runner.cleanup()
         raise

@@ -8,9 +8,12 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import logging
+import socket
 import subprocess
 import time
 import uuid
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 import aiohttp
@@ -23,9 +26,11 @@ from conftest import APPID, APPID2, SECRET, SECRET2, SIGNING_KEY, GatewayFactory
 from gateway import loader
 from gateway.admin import create_admin_app
 from gateway.errors import ConfigError
+from gateway.reload import reload as reload_config
+from gateway.state import SERVICES
 from gateway.testing import simulator
 from gateway.testing.embedded import free_port
-from process import GATEWAY, GatewayProcess, Launch, child_env
+from process import GATEWAY, GatewayProcess, Launch, child_env, write_config
 from test_cache import wait_live
 from test_redis_topologies import cluster, cluster_redis  # noqa: F401 (the fixture)
 from topologies import Cluster
@@ -418,10 +423,31 @@ def test_admin_configuration(config_dict: dict[str, Any]) -> None:
                        ({"listen": "127.0.0.1:9999", "tokens": ["short"]}, "admin.tokens[0]"),
                        ({"listen": "nope", "tokens": [TOKEN]}, "admin.listen"),
                        ({"tokens": TOKEN}, "admin.tokens"),
+                       ({"listen": "127.0.0.1:8080", "tokens": [TOKEN]}, "admin.listen"),
                        ({"listne": "x"}, "admin.listne")):
         with pytest.raises(ConfigError) as caught:
             loader.parse({**config_dict, "admin": admin}, environ={})
         assert [p.partition(":")[0] for p in caught.value.problems] == [key], caught.value
+
+
+async def test_admin_tokens_change_on_reload(
+        pair: tuple[TestClient, TestClient], config_dict: dict[str, Any], tmp_path: Path) -> None:
+    gw, admin = pair
+    listen = gw.app[SERVICES].current.config.admin.listen
+    assert listen is not None
+    data = {**config_dict, "admin": {"listen": f"{listen[0]}:{listen[1]}",
+                                     "tokens": [SECOND_TOKEN]}}
+    path = write_config(tmp_path / "gw.yaml", data)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        assert reload_config(gw.app, str(path))
+    finally:  # a reload sets up the process's logging; this process is pytest's
+        root.handlers[:], root.level = handlers, level
+    await expect_error(await admin.get("/admin/sessions", params=user("x"), headers=admin_auth()),
+                       401, "unauthorized")
+    resp = await admin.get("/admin/sessions", params=user("x"), headers=admin_auth(SECOND_TOKEN))
+    assert resp.status == 200
 
 
 # --- the command line --------------------------------------------------------------------------
@@ -473,6 +499,18 @@ async def test_admin_command_line_against_a_real_gateway(
     assert TOKEN not in a.output()
     assert simulator.openid_for(APPID, code) not in a.output()
     assert any(f"/admin/bans/{APPID}/" in line and " 204 " in line for line in lines), lines
+
+
+async def test_a_taken_admin_port_is_named_at_start(
+        launch: Launch, config_dict: dict[str, Any]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        gw = await launch({**config_dict, "admin": admin_section(port)})
+        assert await gw.exit_code(within=15) == 1
+    assert f"admin.listen: cannot listen on 127.0.0.1:{port}" in gw.output()
+    assert "Traceback" not in gw.output()
 
 
 async def test_only_one_worker_serves_the_admin_api(
