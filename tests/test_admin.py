@@ -22,7 +22,8 @@ from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient, TestServer
 
 from checks import expect_error
-from conftest import APPID, APPID2, SECRET, SECRET2, SIGNING_KEY, GatewayFactory, bearer, claims_of, login
+from conftest import (APPID, APPID2, SECRET, SECRET2, SIGNING_KEY, GatewayFactory, bearer,
+                      claims_of, login)
 from gateway import loader
 from gateway.admin import create_admin_app
 from gateway.errors import ConfigError
