@@ -86,7 +86,7 @@ async def login(request: web.Request) -> web.Response:
         new = await s.sessions.create(app.appid, reply.openid, reply.unionid, reply.session_key,
                                       s.config.session.ttl)
         if new is None:  # only now is the openid known: the ban is checked as the session is made
-            s.metrics.logins_banned.labels(app.appid).inc()
+            s.metrics.logins_banned.inc()
             raise UserBlocked("this user is banned from logging in")
         await s.limiter.succeeded(ip)
         s.metrics.sessions_created.labels(app.appid).inc()

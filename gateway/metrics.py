@@ -33,8 +33,8 @@ class Metrics:
             "wxgw_wechat_duration_seconds", "WeChat API calls by endpoint and outcome",
             ["endpoint", "outcome"], buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.logins_banned = Counter(
-            "wxgw_logins_banned", "Logins refused because the user is banned, by appid",
-            ["appid"], registry=self.registry)
+            "wxgw_logins_banned", "Logins refused because the user is banned",
+            registry=self.registry)
         self.admin_requests = Counter(
             "wxgw_admin_requests", "Admin API calls by endpoint, outcome (ok or the error "
             "code) and token (its position in admin.tokens, or none)",
@@ -63,6 +63,8 @@ class Metrics:
             registry=self.registry)
         for phase in ("header", "body"):  # exported at 0 from the start, for alerts
             self.client_timeouts.labels(phase)
+        for action in ("ban", "unban"):
+            self.bans.labels(action)
 
         # Label children of the per-request series, looked up once: labels() costs more than
         # the increment it leads to.
