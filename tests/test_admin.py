@@ -265,7 +265,7 @@ async def test_ban_refuses_login_and_refresh_until_lifted(
             assert resp.status == 200
         async with http.get(f"{a.url}/metrics") as resp:
             text = await resp.text()
-        assert "wxgw_logins_banned_total 2.0" in text  # one on A, one on B
+        assert "wxgw_logins_banned_total 1.0" in text  # A's own: the login refused on A
         assert 'wxgw_bans_total{action="ban"} 1.0' in text
         assert 'wxgw_bans_total{action="unban"} 1.0' in text
         assert ('wxgw_admin_requests_total{endpoint="unban",outcome="not_found",token="0"} 1.0'
