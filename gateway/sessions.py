@@ -14,6 +14,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from .keys import Keyring
+from .errors import StoreUnavailable
 from .store import guarded
 
 # Renew only a session that still exists: a logout racing a refresh must not resurrect it.
@@ -55,37 +56,33 @@ local last = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
 redis.call('EXPIREAT', KEYS[2], last[2])
 return 1
 """
-# The session hashes are named from the index's members: they share its hash slot (the sid
-# carries the user's tag), so this holds in a Redis Cluster too.
-_LIST = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
-local found = {}
-for _, sid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  local c = redis.call('HMGET', ARGV[1] .. sid, 'c', 'e')
-  if c[1] then
-    table.insert(found, {sid, c[1], c[2]})
-  else
-    redis.call('ZREM', KEYS[1], sid)
-  end
-end
-return found
-"""
-# Every session of a user ends in one step, each announced like a logout; with ARGV[4] the
-# ban is set in the same step ('0': until lifted, else its lifetime in ms).
+# Every session of a user ends in one step, each announced like a logout. Redis wants every
+# key a script touches declared, so the caller reads the index first and passes the session
+# keys (KEYS[3..], their sids in ARGV[4..]); when the index has changed since (a login in
+# between) nothing is done and the caller reads again. ARGV[3]: set the ban too ('0': until
+# lifted, else its lifetime in ms), or ''.
 _REVOKE = """
+local members = redis.call('ZRANGE', KEYS[1], 0, -1)
+if #members ~= #KEYS - 2 then return false end
+local passed = {}
+for i = 3, #KEYS do passed[ARGV[i + 1]] = true end
+for _, sid in ipairs(members) do
+  if not passed[sid] then return false end
+end
 local ended = {}
-for _, sid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  if redis.call('DEL', ARGV[1] .. sid) == 1 then table.insert(ended, sid) end
-  redis.call('PUBLISH', ARGV[3], sid)
+for i = 3, #KEYS do
+  if redis.call('DEL', KEYS[i]) == 1 then table.insert(ended, ARGV[i + 1]) end
+  redis.call('PUBLISH', ARGV[2], ARGV[i + 1])
 end
 redis.call('DEL', KEYS[1])
-if ARGV[4] == '0' then
-  redis.call('SET', KEYS[2], ARGV[2])
-elseif ARGV[4] then
-  redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[4])
+if ARGV[3] == '0' then
+  redis.call('SET', KEYS[2], ARGV[1])
+elseif ARGV[3] ~= '' then
+  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
 end
 return ended
 """
+_REVOKE_ATTEMPTS = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +112,6 @@ class SessionStore:
         self._set_field = client.register_script(_SET_FIELD)
         self._delete = client.register_script(_DELETE)
         self._create = client.register_script(_CREATE)
-        self._list = client.register_script(_LIST)
         self._revoke = client.register_script(_REVOKE)
         self.channel = invalidation_channel(key_prefix)
 
@@ -191,25 +187,42 @@ class SessionStore:
 
     async def sessions_of(self, appid: str, openid: str) -> list[tuple[str, int, int]]:
         """The user's live sessions: (sid, created_at, expires_at), soonest to expire first."""
-        found: list[Any] = await guarded(lambda: self._list(
-            keys=[self.user_key(appid, openid)],
-            args=[self.key(""), int(time.time())]))
-        return [(sid.decode(), int(c), int(e)) for sid, c, e in found]
+        index = self.user_key(appid, openid)
+
+        async def read() -> list[tuple[str, int, int]]:
+            await self._redis.zremrangebyscore(index, "-inf", int(time.time()))
+            raw: list[Any] = await self._redis.zrange(index, 0, -1)
+            sids = [sid.decode() for sid in raw]
+            if not sids:
+                return []
+            pipe = self._redis.pipeline(transaction=False)  # one slot: one node
+            for sid in sids:
+                pipe.hmget(self.key(sid), [CREATED_AT, EXPIRES_AT])
+            found = zip(sids, await pipe.execute())
+            return [(sid, int(c), int(e)) for sid, (c, e) in found if c is not None]
+        return await guarded(read)
 
     async def revoke(self, appid: str, openid: str) -> list[str]:
         """End every session of the user at once, on every replica: the sids ended."""
-        return await self._end(appid, openid)
+        return await self._end(appid, openid, "")
 
     async def ban(self, appid: str, openid: str, ttl: float | None) -> list[str]:
         """Refuse the user new sessions (for ``ttl`` seconds, or until lifted) and end those
         they have, in one step: the sids ended."""
         return await self._end(appid, openid, str(math.ceil(ttl * 1000)) if ttl else "0")
 
-    async def _end(self, appid: str, openid: str, *ban: str) -> list[str]:
-        args: list[str | int] = [self.key(""), int(time.time()), self.channel, *ban]
-        ended: list[bytes] = await guarded(lambda: self._revoke(
-            keys=[self.user_key(appid, openid), self.ban_key(appid, openid)], args=args))
-        return [sid.decode() for sid in ended]
+    async def _end(self, appid: str, openid: str, ban: str) -> list[str]:
+        index, ban_key = self.user_key(appid, openid), self.ban_key(appid, openid)
+        for _ in range(_REVOKE_ATTEMPTS):
+            members: list[Any] = await guarded(lambda: self._redis.zrange(index, 0, -1))
+            sids = [sid.decode() for sid in members]
+            keys = [index, ban_key, *map(self.key, sids)]
+            args = [int(time.time()), self.channel, ban, *sids]
+            ended: list[bytes] | None = await guarded(
+                lambda: self._revoke(keys=keys, args=args))
+            if ended is not None:
+                return [sid.decode() for sid in ended]
+        raise StoreUnavailable("the user's sessions kept changing while being ended")
 
     async def unban(self, appid: str, openid: str) -> bool:
         """Lift the user's ban; False if none was in force."""

@@ -32,7 +32,7 @@ from gateway.state import SERVICES
 from gateway.testing import simulator
 from gateway.testing.embedded import free_port
 from process import GATEWAY, GatewayProcess, Launch, child_env, write_config
-from test_cache import wait_live
+from test_cache import services, wait_live
 from test_redis_topologies import cluster, cluster_redis  # noqa: F401 (the fixture)
 from topologies import Cluster
 
@@ -148,6 +148,47 @@ async def test_expired_sessions_leave_the_index(
     assert await redis.exists(index) == 0  # expired with its last session, or pruned
     resp = await admin.delete("/admin/sessions", params=user(code), headers=admin_auth())
     assert await resp.json() == {"revoked": 0}
+
+
+async def test_a_revocation_that_read_a_stale_index_changes_nothing(
+        pair: tuple[TestClient, TestClient], redis: Any) -> None:
+    gw, _ = pair
+    code = f"user-{uuid.uuid4().hex[:10]}"
+    first = claims_of((await login(gw, code))["token"])["sid"]
+    second = claims_of((await login(gw, code))["token"])["sid"]  # logged in after the read
+    store = services(gw).sessions
+    who = (APPID, simulator.openid_for(APPID, code))
+    # what a revocation that read the index before the second login would pass
+    stale = await store._revoke(keys=[store.user_key(*who), store.ban_key(*who), store.key(first)],
+                                args=[int(time.time()), store.channel, "0", first])
+    assert stale is None
+    assert await redis.exists(store.key(first), store.key(second)) == 2
+    assert not await store.banned(*who)
+    assert sorted(await store.revoke(*who)) == sorted([first, second])
+
+
+async def test_sessions_from_before_the_index_keep_working_and_a_ban_stops_their_refresh(
+        pair: tuple[TestClient, TestClient], redis: Any, key_prefix: str) -> None:
+    gw, admin = pair
+    code = f"user-{uuid.uuid4().hex[:10]}"
+    openid = simulator.openid_for(APPID, code)
+    s = services(gw)
+    sid = "legacysid0123456789abcd"  # no hash tag: as sids were made before the index
+    now = int(time.time())
+    await redis.hset(f"{key_prefix}session:{sid}", mapping={
+        "o": openid, "u": "", "a": APPID, "c": now, "e": now + 3600,
+        "k": s.keyring.seal_bytes(b"k" * 16, f"{APPID}/{sid}".encode())})
+    await redis.expireat(f"{key_prefix}session:{sid}", now + 3600)
+    token = s.tokens.mint(sid, openid, APPID, now, now + 3600)
+    assert (await gw.get("/api/x", headers=bearer(token))).status == 200
+    resp = await gw.post("/auth/refresh", headers=bearer(token))
+    assert resp.status == 200
+    resp = await admin.put(ban_path(code), headers=admin_auth())
+    assert resp.status == 204
+    await expect_error(await gw.post("/auth/refresh", headers=bearer(token)), 403,
+                       "user_blocked")
+    assert (await gw.post("/auth/logout", headers=bearer(token))).status == 204
+    assert await redis.exists(f"{key_prefix}session:{sid}") == 0
 
 
 # --- revoke and ban, across replicas -----------------------------------------------------------
