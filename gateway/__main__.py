@@ -1,12 +1,17 @@
-"""Command line: ``python -m gateway [--config PATH] [--check]`` (also ``wx-gateway``)."""
+"""Command line: ``python -m gateway [--config PATH] [--check]`` (also ``wx-gateway``), and
+``wx-gateway admin sessions|revoke|ban|unban``, a client of the admin API."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import sys
+import urllib.error
+import urllib.parse
+import urllib.request
 from typing import Any, Coroutine
 
 from . import loader
@@ -22,7 +27,12 @@ def main(argv: list[str] | None = None) -> int:
                         "[$GATEWAY_CONFIG, else ./config.yaml]")
     parser.add_argument("--check", action="store_true",
                         help="validate the configuration and exit (0 when valid)")
+    commands = parser.add_subparsers(dest="command", metavar="admin")
+    _admin_parser(commands.add_parser(
+        "admin", help="list or end a user's sessions, ban or unban a user (the admin API)"))
     args = parser.parse_args(argv)
+    if args.command == "admin":
+        return admin(args)
     path = args.config or os.environ.get("GATEWAY_CONFIG") or "config.yaml"
     try:
         config = loader.load(path)
@@ -37,12 +47,71 @@ def main(argv: list[str] | None = None) -> int:
     if config.workers > 1 and not supervisor.is_worker():
         return supervisor.supervise(path, config.workers, config.shutdown_grace)
     try:
-        _run(serve(config, path, reuse_port=supervisor.is_worker()))
+        _run(serve(config, path, reuse_port=supervisor.is_worker(),
+                   admin=supervisor.serves_admin()))
     except OSError as exc:  # e.g. the port is taken
-        print(f"listen: cannot listen on {config.listen_host}:{config.listen_port}: "
-              f"{exc.strerror or exc}", file=sys.stderr)
+        key, (host, port) = "listen", (config.listen_host, config.listen_port)
+        if exc.filename == "admin.listen" and config.admin.listen is not None:
+            key, (host, port) = exc.filename, config.admin.listen
+        print(f"{key}: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     logging.getLogger("gateway").info("wx-gateway stopped")
+    return 0
+
+
+ADMIN_ACTIONS = {  # action: method, whether the user goes in the path (else the query)
+    "sessions": ("GET", False), "revoke": ("DELETE", False),
+    "ban": ("PUT", True), "unban": ("DELETE", True)}
+
+
+def _admin_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=tuple(ADMIN_ACTIONS))
+    parser.add_argument("--appid", required=True)
+    parser.add_argument("--openid", required=True)
+    parser.add_argument("--ttl", help="ban: how long (30d, 12h, seconds); default: until unban")
+    parser.add_argument("--url", default="http://127.0.0.1:8081",
+                        help="the admin listener (admin.listen) [%(default)s]")
+    # Never the token itself on the command line: every user of the machine sees argv (ps).
+    parser.add_argument("--token-env", default="WXGW_ADMIN_TOKEN", metavar="NAME",
+                        help="environment variable holding an admin token [%(default)s]")
+
+
+def admin(args: argparse.Namespace) -> int:
+    """Call the admin API; print its JSON answer. 0: done, 1: refused or unreachable,
+    2: the command itself is wrong."""
+    token = os.environ.get(args.token_env)
+    if not token:
+        print(f"wx-gateway admin: set ${args.token_env} to an admin token", file=sys.stderr)
+        return 2
+    if args.ttl is not None and args.action != "ban":
+        print("wx-gateway admin: --ttl is for ban only", file=sys.stderr)
+        return 2
+    method, in_path = ADMIN_ACTIONS[args.action]
+    base = args.url.rstrip("/")
+    if in_path:
+        appid, openid = (urllib.parse.quote(part, safe="") for part in (args.appid, args.openid))
+        url = f"{base}/admin/bans/{appid}/{openid}"
+    else:
+        query = urllib.parse.urlencode({"appid": args.appid, "openid": args.openid})
+        url = f"{base}/admin/sessions?{query}"
+    body = json.dumps({"ttl": args.ttl}).encode() if args.ttl is not None else None
+    request = urllib.request.Request(url, data=body, method=method, headers={
+        "Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            raw = response.read()
+    except urllib.error.HTTPError as exc:
+        print(exc.read().decode("utf-8", "replace") or json.dumps({"status": exc.code}))
+        return 1
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        print(f"wx-gateway admin: cannot reach {base}: {reason}", file=sys.stderr)
+        return 1
+    if raw:
+        print(raw.decode())
+    else:  # 204: say what now holds
+        print(json.dumps({"appid": args.appid, "openid": args.openid,
+                          "banned": args.action == "ban"}))
     return 0
 
 

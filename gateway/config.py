@@ -160,6 +160,14 @@ class TLSConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminConfig:
+    # host:port of the admin listener; None: no listener
+    listen: tuple[str, int] | None = option(None, read="listen", restart_only=True)
+    # bearer tokens the admin API accepts (each at least MIN_SIGNING_KEY_BYTES)
+    tokens: tuple[bytes, ...] = option((), read="admin_tokens", read_default=True, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class IdentityHeaders:
     openid: str = option("X-WX-OpenID", read="identity_header", read_default=True)
     unionid: str = option("X-WX-UnionID", read="identity_header", read_default=True)
@@ -257,6 +265,7 @@ class Config:
     keepalive_timeout: float = option(75.0, read="duration_or_zero", restart_only=True)
     # open client connections per process (worker_connections)
     max_connections: int = option(10_000, check=_max_connections, restart_only=True)
+    admin: AdminConfig = AdminConfig()
     # Whether some route's path has upper-case (or foldable) characters: then even a
     # lower-case request path may resolve to it in a case-insensitive upstream.
     folds: bool = field(init=False, repr=False, compare=False, default=False)

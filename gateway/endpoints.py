@@ -92,6 +92,9 @@ async def login(request: web.Request) -> web.Response:
                                           functools.partial(request.__setitem__, HOOK_OUTCOME))
         new = await s.sessions.create(app.appid, reply.openid, reply.unionid, reply.session_key,
                                       s.config.session.ttl, user)
+        if new is None:  # only now is the openid known: the ban is checked as the session is made
+            s.metrics.logins_banned.inc()
+            raise UserBlocked("this user is banned from logging in")
         await s.limiter.succeeded(ip)
         s.metrics.sessions_created.labels(app.appid).inc()
     except GatewayError as exc:
@@ -116,6 +119,10 @@ async def refresh(request: web.Request) -> web.Response:
     s = request.app[SERVICES].current
     identity = await _identity(request)
     current = identity.session
+    # A ban ended the user's sessions already; this catches one created before sessions
+    # were indexed by user, which the ban could not find.
+    if await s.sessions.banned(current.appid, current.openid):
+        raise UserBlocked("this user is banned")
     if s.login_hook is not None and s.login_hook.stale(current.user):
         current = await _ask_again(request, s, s.login_hook, current)
     renewed = await s.sessions.renew(current, s.config.session.ttl)

@@ -447,6 +447,31 @@ class _ConfigReader(Reader):
                 keys.append(raw)
         return tuple(keys) if keys else None
 
+    def admin_tokens(self, key: str, value: Any, context: Context) -> tuple[bytes, ...] | None:
+        items = self.items(key, None if value == () else value)  # (): absent, the default
+        if items is None:
+            return None
+        listen = context.found.get("listen")
+        if listen is not None and listen == (context.parent.get("listen_host"),
+                                             context.parent.get("listen_port")):
+            self.fail(key.rpartition(".")[0] + ".listen", "must not be the main listen address")
+            return None
+        if listen is not None and not items:
+            self.fail(key, "at least one token is required when admin.listen is set")
+            return None
+        tokens: list[bytes] = []
+        for i, item in enumerate(items):
+            text = self.string(f"{key}[{i}]", item)
+            if text is None:
+                continue
+            raw = text.encode("utf-8")
+            if len(raw) < MIN_SIGNING_KEY_BYTES:
+                self.fail(f"{key}[{i}]",
+                          f"must be at least {MIN_SIGNING_KEY_BYTES} bytes, got {len(raw)}")
+            else:
+                tokens.append(raw)
+        return tuple(tokens)
+
     def auth_prefix(self, key: str, value: Any, _: Context) -> str | None:
         prefix = self.string(key, value)
         if prefix is None:

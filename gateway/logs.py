@@ -21,8 +21,8 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from .forwarded import client_address
-from .state import (HOOK_OUTCOME, IDENTITY, REQUEST_ID, ROUTE_LABEL, SERVICES, STARTED,
-                    UPSTREAM_SECONDS)
+from .state import (ADMIN_TOKEN, HOOK_OUTCOME, IDENTITY, LOGGED_PATH, REQUEST_ID, ROUTE_LABEL,
+                    SERVICES, STARTED, UPSTREAM_SECONDS)
 from .config import LoggingConfig
 
 ACCESS = "gateway.access"
@@ -214,12 +214,14 @@ def access_fields(request: web.BaseRequest, response: web.StreamResponse,
     fields: dict[str, Any] = {
         "request_id": request.get(REQUEST_ID), "method": request.method,
         # raw: percent-escapes stay escaped, so no control character reaches the log
-        "path": request.raw_path.partition("?")[0][:256],
+        "path": request.get(LOGGED_PATH) or request.raw_path.partition("?")[0][:256],
         "route": request.get(ROUTE_LABEL), "status": response.status,
         "duration_ms": round(seconds * 1000, 2),
         "upstream_ms": round(upstream * 1000, 2) if upstream is not None else None,
         "auth": "ok" if identity else ("denied" if response.status in (401, 403) else "none"),
         "appid": identity.session.appid if identity else None}
+    if ADMIN_TOKEN in request:  # which admin token, by its position: never its value
+        fields["admin_token"] = request[ADMIN_TOKEN]
     if live is not None and isinstance(request, web.Request):  # not for unparsable requests
         services = live.current
         fields["client_ip"] = client_address(request, services.config)

@@ -42,6 +42,19 @@ class Metrics:
         for outcome in ("ok", "blocked", "unreachable", "timeout", "status", "too_large",
                         "not_json", "malformed"):  # exported at 0 from the start, for alerts
             self.login_hook_calls.labels(outcome)
+        self.logins_banned = Counter(
+            "wxgw_logins_banned", "Logins refused because the user is banned",
+            registry=self.registry)
+        self.admin_requests = Counter(
+            "wxgw_admin_requests", "Admin API calls by endpoint, outcome (ok or the error "
+            "code) and token (its position in admin.tokens, or none)",
+            ["endpoint", "outcome", "token"], registry=self.registry)
+        self.bans = Counter(
+            "wxgw_bans", "Bans applied and lifted through the admin API, by action",
+            ["action"], registry=self.registry)
+        self.sessions_revoked = Counter(
+            "wxgw_sessions_revoked", "Sessions ended by the admin API (revoke or ban)",
+            registry=self.registry)
         self.sessions_created = Counter(
             "wxgw_sessions_created", "Sessions created by login, by appid", ["appid"],
             registry=self.registry)
@@ -60,6 +73,8 @@ class Metrics:
             registry=self.registry)
         for phase in ("header", "body"):  # exported at 0 from the start, for alerts
             self.client_timeouts.labels(phase)
+        for action in ("ban", "unban"):
+            self.bans.labels(action)
 
         # Label children of the per-request series, looked up once: labels() costs more than
         # the increment it leads to.

@@ -51,6 +51,7 @@ from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from aiohttp.web_urldispatcher import UrlMappingMatchInfo
 
 from . import proxy
+from .admin import create_admin_app
 from .app import create_app, error_response, pipeline
 from .state import IN_FLIGHT, TLS_CONTEXT
 from .logs import AccessLogger
@@ -374,9 +375,11 @@ def raise_file_limit(max_connections: int) -> None:
                     "lower max_connections", soft, max_connections, want)
 
 
-async def serve(config: Config, path: str | None = None, reuse_port: bool = False) -> None:
+async def serve(config: Config, path: str | None = None, reuse_port: bool = False,
+                admin: bool = True) -> None:
     """Serve until SIGTERM or SIGINT, then drain in-flight requests within shutdown_grace.
-    SIGHUP re-reads ``path`` (see reload.py)."""
+    SIGHUP re-reads ``path`` (see reload.py). ``admin``: this process serves ``admin.listen``
+    (under ``workers: N``, one process only)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -400,7 +403,16 @@ async def serve(config: Config, path: str | None = None, reuse_port: bool = Fals
     log.info("wx-gateway listening on %s:%d (%d route(s), %d app(s))%s", config.listen_host,
              config.listen_port, len(config.routes), len(config.apps),
              ", HTTPS" if tls is not None else "")
+    admin_runner = None
+    if admin and config.admin.listen is not None:
+        try:
+            admin_runner = await _serve_admin(app, config)
+        except BaseException:
+            await app_runner.cleanup()
+            raise
     await stop.wait()
+    if admin_runner is not None:
+        await admin_runner.cleanup()
     log.info("stopping: draining in-flight requests (up to %gs)", config.shutdown_grace)
     # cleanup() closes the listener, waits for in-flight handlers, then runs cleanup_ctx.
     # aiohttp would wait up to twice shutdown_timeout for a handler that ignores its
@@ -413,6 +425,24 @@ async def serve(config: Config, path: str | None = None, reuse_port: bool = Fals
         for task in list(late):
             task.cancel()
     await drain
+
+
+async def _serve_admin(app: web.Application, config: Config) -> Runner:
+    """The admin API's own listener, on the main application's services."""
+    assert config.admin.listen is not None
+    host, port = config.admin.listen
+    admin_runner = runner(create_admin_app(app), config.shutdown_grace)
+    await admin_runner.setup()
+    try:
+        await web.TCPSite(admin_runner, host, port).start()
+    except OSError as exc:  # named, so the command line says which listener failed
+        await admin_runner.cleanup()
+        raise OSError(exc.errno, exc.strerror or str(exc), "admin.listen") from exc
+    except BaseException:
+        await admin_runner.cleanup()
+        raise
+    log.info("admin API listening on %s:%d", host, port)
+    return admin_runner
 
 
 def dispatcher(app: web.Application, routed: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]

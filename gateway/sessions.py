@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import hashlib
 import math
 import secrets
 import time
@@ -12,14 +14,21 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from .keys import Keyring
+from .errors import StoreUnavailable
 from .store import guarded
 
 # Renew only a session that still exists: a logout racing a refresh must not resurrect it.
-# ('e' is the expires_at field, see the field names below.)
+# ('e' is the expires_at field, see the field names below.) KEYS[2], when given, is the user's
+# index of sessions (see _user_tag), kept in step in the same script.
 _RENEW = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'e', ARGV[1])
 redis.call('EXPIREAT', KEYS[1], ARGV[1])
+if KEYS[2] then
+  redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
+  local last = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
+  redis.call('EXPIREAT', KEYS[2], last[2])
+end
 return 1
 """
 _SET_FIELD = """
@@ -31,6 +40,7 @@ return 1
 # Deleting and announcing in one script: no replica can miss a logout that happened.
 _DELETE = """
 local n = redis.call('DEL', KEYS[1])
+if KEYS[2] then redis.call('ZREM', KEYS[2], ARGV[2]) end
 redis.call('PUBLISH', ARGV[1], ARGV[2])
 return n
 """
@@ -46,11 +56,45 @@ redis.call('HSET', KEYS[1], unpack(ARGV, 3))
 redis.call('PUBLISH', ARGV[1], ARGV[2])
 return 1
 """
+# KEYS: the session, the user's index, the user's ban. A ban set at any moment either comes
+# before (no session) or after (its revocation finds this session in the index).
 _CREATE = """
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
 redis.call('EXPIREAT', KEYS[1], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[1], ARGV[3])
+local last = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
+redis.call('EXPIREAT', KEYS[2], last[2])
 return 1
 """
+# Every session of a user ends in one step, each announced like a logout. Redis wants every
+# key a script touches declared, so the caller reads the index first and passes the session
+# keys (KEYS[3..], their sids in ARGV[4..]); when the index has changed since (a login in
+# between) nothing is done and the caller reads again. ARGV[3]: set the ban too ('0': until
+# lifted, else its lifetime in ms), or ''.
+_REVOKE = """
+local members = redis.call('ZRANGE', KEYS[1], 0, -1)
+if #members ~= #KEYS - 2 then return false end
+local passed = {}
+for i = 3, #KEYS do passed[ARGV[i + 1]] = true end
+for _, sid in ipairs(members) do
+  if not passed[sid] then return false end
+end
+local ended = {}
+for i = 3, #KEYS do
+  if redis.call('DEL', KEYS[i]) == 1 then table.insert(ended, ARGV[i + 1]) end
+  redis.call('PUBLISH', ARGV[2], ARGV[i + 1])
+end
+redis.call('DEL', KEYS[1])
+if ARGV[3] == '0' then
+  redis.call('SET', KEYS[2], ARGV[1])
+elseif ARGV[3] ~= '' then
+  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
+end
+return ended
+"""
+_REVOKE_ATTEMPTS = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,15 +164,32 @@ class SessionStore:
         self._delete = client.register_script(_DELETE)
         self._create = client.register_script(_CREATE)
         self._set_user = client.register_script(_SET_USER)
+        self._revoke = client.register_script(_REVOKE)
         self.channel = invalidation_channel(key_prefix)
 
     def key(self, sid: str) -> str:
         return f"{self._prefix}session:{sid}"
 
+    def user_key(self, appid: str, openid: str) -> str:
+        """The user's index of sessions: a sorted set of sids scored by expiry."""
+        return f"{self._prefix}user:{_user_tag(appid, openid)}"
+
+    def ban_key(self, appid: str, openid: str) -> str:
+        return f"{self._prefix}ban:{_user_tag(appid, openid)}"
+
+    def _index_of(self, sid: str) -> list[str]:
+        """The index key of a session, [] for a session created before sids carried their
+        user's tag (such a session lives in another hash slot and is in no index)."""
+        if not sid.startswith("{"):
+            return []
+        return [f"{self._prefix}user:{sid[:sid.index('}') + 1]}"]
+
     async def create(self, appid: str, openid: str, unionid: str | None, session_key: str,
-                     ttl: float, user: UserData | None = None) -> Session:
+                     ttl: float, user: UserData | None = None) -> Session | None:
+        """A new session; None when the user is banned."""
         now = int(time.time())
-        session = Session(secrets.token_urlsafe(16), openid, unionid, appid, now,
+        tag = _user_tag(appid, openid)
+        session = Session(tag + secrets.token_urlsafe(16), openid, unionid, appid, now,
                           now + math.ceil(ttl), user=user)
         sealed = self._keyring.seal_bytes(session_key.encode(),
                                           self._context(session.sid, appid))
@@ -137,10 +198,13 @@ class SessionStore:
             EXPIRES_AT: session.expires_at, SESSION_KEY: sealed}
         if user is not None:
             fields.update(_user_fields(user))
-        args: list[str | int | bytes] = [session.expires_at]
+        args: list[str | int | bytes] = [session.expires_at, now, session.sid]
         args += [item for pair in fields.items() for item in pair]
-        # One script, one key: atomic on a single Redis and in a cluster alike.
-        await guarded(lambda: self._create(keys=[self.key(session.sid)], args=args))
+        # One script, keys of one hash slot (the user's tag): atomic in a cluster too.
+        keys = [self.key(session.sid), self.user_key(appid, openid),
+                self.ban_key(appid, openid)]
+        if not await guarded(lambda: self._create(keys=keys, args=args)):
+            return None
         return session
 
     async def get(self, sid: str) -> Session | None:
@@ -158,7 +222,8 @@ class SessionStore:
     async def renew(self, session: Session, ttl: float) -> Session | None:
         """Give the session a fresh lifetime; None if it no longer exists."""
         expires_at = int(time.time()) + math.ceil(ttl)
-        done = await guarded(lambda: self._renew(keys=[self.key(session.sid)], args=[expires_at]))
+        keys = [self.key(session.sid), *self._index_of(session.sid)]
+        done = await guarded(lambda: self._renew(keys=keys, args=[expires_at, session.sid]))
         if not done:
             return None
         return dataclasses.replace(session, expires_at=expires_at)
@@ -177,9 +242,57 @@ class SessionStore:
         return dataclasses.replace(session, user=user) if done else None
 
     async def delete(self, sid: str) -> bool:
-        deleted: int = await guarded(lambda: self._delete(keys=[self.key(sid)],
-                                                          args=[self.channel, sid]))
+        keys = [self.key(sid), *self._index_of(sid)]
+        deleted: int = await guarded(lambda: self._delete(keys=keys, args=[self.channel, sid]))
         return deleted > 0
+
+    async def sessions_of(self, appid: str, openid: str) -> list[tuple[str, int, int]]:
+        """The user's live sessions: (sid, created_at, expires_at), soonest to expire first."""
+        index = self.user_key(appid, openid)
+
+        async def read() -> list[tuple[str, int, int]]:
+            await self._redis.zremrangebyscore(index, "-inf", int(time.time()))
+            raw: list[Any] = await self._redis.zrange(index, 0, -1)
+            sids = [sid.decode() for sid in raw]
+            if not sids:
+                return []
+            pipe = self._redis.pipeline(transaction=False)  # one slot: one node
+            for sid in sids:
+                pipe.hmget(self.key(sid), [CREATED_AT, EXPIRES_AT])
+            found = zip(sids, await pipe.execute())
+            return [(sid, int(c), int(e)) for sid, (c, e) in found if c is not None]
+        return await guarded(read)
+
+    async def revoke(self, appid: str, openid: str) -> list[str]:
+        """End every session of the user at once, on every replica: the sids ended."""
+        return await self._end(appid, openid, "")
+
+    async def ban(self, appid: str, openid: str, ttl: float | None) -> list[str]:
+        """Refuse the user new sessions (for ``ttl`` seconds, or until lifted) and end those
+        they have, in one step: the sids ended."""
+        return await self._end(appid, openid, str(math.ceil(ttl * 1000)) if ttl else "0")
+
+    async def _end(self, appid: str, openid: str, ban: str) -> list[str]:
+        index, ban_key = self.user_key(appid, openid), self.ban_key(appid, openid)
+        for _ in range(_REVOKE_ATTEMPTS):
+            members: list[Any] = await guarded(lambda: self._redis.zrange(index, 0, -1))
+            sids = [sid.decode() for sid in members]
+            keys = [index, ban_key, *map(self.key, sids)]
+            args = [int(time.time()), self.channel, ban, *sids]
+            ended: list[bytes] | None = await guarded(
+                lambda: self._revoke(keys=keys, args=args))
+            if ended is not None:
+                return [sid.decode() for sid in ended]
+        raise StoreUnavailable("the user's sessions kept changing while being ended")
+
+    async def unban(self, appid: str, openid: str) -> bool:
+        """Lift the user's ban; False if none was in force."""
+        lifted: int = await guarded(lambda: self._redis.delete(self.ban_key(appid, openid)))
+        return lifted > 0
+
+    async def banned(self, appid: str, openid: str) -> bool:
+        found: int = await guarded(lambda: self._redis.exists(self.ban_key(appid, openid)))
+        return found > 0
 
     async def session_key(self, session: Session) -> bytes | None:
         """The decrypted session_key, for features that call WeChat on the user's behalf."""
@@ -196,6 +309,13 @@ class SessionStore:
     def _context(sid: str, appid: str) -> bytes:
         return f"{appid}/{sid}".encode()
 
+
+
+def _user_tag(appid: str, openid: str) -> str:
+    """A Redis Cluster hash tag for the user: their sessions, index and ban share its slot.
+    96 bits of a hash: no two users share an index or a ban in practice."""
+    digest = hashlib.blake2b(f"{appid}/{openid}".encode(), digest_size=12).digest()
+    return "{" + base64.urlsafe_b64encode(digest).decode() + "}"
 
 
 def invalidation_channel(key_prefix: str) -> str:

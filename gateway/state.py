@@ -32,6 +32,10 @@ IDENTITY: web.RequestKey[Identity] = web.RequestKey("identity")
 UPSTREAM_SECONDS = web.RequestKey("upstream_seconds", float)
 # The login hook's outcome and latency, on a login or refresh that asked it.
 HOOK_OUTCOME: web.RequestKey[Outcome] = web.RequestKey("login_hook")
+# Which admin token authorised an admin API call: its position in admin.tokens.
+ADMIN_TOKEN = web.RequestKey("admin_token", int)
+# The path the access log shows when the raw one holds what must not be logged (an openid).
+LOGGED_PATH = web.RequestKey("logged_path", str)
 STARTED = web.RequestKey("started", float)  # time.perf_counter() when the request arrived
 # Set once "100 Continue" went out: the client was told to send its body.
 CONTINUED = web.RequestKey("continued", bool)

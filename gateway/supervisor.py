@@ -26,12 +26,20 @@ from .errors import ConfigError
 
 log = logging.getLogger("gateway.supervisor")
 WORKER_ENV = "WXGW_WORKER"
+ADMIN_ENV = "WXGW_ADMIN"  # set for the one worker (slot 0) that serves admin.listen
 METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _STARTUP = 3.0  # a worker that dies this soon after starting is a configuration problem
 
 
 def is_worker() -> bool:
     return os.environ.get(WORKER_ENV) == "1"
+
+
+def serves_admin() -> bool:
+    """Whether this process binds ``admin.listen``: the only process, or worker 0 (a port
+    has one owner: SO_REUSEPORT would split admin calls between workers, and each worker
+    binding it alone would fail)."""
+    return not is_worker() or os.environ.get(ADMIN_ENV) == "1"
 
 
 def supervise(config_path: str, workers: int, grace: float) -> int:
@@ -57,7 +65,7 @@ def supervise(config_path: str, workers: int, grace: float) -> int:
     signal.signal(signal.SIGHUP, reload)
     try:
         for slot in range(workers):
-            procs[slot] = (_spawn(command, env), time.monotonic())
+            procs[slot] = (_spawn(command, _slot_env(env, slot)), time.monotonic())
         log.info("started %d workers", workers)
         while not stopping:
             time.sleep(0.2)
@@ -71,11 +79,16 @@ def supervise(config_path: str, workers: int, grace: float) -> int:
                     return code or 1
                 log.warning("worker %d (pid %d) exited with %d; restarting", slot, proc.pid,
                             code)
-                procs[slot] = (_spawn(command, env), time.monotonic())
+                procs[slot] = (_spawn(command, _slot_env(env, slot)), time.monotonic())
         log.info("stopping %d workers", len(procs))
         return _terminate(procs, grace)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _slot_env(env: dict[str, str], slot: int) -> dict[str, str]:
+    others = {k: v for k, v in env.items() if k != ADMIN_ENV}
+    return {**others, ADMIN_ENV: "1"} if slot == 0 else others
 
 
 def _forward(procs: dict[int, tuple[subprocess.Popen[bytes], float]], sig: int) -> None:

@@ -314,8 +314,8 @@ async def test_login_survives_arbitrary_input_and_keeps_redis_consistent(
         failure = exc
 
     # Whatever happened to single requests, Redis must be consistent: one complete, expiring
-    # session hash per 200 answer, and nothing else under the prefix but, when it is on, the
-    # rate limiter's own expiring keys.
+    # session hash per 200 answer, each user's index of them, and nothing else under the
+    # prefix but, when it is on, the rate limiter's own expiring keys.
     problems: list[str] = []
     keys: list[bytes] = []
     openids: list[str] = []
@@ -324,6 +324,14 @@ async def test_login_survives_arbitrary_input_and_keeps_redis_consistent(
         if tally.limited and _LIMITER_KEY.match(name):
             if await redis.pttl(key) == -1:
                 problems.append(f"{key!r} never expires")
+            continue
+        if name.startswith("user:"):  # a user's index: live sids, expiring with the last
+            members = await redis.zrange(key, 0, -1)
+            if not members or await redis.ttl(key) <= 0:
+                problems.append(f"{key!r}: an empty or unexpiring index")
+            for sid in members:
+                if not await redis.exists(f"{key_prefix}session:{sid.decode()}"):
+                    problems.append(f"{key!r} indexes {sid!r}, which is no session")
             continue
         keys.append(key)
         if not name.startswith("session:"):

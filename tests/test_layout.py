@@ -27,7 +27,8 @@ LAYERS: dict[str, int] = {
     # endpoints and the proxy pipeline
     "websocket": 7, "userdata": 7, "expectation": 7, "endpoints": 8, "proxy": 8,
     # the application, the server, the command line
-    "app": 9, "reload": 10, "server": 10, "supervisor": 11, "__main__": 12, "__init__": 0,
+    "app": 9, "admin": 10, "reload": 10, "server": 10, "supervisor": 11, "__main__": 12,
+    "__init__": 0,
 }
 # aiohttp internals may be used only in these files, each listing them at its top.
 FENCED = {"pool.py", "server.py"}

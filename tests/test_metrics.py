@@ -29,6 +29,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from checks import Samples, metric_samples, value
 from conftest import (APPID, APPID2, SECRET, SECRET2, SIGNING_KEY, GatewayFactory, Upstream,
                       base_config, bearer, closed_port_url, login)
+from gateway.admin import create_admin_app
 from gateway.testing.embedded import EmbeddedRedis, free_port
 from gateway.metrics import Metrics
 from gateway.state import SERVICES
@@ -381,6 +382,10 @@ async def exported_series(make_gateway: GatewayFactory) -> set[str]:
     down = await make_gateway(redis={"url": closed_port_url(), "key_prefix": "x:",
                                      "timeout": "200ms"})
     assert (await down.get("/readyz")).status == 503
+    admin = TestClient(TestServer(create_admin_app(client.app)))  # the admin API's own app
+    await admin.start_server()
+    assert (await admin.get("/admin/sessions")).status == 401
+    await admin.close()
     text = (await (await client.get("/metrics")).text()) + (await (await down.get("/metrics")).text())
     names = {line.split("{")[0].split(" ")[0] for line in text.splitlines()
              if line and not line.startswith("#")}

@@ -44,6 +44,11 @@ async def expect_error(resp: Any, status: int, code: str) -> dict[str, Any]:
     return body
 
 
+def user_key(prefix: str, sid: str) -> str:
+    """The index of the user's sessions: the sid starts with the user's hash tag."""
+    return f"{prefix}user:{sid[:sid.index('}') + 1]}"
+
+
 # --- Redis contents -----------------------------------------------------------------------------
 
 async def test_session_hash_in_redis(gw: TestClient, redis: Any, key_prefix: str) -> None:
@@ -54,7 +59,11 @@ async def test_session_hash_in_redis(gw: TestClient, redis: Any, key_prefix: str
     sid = sid_of(data["token"])
     key = f"{key_prefix}session:{sid}"
 
-    assert [k.decode() for k in await redis.keys(f"{key_prefix}*")] == [key]
+    # the session and its user's index of sessions, nothing else
+    assert sorted(k.decode() for k in await redis.keys(f"{key_prefix}*")) == [
+        key, user_key(key_prefix, sid)]
+    assert await redis.zrange(user_key(key_prefix, sid), 0, -1, withscores=True) == [
+        (sid.encode(), float(claims_of(data["token"])["exp"]))]
     assert await redis.type(key) == b"hash"
     raw = {k.decode(): v for k, v in (await redis.hgetall(key)).items()}
     assert set(raw) == {S.OPENID, S.UNIONID, S.APPID, S.CREATED_AT, S.EXPIRES_AT, S.SESSION_KEY}
@@ -69,7 +78,10 @@ async def test_session_hash_in_redis(gw: TestClient, redis: Any, key_prefix: str
     assert abs(time.time() + await redis.ttl(key) - int(fields[S.EXPIRES_AT])) <= 2
     # One-letter fields and a binary sealed key keep a session in the compact encoding.
     assert await redis.object("encoding", key) in (b"ziplist", b"listpack")
-    assert await redis.memory_usage(key) <= 300
+    assert await redis.memory_usage(key) <= 320
+    # the index: one more small key per user (a listpack sorted set)
+    assert await redis.object("encoding", user_key(key_prefix, sid)) in (b"ziplist", b"listpack")
+    assert await redis.memory_usage(user_key(key_prefix, sid)) <= 160
 
 
 async def test_every_key_written_starts_with_the_prefix(
@@ -79,7 +91,8 @@ async def test_every_key_written_starts_with_the_prefix(
     before = {k for k in await redis.keys("*")}
     data = await login(gw2)
     written = {k for k in await redis.keys("*")} - before
-    assert written == {f"{prefix}session:{sid_of(data['token'])}".encode()}
+    sid = sid_of(data["token"])
+    assert written == {f"{prefix}session:{sid}".encode(), user_key(prefix, sid).encode()}
 
 
 async def test_user_without_unionid_is_stored_without_one(
@@ -293,7 +306,10 @@ async def test_refresh(gw: TestClient, redis: Any, key_prefix: str) -> None:
     assert session["expires_at"] == new_claims["exp"]
     # the new token works on a protected route too
     assert (await gw.get("/api/x", headers=bearer(new))).status == 200
-    assert [k.decode() for k in await redis.keys(f"{key_prefix}*")] == [key]
+    assert sorted(k.decode() for k in await redis.keys(f"{key_prefix}*")) == [
+        key, user_key(key_prefix, sid)]
+    # the user's index follows the renewed expiry
+    assert await redis.zscore(user_key(key_prefix, sid), sid) == new_claims["exp"]
 
 
 async def test_refresh_keeps_the_session_key(gw: TestClient, redis: Any, key_prefix: str) -> None:
