@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         key, (host, port) = "listen", (config.listen_host, config.listen_port)
         if exc.filename == "admin.listen" and config.admin.listen is not None:
             key, (host, port) = exc.filename, config.admin.listen
+        elif exc.filename == "listen_tls" and config.listen_tls is not None:
+            key, (host, port) = exc.filename, config.listen_tls
         print(f"{key}: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     logging.getLogger("gateway").info("wx-gateway stopped")

@@ -149,7 +149,7 @@ class LoggingConfig:
 
 @dataclass(frozen=True, slots=True)
 class TLSConfig:
-    """HTTPS on the main listener when both are set; SIGHUP re-reads the files."""
+    """The certificate ``listen_tls`` serves; SIGHUP re-reads the files."""
 
     cert_file: str = ""  # PEM: the certificate, then its intermediates
     key_file: str = option("", repr=False)  # PEM: its private key, unencrypted
@@ -238,8 +238,10 @@ class Config:
     listen_host: str = option("0.0.0.0", yaml="listen", read="listen", part=0,
                               restart_only=True)
     listen_port: int = option(8080, yaml="listen", read="listen", part=1, restart_only=True)
-    # Turning it on or off takes a restart; new files are loaded on SIGHUP (see reload.py).
-    tls: TLSConfig = option(TLSConfig(), read="tls")
+    # host:port of the HTTPS listener (``tls``'s certificate); None: plain HTTP only
+    listen_tls: tuple[str, int] | None = option(None, read="listen_tls", restart_only=True)
+    # New files are loaded on SIGHUP (see reload.py); turning HTTPS on or off takes a restart.
+    tls: TLSConfig = option(TLSConfig(), read="tls", read_default=True)
     redis: RedisConfig = option(read="redis", restart_only=True)
     wechat: WeChatConfig = WeChatConfig()
     apps: tuple[App, ...] = option(read="apps")

@@ -527,8 +527,17 @@ class _ConfigReader(Reader):
             return None
         return None if level is None else level.lower()
 
+    def listen_tls(self, key: str, value: Any, context: Context) -> tuple[str, int] | None:
+        address = self.listen(key, value, context)
+        if address is not None and address == (context.found.get("listen_host"),
+                                               context.found.get("listen_port")):
+            self.fail(key, "must not be the plain HTTP listen address")
+            return None
+        return address
+
     def tls(self, key: str, value: Any, context: Context) -> TLSConfig | None:
-        values = self.read(key, value, TLSConfig, context.found)
+        values = (dataclasses.asdict(value) if isinstance(value, TLSConfig)  # absent: default
+                  else self.read(key, value, TLSConfig, context.found))
         if values is None:
             return None
         cert, private = values["cert_file"], values["key_file"]
@@ -536,6 +545,16 @@ class _ConfigReader(Reader):
             missing = "key_file" if cert else "cert_file"
             self.fail(f"{key}.{missing}", "is required when tls."
                       f"{'cert_file' if cert else 'key_file'} is set (both or neither)")
+            return None
+        listening = context.found.get("listen_tls") is not None
+        reported = any(p.startswith("listen_tls:") for p in self.problems)  # given, but bad
+        if cert and not listening and not reported:
+            self.fail("listen_tls", "is required when tls.cert_file is set: the HTTPS "
+                                    "listener's host:port (e.g. 0.0.0.0:8443)")
+            return None
+        if listening and not cert:
+            self.fail(f"{key}.cert_file", "is required when listen_tls is set (with "
+                                          f"{key}.key_file)")
             return None
         if cert:
             before = len(self.problems)

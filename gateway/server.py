@@ -38,6 +38,7 @@ import asyncio
 import logging
 import resource
 import signal
+import ssl
 import time
 import dataclasses
 from dataclasses import dataclass
@@ -396,13 +397,16 @@ async def serve(config: Config, path: str | None = None, reuse_port: bool = Fals
     await app_runner.setup()
     try:
         await web.TCPSite(app_runner, config.listen_host, config.listen_port,
-                          ssl_context=tls, reuse_port=reuse_port or None).start()
+                          reuse_port=reuse_port or None).start()
+        if tls is not None and config.listen_tls is not None:
+            await _listen_tls(app_runner, config.listen_tls, tls, reuse_port)
     except BaseException:
         await app_runner.cleanup()
         raise
     log.info("wx-gateway listening on %s:%d (%d route(s), %d app(s))%s", config.listen_host,
              config.listen_port, len(config.routes), len(config.apps),
-             ", HTTPS" if tls is not None else "")
+             "" if config.listen_tls is None else
+             ", HTTPS on {}:{}".format(*config.listen_tls))
     admin_runner = None
     if admin and config.admin.listen is not None:
         try:
@@ -425,6 +429,17 @@ async def serve(config: Config, path: str | None = None, reuse_port: bool = Fals
         for task in list(late):
             task.cancel()
     await drain
+
+
+async def _listen_tls(app_runner: web.AppRunner, address: tuple[str, int],
+                      context: ssl.SSLContext, reuse_port: bool) -> None:
+    """The HTTPS listener, beside the plain one (health checks and in-cluster callers keep
+    plain HTTP); the same application serves both."""
+    try:
+        await web.TCPSite(app_runner, *address, ssl_context=context,
+                          reuse_port=reuse_port or None).start()
+    except OSError as exc:  # named, so the command line says which listener failed
+        raise OSError(exc.errno, exc.strerror or str(exc), "listen_tls") from exc
 
 
 async def _serve_admin(app: web.Application, config: Config) -> Runner:

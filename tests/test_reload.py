@@ -447,7 +447,7 @@ def test_restart_only_keys_are_those_the_declaration_marks() -> None:
     assert set(RESTART_ONLY) == {
         "listen_host", "listen_port", "workers", "redis", "auth_prefix", "shutdown_grace",
         "session.cache_size", "client_header_timeout", "client_body_timeout",
-        "keepalive_timeout", "max_connections", "admin.listen"}
+        "keepalive_timeout", "max_connections", "admin.listen", "listen_tls"}
 
 
 async def test_a_restart_only_key_inside_a_section_keeps_its_running_value(

@@ -1,6 +1,6 @@
-"""HTTPS on the main listener (``tls.cert_file``/``tls.key_file``): real certificates made
-here, a real gateway process, real TLS handshakes; SIGHUP swaps the certificate for new
-connections."""
+"""HTTPS on ``listen_tls`` (``tls.cert_file``/``tls.key_file``) beside plain HTTP on
+``listen``: real certificates made here, a real gateway process, real TLS handshakes; SIGHUP
+swaps the certificate for new connections."""
 
 from __future__ import annotations
 
@@ -79,13 +79,19 @@ def tls_config(redis_server: EmbeddedRedis, wechat: Any, upstream: Upstream,
     data = base_config(redis_server.url, f"wxgw-tls-{uuid.uuid4().hex[:8]}:",
                        f"http://127.0.0.1:{wechat.port}", upstream.url)
     data["listen"] = f"127.0.0.1:{free_port()}"
+    data["listen_tls"] = f"127.0.0.1:{free_port()}"
     cert, key, _ = self_signed(tmp_path, "first")
     data["tls"] = {"cert_file": cert, "key_file": key}
     return data
 
 
-async def healthy_https(gw: GatewayProcess, http: aiohttp.ClientSession) -> Client:
-    client = Client(f"https://127.0.0.1:{gw.port}", http)
+def https_port(config: dict[str, Any]) -> int:
+    return int(config["listen_tls"].rpartition(":")[2])
+
+
+async def healthy_https(gw: GatewayProcess, http: aiohttp.ClientSession,
+                        config: dict[str, Any]) -> Client:
+    client = Client(f"https://127.0.0.1:{https_port(config)}", http)
     await client.wait_healthy(gw)
     return client
 
@@ -94,7 +100,7 @@ async def test_https_login_and_proxied_call_with_a_verified_certificate(
         launch: Launch, tls_config: dict[str, Any], upstream: Upstream) -> None:
     gw = await launch(tls_config)
     async with trusting(tls_config["tls"]["cert_file"]) as http:
-        client = await healthy_https(gw, http)
+        client = await healthy_https(gw, http, tls_config)
         token = (await client.login(fresh())).json()["token"]
         await client.call("GET", "/api/orders", token=token, expect=200)
     assert upstream.last.header("X-Forwarded-Proto") == ["https"]
@@ -102,23 +108,28 @@ async def test_https_login_and_proxied_call_with_a_verified_certificate(
     # Plain HTTP on the HTTPS port gets no answer from the application.
     async with aiohttp.ClientSession() as plain:
         with pytest.raises(aiohttp.ClientError):
-            async with plain.get(f"http://127.0.0.1:{gw.port}/healthz",
+            async with plain.get(f"http://127.0.0.1:{https_port(tls_config)}/healthz",
                                  timeout=aiohttp.ClientTimeout(total=5)) as resp:
                 await resp.read()
     # A client that does not trust the certificate refuses it.
     async with aiohttp.ClientSession() as strict:
         with pytest.raises(aiohttp.ClientConnectorCertificateError):
-            await strict.get(f"https://127.0.0.1:{gw.port}/healthz")
+            await strict.get(f"https://127.0.0.1:{https_port(tls_config)}/healthz")
     # Garbage instead of a ClientHello, and a connection closed mid-handshake: dropped quietly.
     for junk in (b"\x16\x03\x01\x00\x05hello" + bytes(range(256)), b"\x16\x03"):
-        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        reader, writer = await asyncio.open_connection("127.0.0.1", https_port(tls_config))
         writer.write(junk)
         await writer.drain()
         if len(junk) > 2:  # the gateway answers with an alert at most, and closes
             assert len(await asyncio.wait_for(reader.read(), 5)) < 64
         writer.close()
     async with trusting(tls_config["tls"]["cert_file"]) as http:
-        await Client(f"https://127.0.0.1:{gw.port}", http).call("GET", "/healthz", expect=200)
+        await Client(f"https://127.0.0.1:{https_port(tls_config)}", http).call(
+            "GET", "/healthz", expect=200)
+    # listen stays plain HTTP beside it: health checks and in-cluster callers.
+    async with aiohttp.ClientSession() as plain:
+        async with plain.get(f"{gw.url}/healthz") as resp:
+            assert resp.status == 200
     gw.assert_no_internal_failure()
 
 
@@ -128,17 +139,17 @@ async def test_sighup_serves_the_new_certificate_to_new_connections(
     gw = await launch(tls_config)
     original = tls_config["tls"]["cert_file"]
     async with trusting(original) as http:
-        await healthy_https(gw, http)
-    before = await served_fingerprint(gw.port)
+        await healthy_https(gw, http, tls_config)
+    before = await served_fingerprint(https_port(tls_config))
     assert before != first
     cert, key, second = self_signed(tmp_path, "second")
     mark = gw.mark()
     gw.rewrite({**tls_config, "tls": {"cert_file": cert, "key_file": key}})
     gw.hup()
     await gw.wait_for_line(lambda line: RELOADED in line, after=mark)
-    assert await served_fingerprint(gw.port) == second != before
+    assert await served_fingerprint(https_port(tls_config)) == second != before
     async with trusting(cert) as http:
-        client = Client(f"https://127.0.0.1:{gw.port}", http)
+        client = Client(f"https://127.0.0.1:{https_port(tls_config)}", http)
         await client.call("GET", "/healthz", expect=200)
 
     # The same paths rewritten in place (how cert-manager and certbot renew): reloaded too.
@@ -148,15 +159,15 @@ async def test_sighup_serves_the_new_certificate_to_new_connections(
     mark = gw.mark()
     gw.hup()
     await gw.wait_for_line(lambda line: RELOADED in line, after=mark)
-    assert await served_fingerprint(gw.port) == third
+    assert await served_fingerprint(https_port(tls_config)) == third
 
 
 async def test_a_broken_pair_on_sighup_is_refused_and_the_old_certificate_stays(
         launch: Launch, tls_config: dict[str, Any], tmp_path: Path) -> None:
     gw = await launch(tls_config)
     async with trusting(tls_config["tls"]["cert_file"]) as http:
-        await healthy_https(gw, http)
-    before = await served_fingerprint(gw.port)
+        await healthy_https(gw, http, tls_config)
+    before = await served_fingerprint(https_port(tls_config))
     other_cert, _, _ = self_signed(tmp_path, "other")
     mark = gw.mark()
     gw.rewrite({**tls_config, "tls": {**tls_config["tls"], "cert_file": other_cert}})
@@ -164,12 +175,12 @@ async def test_a_broken_pair_on_sighup_is_refused_and_the_old_certificate_stays(
     lines = await gw.wait_for_line(lambda line: "reload refused" in line, after=mark,
                                    count=2)
     assert any("tls.cert_file" in line for line in lines), lines
-    assert await served_fingerprint(gw.port) == before
+    assert await served_fingerprint(https_port(tls_config)) == before
 
 
 async def test_turning_tls_on_takes_a_restart_and_the_listener_stays_plain(
         launch: Launch, tls_config: dict[str, Any]) -> None:
-    plain = {k: v for k, v in tls_config.items() if k != "tls"}
+    plain = {k: v for k, v in tls_config.items() if k not in ("tls", "listen_tls")}
     gw = await launch(plain)
     async with aiohttp.ClientSession() as http:
         await gw.wait_healthy(http)
@@ -180,12 +191,15 @@ async def test_turning_tls_on_takes_a_restart_and_the_listener_stays_plain(
         await gw.wait_for_line(lambda line: "only after a restart" in line, after=mark)
         async with http.get(f"{gw.url}/healthz") as resp:
             assert resp.status == 200
+        with pytest.raises(aiohttp.ClientConnectionError):  # nothing listens there yet
+            await http.get(f"https://127.0.0.1:{https_port(tls_config)}/healthz", ssl=False)
 
 
 def _problems(tls: dict[str, str]) -> list[str]:
     data = {"redis": {"url": "redis://127.0.0.1:6379/0"},
             "apps": [{"appid": APPID, "secret": SECRET}],
-            "session": {"signing_keys": [SIGNING_KEY]}, "tls": tls}
+            "session": {"signing_keys": [SIGNING_KEY]}, "tls": tls,
+            "listen_tls": "127.0.0.1:8443"}
     with pytest.raises(ConfigError) as info:
         loader.parse(data, environ={})
     return info.value.problems
@@ -206,18 +220,32 @@ def test_config_errors_name_the_tls_key(tmp_path: Path) -> None:
     assert _problems({"cert_file": cert, "key_file": locked_key})[0].startswith("tls.cert_file: ")
     assert _problems({"cert_file": key, "key_file": key})[0].startswith("tls.cert_file: ")
     assert _problems({"cert_file": cert, "key_file": key, "ciphers": "x"}) != []
-    config = loader.parse({"redis": {"url": "redis://127.0.0.1:6379/0"},
-                           "apps": [{"appid": APPID, "secret": SECRET}],
-                           "session": {"signing_keys": [SIGNING_KEY]},
+    base = {"redis": {"url": "redis://127.0.0.1:6379/0"},
+            "apps": [{"appid": APPID, "secret": SECRET}],
+            "session": {"signing_keys": [SIGNING_KEY]}}
+    config = loader.parse({**base, "listen_tls": "127.0.0.1:8443",
                            "tls": {"cert_file": cert, "key_file": key}}, environ={})
     assert config.tls.enabled and key not in repr(config)
+    assert config.listen_tls == ("127.0.0.1", 8443)
+    # Each needs the other, and the HTTPS listener is not the plain one.
+    with pytest.raises(ConfigError) as info:
+        loader.parse({**base, "tls": {"cert_file": cert, "key_file": key}}, environ={})
+    assert info.value.problems[0].startswith("listen_tls: is required when tls.cert_file")
+    with pytest.raises(ConfigError) as info:
+        loader.parse({**base, "listen_tls": "127.0.0.1:8443"}, environ={})
+    assert info.value.problems == [
+        "tls.cert_file: is required when listen_tls is set (with tls.key_file)"]
+    with pytest.raises(ConfigError) as info:
+        loader.parse({**base, "listen": "127.0.0.1:8443", "listen_tls": "127.0.0.1:8443",
+                      "tls": {"cert_file": cert, "key_file": key}}, environ={})
+    assert info.value.problems == ["listen_tls: must not be the plain HTTP listen address"]
 
 
 async def test_every_worker_serves_https_and_reloads_the_certificate(
         launch: Launch, tls_config: dict[str, Any], tmp_path: Path) -> None:
     gw = await launch({**tls_config, "workers": 2})
     async with trusting(tls_config["tls"]["cert_file"]) as http:
-        await healthy_https(gw, http)
+        await healthy_https(gw, http, tls_config)
     await gw.wait_for_line(lambda line: "listening on" in line and "HTTPS" in line, count=2)
     cert, key, renewed = self_signed(tmp_path, "renewed")
     mark = gw.mark()
@@ -225,4 +253,4 @@ async def test_every_worker_serves_https_and_reloads_the_certificate(
     gw.hup()  # to the supervisor, which forwards it to each worker
     await gw.wait_for_line(lambda line: RELOADED in line, after=mark, count=2)
     # New connections land on either worker (SO_REUSEPORT): each serves the new certificate.
-    assert {await served_fingerprint(gw.port) for _ in range(12)} == {renewed}
+    assert {await served_fingerprint(https_port(tls_config)) for _ in range(12)} == {renewed}
