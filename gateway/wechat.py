@@ -26,7 +26,7 @@ MAX_REPLY_BYTES = 64 * 1024
 Errcodes = Mapping[int, tuple[type[GatewayError], str]]
 
 _BUSY = (WeChatUnavailable, "WeChat is busy; try again shortly")
-# auth.code2Session → SPEC.md's login error table
+# auth.code2Session → the login error table (docs/endpoints.md)
 _LOGIN: Errcodes = {
     40029: (InvalidCode, "the login code is invalid"),
     40163: (InvalidCode, "the login code has already been used"),

@@ -224,7 +224,7 @@ async def test_logout_on_replica_a_is_refused_by_replica_b_within_50ms(
     cache_b = cache_of(b)
     latencies: list[float] = []
     stale_answers = 0
-    for trial in range(200):  # the measure: p99 over 200 trials
+    for trial in range(200):  # p99 over 200 trials
         token = (await login(a))["token"]
         assert await status(b, "/api/warm", token) == 200  # B looks it up and caches it
         hits = cache_b.hits

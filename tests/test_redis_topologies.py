@@ -305,7 +305,7 @@ async def test_cluster_invalidation_reaches_a_replica_subscribed_to_another_node
 
     latencies: list[float] = []
     publishers = set()
-    for _ in range(200):  # the measure: p99 over 200 trials
+    for _ in range(200):  # p99 over 200 trials
         token = (await login(a))["token"]
         publishers.add(holder(cluster, f"{key_prefix}session:{sid_of(a, token)}"))
         latencies.append(await revocation_latency(a, b, token))
