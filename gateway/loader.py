@@ -695,7 +695,6 @@ class _ConfigReader(Reader):
         return tuple(roles)
 
 
-
 def _one_of(choices: tuple[Any, ...]) -> str:
     return " or ".join(choices) if len(choices) == 2 else f"one of {', '.join(choices)}"
 
