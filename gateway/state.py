@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 CONFIG: web.AppKey[Config] = web.AppKey("config")
 SERVICES: web.AppKey[Live] = web.AppKey("services")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
-# The main listener's TLS context when it serves HTTPS (reloaded in place on SIGHUP).
+# The TLS context of the listen_tls listener, when set (reloaded in place on SIGHUP).
 TLS_CONTEXT = web.AppKey("tls_context", ssl.SSLContext)
 # Tasks handling a request right now: a graceful stop cancels what outlives shutdown_grace.
 IN_FLIGHT: web.AppKey[set[asyncio.Task[object]]] = web.AppKey("in_flight")

@@ -1,4 +1,4 @@
-"""HTTPS on the main listener: the server's ``ssl.SSLContext`` from PEM files.
+"""HTTPS on the ``listen_tls`` listener: the server's ``ssl.SSLContext`` from PEM files.
 
 The context outlives a reload: ``load_cert_chain`` again on the same context replaces the
 certificate for connections accepted from then on (each new connection's ``SSL`` object copies
