@@ -123,7 +123,7 @@ export type ClientErrorCode =
 /**
  * Every rejection of the client. For gateway errors, `statusCode` is the HTTP status and
  * `error`/`message` the gateway's (`invalid_code`, `unauthorized`, `rate_limited`,
- * `invalid_phone_code`, ... as in the gateway's README).
+ * `invalid_phone_code`, ... as listed in the gateway's docs/endpoints.md).
  */
 export declare class WxGatewayError extends Error {
   constructor(statusCode: number, error: string, message: string, extra?: Record<string, unknown>)
