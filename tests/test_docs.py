@@ -167,9 +167,11 @@ async def test_config_yaml_logs_in_against_the_simulator_started_as_readme_shows
         tmp_path: Path) -> None:
     """README's simulator command line, then config.yaml as shipped with WECHAT_API_BASE
     pointing at it: a login, and the backend sees the verified openid."""
-    (command,) = re.findall(r'^\.venv/bin/python -c "(.*?)" &$', readme(), re.M)
+    (args,) = re.findall(r'^\.venv/bin/python -m gateway\.testing\.simulator (.*) &$', readme(),
+                         re.M)
     sim_port, gw_port = free_port(), free_port()
-    await launcher.run([sys.executable, "-c", command.replace("port=9100", f"port={sim_port}")],
+    await launcher.run([sys.executable, "-m", "gateway.testing.simulator",
+                        *args.replace("--port 9100", f"--port {sim_port}").split()],
                        env=bare_env(), cwd=ROOT, log=tmp_path / "simulator.log")
     env = bare_env(**DOCUMENTED, WX_APPID="wx1234567890abcdef",
                    WECHAT_API_BASE=f"http://127.0.0.1:{sim_port}", REDIS_URL=redis_server.url,
