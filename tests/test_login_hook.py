@@ -166,6 +166,8 @@ BAD_ANSWERS: dict[str, tuple[int, Any]] = {
     "claims_a_list": (200, {"claims": ["Tier"]}),
     "claim_name_space": (200, {"claims": {"Ti er": "gold"}}),
     "claim_name_colon": (200, {"claims": {"Tier:": "gold"}}),
+    # a regex "$" also matches before a final newline: such a name must not pass as a token
+    "claim_name_trailing_newline": (200, {"claims": {"Tier\n": "gold"}}),
     "claim_name_too_long": (200, {"claims": {"T" * 65: "gold"}}),
     "claim_value_number": (200, {"claims": {"Tier": 1}}),
     "claim_value_newline": (200, {"claims": {"Tier": f"gold\n{SECRET_IN_ANSWER}"}}),
