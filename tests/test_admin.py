@@ -370,7 +370,8 @@ async def test_two_authorization_headers_are_refused(pair: tuple[TestClient, Tes
     await expect_error(resp, 400, "invalid_request")
 
 
-BAD_OPENIDS = ["a" * 65, "o/../x", "o x", "o%2Fx", "ｏpenid", "o\u200bx", "o.x", "o\x00"]
+# "o1\n": another user than o1 (a regex "$" would have let the newline through)
+BAD_OPENIDS = ["a" * 65, "o/../x", "o x", "o%2Fx", "ｏpenid", "o\u200bx", "o.x", "o\x00", "o1\n"]
 
 
 async def test_malformed_users_and_unknown_apps(pair: tuple[TestClient, TestClient]) -> None:
@@ -383,7 +384,7 @@ async def test_malformed_users_and_unknown_apps(pair: tuple[TestClient, TestClie
                                   params={"appid": APPID, "openid": openid},
                                   headers=admin_auth())
         await expect_error(resp, 400, "invalid_request")
-    for openid in ("a" * 65, "o x", "o.x", "o%00"):
+    for openid in ("a" * 65, "o x", "o.x", "o%00", "o1%0A"):
         resp = await admin.put(f"/admin/bans/{APPID}/{openid}", headers=admin_auth())
         await expect_error(resp, 400, "invalid_request")
     for params in ({}, {"appid": APPID}, {"openid": "o123"}, {"appid": "", "openid": "o1"}):
