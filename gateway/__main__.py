@@ -90,6 +90,10 @@ def admin(args: argparse.Namespace) -> int:
         return 2
     method, in_path = ADMIN_ACTIONS[args.action]
     base = args.url.rstrip("/")
+    if not _http_url(base):  # urllib would read file: URLs, or raise on a malformed one
+        print(f"wx-gateway admin: --url must be an http:// or https:// URL, not {base!r}",
+              file=sys.stderr)
+        return 2
     if in_path:
         appid, openid = (urllib.parse.quote(part, safe="") for part in (args.appid, args.openid))
         url = f"{base}/admin/bans/{appid}/{openid}"
@@ -115,6 +119,15 @@ def admin(args: argparse.Namespace) -> int:
         print(json.dumps({"appid": args.appid, "openid": args.openid,
                           "banned": args.action == "ban"}))
     return 0
+
+
+def _http_url(url: str) -> bool:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        return parts.scheme in ("http", "https") and bool(parts.hostname) and (
+            parts.port is None or parts.port > 0)
+    except ValueError:  # an unclosed IPv6 bracket, a port out of range
+        return False
 
 
 def _run(main: Coroutine[Any, Any, None]) -> None:

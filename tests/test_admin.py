@@ -570,3 +570,15 @@ async def test_only_one_worker_serves_the_admin_api(
         assert status == 200
     assert len([line for line in gw.lines() if "admin API listening" in line]) == 1
     gw.assert_no_internal_failure()
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:8081", "http://[::1", "file:///etc/hostname",
+                                 "http://", "ftp://127.0.0.1/"])
+def test_an_admin_url_that_is_not_http_is_a_wrong_command(
+        url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.__main__ import main
+    monkeypatch.setenv("WXGW_ADMIN_TOKEN", TOKEN)
+    code = main(["admin", "sessions", "--appid", APPID, "--openid", "o1", "--url", url])
+    out, err = capsys.readouterr()
+    assert (code, out) == (2, ""), err
+    assert "--url" in err
