@@ -582,3 +582,14 @@ def test_an_admin_url_that_is_not_http_is_a_wrong_command(
     out, err = capsys.readouterr()
     assert (code, out) == (2, ""), err
     assert "--url" in err
+
+
+async def test_the_main_listener_never_answers_the_admin_api(
+        pair: tuple[TestClient, TestClient], wechat: TestServer) -> None:
+    gw, _ = pair
+    for method, path in (("GET", f"/admin/sessions?appid={APPID}&openid=o1"),
+                         ("DELETE", f"/admin/sessions?appid={APPID}&openid=o1"),
+                         ("PUT", f"/admin/bans/{APPID}/o1"),
+                         ("DELETE", f"/admin/bans/{APPID}/o1")):
+        resp = await gw.request(method, path, headers=admin_auth())
+        assert (await expect_error(resp, 404, "not_found"))["message"].startswith("no route")
