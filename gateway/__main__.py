@@ -81,9 +81,14 @@ def _admin_parser(parser: argparse.ArgumentParser) -> None:
 def admin(args: argparse.Namespace) -> int:
     """Call the admin API; print its JSON answer. 0: done, 1: refused or unreachable,
     2: the command itself is wrong."""
-    token = os.environ.get(args.token_env)
+    # stripped: a token read from a file usually ends in a newline (the API strips it too)
+    token = os.environ.get(args.token_env, "").strip()
     if not token:
         print(f"wx-gateway admin: set ${args.token_env} to an admin token", file=sys.stderr)
+        return 2
+    if not (token.isascii() and token.isprintable()):
+        print(f"wx-gateway admin: ${args.token_env} holds characters no admin token has",
+              file=sys.stderr)
         return 2
     if args.ttl is not None and args.action != "ban":
         print("wx-gateway admin: --ttl is for ban only", file=sys.stderr)

@@ -593,3 +593,18 @@ async def test_the_main_listener_never_answers_the_admin_api(
                          ("DELETE", f"/admin/bans/{APPID}/o1")):
         resp = await gw.request(method, path, headers=admin_auth())
         assert (await expect_error(resp, 404, "not_found"))["message"].startswith("no route")
+
+
+async def test_the_admin_command_takes_a_token_read_from_a_file_with_its_newline(
+        pair: tuple[TestClient, TestClient], monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.__main__ import main
+    _, admin = pair
+    url = str(admin.make_url("")).rstrip("/")
+    argv = ["admin", "sessions", "--appid", APPID, "--openid", "o1", "--url", url]
+    monkeypatch.setenv("WXGW_ADMIN_TOKEN", TOKEN + "\n")
+    assert await asyncio.to_thread(main, argv) == 0, capsys.readouterr()
+    assert json.loads(capsys.readouterr().out) == {"sessions": []}
+    monkeypatch.setenv("WXGW_ADMIN_TOKEN", TOKEN[:10] + "\r\nX: y")
+    assert await asyncio.to_thread(main, argv) == 2
+    assert "WXGW_ADMIN_TOKEN" in capsys.readouterr().err
