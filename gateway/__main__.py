@@ -109,7 +109,7 @@ def admin(args: argparse.Namespace) -> int:
     request = urllib.request.Request(url, data=body, method=method, headers={
         "Authorization": f"Bearer {token}", "Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
+        with _NO_REDIRECTS.open(request, timeout=30) as response:
             raw = response.read()
     except urllib.error.HTTPError as exc:
         print(exc.read().decode("utf-8", "replace") or json.dumps({"status": exc.code}))
@@ -124,6 +124,17 @@ def admin(args: argparse.Namespace) -> int:
         print(json.dumps({"appid": args.appid, "openid": args.openid,
                           "banned": args.action == "ban"}))
     return 0
+
+
+class _Refuse(urllib.request.HTTPRedirectHandler):
+    """A redirect is an answer, never followed: urllib would send the admin token along to
+    wherever it points."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_NO_REDIRECTS = urllib.request.build_opener(_Refuse)
 
 
 def _http_url(url: str) -> bool:

@@ -608,3 +608,30 @@ async def test_the_admin_command_takes_a_token_read_from_a_file_with_its_newline
     monkeypatch.setenv("WXGW_ADMIN_TOKEN", TOKEN[:10] + "\r\nX: y")
     assert await asyncio.to_thread(main, argv) == 2
     assert "WXGW_ADMIN_TOKEN" in capsys.readouterr().err
+
+
+async def test_the_admin_command_never_follows_a_redirect_with_its_token(
+        aiohttp_server: Any, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.__main__ import main
+    seen: list[str | None] = []
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Authorization"))
+        return web.json_response({"sessions": []})
+
+    other_app = web.Application()
+    other_app.router.add_get("/{tail:.*}", elsewhere)
+    other = await aiohttp_server(other_app)
+
+    async def moved(request: web.Request) -> web.Response:
+        raise web.HTTPFound(f"http://127.0.0.1:{other.port}{request.path_qs}")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", moved)
+    server = await aiohttp_server(app)
+    monkeypatch.setenv("WXGW_ADMIN_TOKEN", TOKEN)
+    argv = ["admin", "sessions", "--appid", APPID, "--openid", "o1",
+            "--url", f"http://127.0.0.1:{server.port}"]
+    assert await asyncio.to_thread(main, argv) == 1
+    assert seen == [] and TOKEN not in capsys.readouterr().out
