@@ -150,7 +150,7 @@ async def test_expired_sessions_leave_the_index(
     assert await resp.json() == {"revoked": 0}
 
 
-async def test_a_revocation_that_read_a_stale_index_changes_nothing(
+async def test_a_revocation_that_read_a_stale_index_ends_no_session_but_sets_its_ban(
         pair: tuple[TestClient, TestClient], redis: Any) -> None:
     gw, _ = pair
     code = f"user-{uuid.uuid4().hex[:10]}"
@@ -163,8 +163,30 @@ async def test_a_revocation_that_read_a_stale_index_changes_nothing(
                                 args=[int(time.time()), store.channel, "0", first])
     assert stale is None
     assert await redis.exists(store.key(first), store.key(second)) == 2
-    assert not await store.banned(*who)
+    # the ban holds at once: no login can move the index on while it is read again
+    assert await store.banned(*who)
     assert sorted(await store.revoke(*who)) == sorted([first, second])
+
+
+async def test_a_ban_holds_against_a_user_logging_in_all_the_while(
+        pair: tuple[TestClient, TestClient], monkeypatch: pytest.MonkeyPatch) -> None:
+    gw, admin = pair
+    code = f"user-{uuid.uuid4().hex[:10]}"
+    await login(gw, code)
+    store = services(gw).sessions
+    who = (APPID, simulator.openid_for(APPID, code))
+    revoke_script = store._revoke
+    logins: list[bool] = []
+
+    async def login_in_between(**kwargs: Any) -> Any:  # each time after the index was read
+        logins.append(await store.create(*who, None, "k", 60) is not None)
+        return await revoke_script(**kwargs)
+
+    monkeypatch.setattr(store, "_revoke", login_in_between)
+    resp = await admin.put(f"/admin/bans/{who[0]}/{who[1]}", headers=admin_auth())
+    assert resp.status == 204, await resp.text()
+    assert logins == [True, False]
+    assert await store.sessions_of(*who) == []
 
 
 async def test_sessions_from_before_the_index_keep_working_and_a_ban_stops_their_refresh(
