@@ -544,3 +544,25 @@ async def test_a_refresh_that_asks_again_keeps_open_websockets_unless_a_role_is_
         msg = await asyncio.wait_for(ed.receive(), 5)
         assert msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSED)
         assert ed.close_code == aiohttp.WSCloseCode.POLICY_VIOLATION
+
+
+async def test_concurrent_refreshes_of_one_session_ask_the_hook_once(
+        make_gateway: GatewayFactory, hook: Hook, upstream: Upstream) -> None:
+    gw = await make_gateway(login_hook=hook_config(hook, refresh_after="1s"))
+    token = (await login(gw))["token"]
+    await asyncio.sleep(1.1)
+    hook.delay = 0.2
+    hook.body = {"user_id": "u-42", "roles": ["admin"]}
+    answers = await asyncio.gather(*(gw.post("/auth/refresh", headers=bearer(token))
+                                     for _ in range(20)))
+    assert [r.status for r in answers] == [200] * 20
+    assert len(hook.asked) == 2  # the login's, and one for all twenty refreshes
+    await gw.get("/api/x", headers=bearer(token))
+    assert ("X-User-Roles", "admin") in user_headers(upstream.last.headers)
+    # a refused user: every waiting refresh is refused, the session ends
+    await asyncio.sleep(1.1)
+    hook.status = 403
+    answers = await asyncio.gather(*(gw.post("/auth/refresh", headers=bearer(token))
+                                     for _ in range(5)))
+    assert [r.status for r in answers] == [403] * 5
+    assert len(hook.asked) == 3
