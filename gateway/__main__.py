@@ -81,15 +81,24 @@ def _admin_parser(parser: argparse.ArgumentParser) -> None:
 def admin(args: argparse.Namespace) -> int:
     """Call the admin API; print its JSON answer. 0: done, 1: refused or unreachable,
     2: the command itself is wrong."""
-    token = os.environ.get(args.token_env)
+    # stripped: a token read from a file usually ends in a newline (the API strips it too)
+    token = os.environ.get(args.token_env, "").strip()
     if not token:
         print(f"wx-gateway admin: set ${args.token_env} to an admin token", file=sys.stderr)
+        return 2
+    if not (token.isascii() and token.isprintable()):
+        print(f"wx-gateway admin: ${args.token_env} holds characters no admin token has",
+              file=sys.stderr)
         return 2
     if args.ttl is not None and args.action != "ban":
         print("wx-gateway admin: --ttl is for ban only", file=sys.stderr)
         return 2
     method, in_path = ADMIN_ACTIONS[args.action]
     base = args.url.rstrip("/")
+    if not _http_url(base):  # urllib would read file: URLs, or raise on a malformed one
+        print(f"wx-gateway admin: --url must be an http:// or https:// URL, not {base!r}",
+              file=sys.stderr)
+        return 2
     if in_path:
         appid, openid = (urllib.parse.quote(part, safe="") for part in (args.appid, args.openid))
         url = f"{base}/admin/bans/{appid}/{openid}"
@@ -100,7 +109,7 @@ def admin(args: argparse.Namespace) -> int:
     request = urllib.request.Request(url, data=body, method=method, headers={
         "Authorization": f"Bearer {token}", "Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
+        with _NO_REDIRECTS.open(request, timeout=30) as response:
             raw = response.read()
     except urllib.error.HTTPError as exc:
         print(exc.read().decode("utf-8", "replace") or json.dumps({"status": exc.code}))
@@ -115,6 +124,26 @@ def admin(args: argparse.Namespace) -> int:
         print(json.dumps({"appid": args.appid, "openid": args.openid,
                           "banned": args.action == "ban"}))
     return 0
+
+
+class _Refuse(urllib.request.HTTPRedirectHandler):
+    """A redirect is an answer, never followed: urllib would send the admin token along to
+    wherever it points."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_NO_REDIRECTS = urllib.request.build_opener(_Refuse)
+
+
+def _http_url(url: str) -> bool:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        return parts.scheme in ("http", "https") and bool(parts.hostname) and (
+            parts.port is None or parts.port > 0)
+    except ValueError:  # an unclosed IPv6 bracket, a port out of range
+        return False
 
 
 def _run(main: Coroutine[Any, Any, None]) -> None:

@@ -21,7 +21,7 @@ from .logs import openid_hash
 from .state import ADMIN_TOKEN, CONFIG, IN_FLIGHT, LOGGED_PATH, METRICS, SERVICES
 
 # WeChat openids are 28 characters of this set; other platforms' user ids are longer.
-_OPENID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_OPENID = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")  # \Z: "$" lets a final newline through
 
 Operation = Callable[[web.Request, Services, str, str], Awaitable[web.Response]]
 

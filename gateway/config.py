@@ -60,7 +60,7 @@ def yaml_name(f: dataclasses.Field[Any]) -> str | None:
     return f.name if name == "" else name
 
 
-_APPID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_APPID = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")  # \Z: "$" lets a final newline through
 
 
 def _appid(appid: str) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import time
@@ -132,11 +133,35 @@ async def refresh(request: web.Request) -> web.Response:
                                      renewed.appid, int(time.time()), renewed.expires_at))
 
 
+# Refreshes of one session asking the login hook at the same moment share one call: a client
+# firing many at once would otherwise make as many calls, and hold as many of the hook's
+# connections (logins wait for those too).
+_ASKING: dict[str, asyncio.Future[Session]] = {}
+
+
 async def _ask_again(request: web.Request, s: Services, hook: LoginHook,
                      current: Session) -> Session:
     """The login hook's answer renewed before the session's lifetime is. A ban ends the
     session; a hook that cannot answer fails this refresh only (503): the session and its
     token keep working until they expire, and no lifetime is granted on data not confirmed."""
+    asking = _ASKING.get(current.sid)
+    if asking is None:
+        asking = asyncio.ensure_future(_ask_hook(request, s, hook, current))
+        _ASKING[current.sid] = asking
+        asking.add_done_callback(functools.partial(_asked, current.sid))
+    # shielded: the call goes on for the others when this client leaves
+    return await asyncio.shield(asking)
+
+
+def _asked(sid: str, done: asyncio.Future[Session]) -> None:
+    if _ASKING.get(sid) is done:
+        del _ASKING[sid]
+    if not done.cancelled():
+        done.exception()  # retrieved: every waiter may have left
+
+
+async def _ask_hook(request: web.Request, s: Services, hook: LoginHook,
+                    current: Session) -> Session:
     try:
         user = await hook.ask(current.appid, current.openid, current.unionid, current.phone,
                               functools.partial(request.__setitem__, HOOK_OUTCOME))

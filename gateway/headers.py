@@ -9,7 +9,8 @@ import re
 from multidict import MultiMapping
 
 # A token as RFC 9110 §5.6.2 defines it: what a configured header name must be.
-NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# \Z, not $: "$" also matches before a final newline.
+NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 # RFC 9110 §7.6.1 connection-specific fields, plus the legacy ones proxies still meet.
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "proxy-authenticate",
                         "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade"})

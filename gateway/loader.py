@@ -586,6 +586,7 @@ class _ConfigReader(Reader):
         headers: IdentityHeaders | None = context.parent.get("identity_headers")
         if header is not None and (not HEADER_NAME.match(header)
                                    or spelling(header) in RESERVED_SPELLINGS
+                                   or spelling(header).startswith(CLAIM_SPELLING)
                                    or spelling(header) in {spelling(n) for n in (
                                        headers.names() if headers else ())}):
             self.fail(key, f"{header!r} is not a free, valid header name")

@@ -25,6 +25,7 @@ from .errors import (AppForbidden, ForbiddenRole, InvalidPath, InvalidRequest, N
                      RequestTimeout, StoreUnavailable, Unauthorized, UpstreamTimeout,
                      UpstreamUnavailable)
 from .services import Services
+from .sessions import Session
 from .state import IDENTITY, REQUEST_ID, ROUTE_LABEL, SERVICES, UPSTREAM_SECONDS
 
 log = logging.getLogger("gateway.proxy")
@@ -219,7 +220,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
     if route is None:
         raise NotFound(f"no route for {path}")
     request[ROUTE_LABEL] = route.label
-    identity = await _authenticate(request, access_for(services.config, path, route))
+    access = access_for(services.config, path, route)
+    identity = await _authenticate(request, access)
     headers = forward_headers(request, identity, services, route, request[REQUEST_ID])
     if websocket.is_upgrade(request):
         if request.content_length or "Transfer-Encoding" in request.headers:
@@ -228,8 +230,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
             raise InvalidRequest("a WebSocket upgrade request must not have a body")
         url = URL(f"{route.origin}{route.base_path}{request.raw_path}", encoded=True)
         # A factory: no coroutine exists unless the relay gets as far as needing it.
-        end = (functools.partial(session_end, services, identity) if identity is not None
-               else None)
+        end = (functools.partial(session_end, services, identity, access.role_limits)
+               if identity is not None else None)
         return await websocket.relay(request, services.http, url, headers, route, end)
 
     await expectation.answer(request)
@@ -279,9 +281,13 @@ def _raise_if_client_stalled(request: web.Request) -> None:
         raise RequestTimeout(stalled.message) from None
 
 
-async def session_end(services: Services, identity: Identity) -> None:
-    """Complete when the session ends: at once on its invalidation (logout, any replica),
-    and in any case within SESSION_RECHECK seconds (the cache may be off)."""
+async def session_end(services: Services, identity: Identity,
+                      role_limits: tuple[Route, ...] = ()) -> None:
+    """Complete when the session ends, or no longer has a role the route needs: checked at
+    once on its invalidation (logout, a new login hook answer, any replica), and in any case
+    within SESSION_RECHECK seconds (the cache may be off). An invalidation that only changed
+    the session (a refresh that asked the login hook again, a stored phone number) keeps the
+    socket open."""
     ended = asyncio.Event()
     cache = services.authenticator.cache
     unwatch = cache.watch(identity.session.sid, ended.set) if cache is not None else None
@@ -289,17 +295,27 @@ async def session_end(services: Services, identity: Identity) -> None:
         while True:
             try:
                 await asyncio.wait_for(ended.wait(), SESSION_RECHECK)
-                return
+                ended.clear()
+                invalidated = True
             except asyncio.TimeoutError:
-                pass
+                invalidated = False
             try:
-                if await services.sessions.get(identity.session.sid) is None:
-                    return
+                session = await services.sessions.get(identity.session.sid)
             except StoreUnavailable:
-                pass  # an open socket is not cut for a Redis blip; new ones fail closed
+                if invalidated:
+                    return  # the session changed and cannot be read: fail closed
+                continue  # an open socket is not cut for a Redis blip; new ones fail closed
+            if session is None or not _has_roles(session, role_limits):
+                return
     finally:
         if unwatch is not None:
             unwatch()
+
+
+def _has_roles(session: Session, role_limits: tuple[Route, ...]) -> bool:
+    """Whether the session has one of the roles of each route in ``role_limits``."""
+    roles = session.user.roles if session.user is not None else ()
+    return all(any(role in limit.roles for role in roles) for limit in role_limits)
 
 
 async def _authenticate(request: web.Request, access: Access) -> Identity | None:
@@ -323,11 +339,9 @@ async def _authenticate(request: web.Request, access: Access) -> Identity | None
         if identity.session.appid not in limit.apps:
             raise AppForbidden(f"tokens of {identity.session.appid} are not accepted on "
                                f"{limit.path}")
-    if access.role_limits:
-        roles = identity.session.user.roles if identity.session.user is not None else ()
-        for limit in access.role_limits:
-            if not any(role in limit.roles for role in roles):
-                raise ForbiddenRole(f"{limit.path} needs a role this session does not have")
+    for limit in access.role_limits:
+        if not _has_roles(identity.session, (limit,)):
+            raise ForbiddenRole(f"{limit.path} needs a role this session does not have")
     request[IDENTITY] = identity
     return identity
 

@@ -71,9 +71,16 @@ return 1
 # Every session of a user ends in one step, each announced like a logout. Redis wants every
 # key a script touches declared, so the caller reads the index first and passes the session
 # keys (KEYS[3..], their sids in ARGV[4..]); when the index has changed since (a login in
-# between) nothing is done and the caller reads again. ARGV[3]: set the ban too ('0': until
-# lifted, else its lifetime in ms), or ''.
+# between) no session is ended and the caller reads again. ARGV[3]: set the ban too ('0':
+# until lifted, else its lifetime in ms), or ''. The ban is set first, whatever the index
+# says: from then on no login adds to it, so a user logging in all the while cannot keep the
+# ban from being applied.
 _REVOKE = """
+if ARGV[3] == '0' then
+  redis.call('SET', KEYS[2], ARGV[1])
+elseif ARGV[3] ~= '' then
+  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
+end
 local members = redis.call('ZRANGE', KEYS[1], 0, -1)
 if #members ~= #KEYS - 2 then return false end
 local passed = {}
@@ -87,11 +94,6 @@ for i = 3, #KEYS do
   redis.call('PUBLISH', ARGV[2], ARGV[i + 1])
 end
 redis.call('DEL', KEYS[1])
-if ARGV[3] == '0' then
-  redis.call('SET', KEYS[2], ARGV[1])
-elseif ARGV[3] ~= '' then
-  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
-end
 return ended
 """
 _REVOKE_ATTEMPTS = 5

@@ -150,7 +150,7 @@ async def test_expired_sessions_leave_the_index(
     assert await resp.json() == {"revoked": 0}
 
 
-async def test_a_revocation_that_read_a_stale_index_changes_nothing(
+async def test_a_revocation_that_read_a_stale_index_ends_no_session_but_sets_its_ban(
         pair: tuple[TestClient, TestClient], redis: Any) -> None:
     gw, _ = pair
     code = f"user-{uuid.uuid4().hex[:10]}"
@@ -163,8 +163,30 @@ async def test_a_revocation_that_read_a_stale_index_changes_nothing(
                                 args=[int(time.time()), store.channel, "0", first])
     assert stale is None
     assert await redis.exists(store.key(first), store.key(second)) == 2
-    assert not await store.banned(*who)
+    # the ban holds at once: no login can move the index on while it is read again
+    assert await store.banned(*who)
     assert sorted(await store.revoke(*who)) == sorted([first, second])
+
+
+async def test_a_ban_holds_against_a_user_logging_in_all_the_while(
+        pair: tuple[TestClient, TestClient], monkeypatch: pytest.MonkeyPatch) -> None:
+    gw, admin = pair
+    code = f"user-{uuid.uuid4().hex[:10]}"
+    await login(gw, code)
+    store = services(gw).sessions
+    who = (APPID, simulator.openid_for(APPID, code))
+    revoke_script = store._revoke
+    logins: list[bool] = []
+
+    async def login_in_between(**kwargs: Any) -> Any:  # each time after the index was read
+        logins.append(await store.create(*who, None, "k", 60) is not None)
+        return await revoke_script(**kwargs)
+
+    monkeypatch.setattr(store, "_revoke", login_in_between)
+    resp = await admin.put(f"/admin/bans/{who[0]}/{who[1]}", headers=admin_auth())
+    assert resp.status == 204, await resp.text()
+    assert logins == [True, False]
+    assert await store.sessions_of(*who) == []
 
 
 async def test_sessions_from_before_the_index_keep_working_and_a_ban_stops_their_refresh(
@@ -370,7 +392,8 @@ async def test_two_authorization_headers_are_refused(pair: tuple[TestClient, Tes
     await expect_error(resp, 400, "invalid_request")
 
 
-BAD_OPENIDS = ["a" * 65, "o/../x", "o x", "o%2Fx", "ｏpenid", "o\u200bx", "o.x", "o\x00"]
+# "o1\n": another user than o1 (a regex "$" would have let the newline through)
+BAD_OPENIDS = ["a" * 65, "o/../x", "o x", "o%2Fx", "ｏpenid", "o\u200bx", "o.x", "o\x00", "o1\n"]
 
 
 async def test_malformed_users_and_unknown_apps(pair: tuple[TestClient, TestClient]) -> None:
@@ -383,7 +406,7 @@ async def test_malformed_users_and_unknown_apps(pair: tuple[TestClient, TestClie
                                   params={"appid": APPID, "openid": openid},
                                   headers=admin_auth())
         await expect_error(resp, 400, "invalid_request")
-    for openid in ("a" * 65, "o x", "o.x", "o%00"):
+    for openid in ("a" * 65, "o x", "o.x", "o%00", "o1%0A"):
         resp = await admin.put(f"/admin/bans/{APPID}/{openid}", headers=admin_auth())
         await expect_error(resp, 400, "invalid_request")
     for params in ({}, {"appid": APPID}, {"openid": "o123"}, {"appid": "", "openid": "o1"}):
@@ -569,3 +592,68 @@ async def test_only_one_worker_serves_the_admin_api(
         assert status == 200
     assert len([line for line in gw.lines() if "admin API listening" in line]) == 1
     gw.assert_no_internal_failure()
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:8081", "http://[::1", "file:///etc/hostname",
+                                 "http://", "ftp://127.0.0.1/"])
+def test_an_admin_url_that_is_not_http_is_a_wrong_command(
+        url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.__main__ import main
+    monkeypatch.setenv("WXGW_ADMIN_TOKEN", TOKEN)
+    code = main(["admin", "sessions", "--appid", APPID, "--openid", "o1", "--url", url])
+    out, err = capsys.readouterr()
+    assert (code, out) == (2, ""), err
+    assert "--url" in err
+
+
+async def test_the_main_listener_never_answers_the_admin_api(
+        pair: tuple[TestClient, TestClient], wechat: TestServer) -> None:
+    gw, _ = pair
+    for method, path in (("GET", f"/admin/sessions?appid={APPID}&openid=o1"),
+                         ("DELETE", f"/admin/sessions?appid={APPID}&openid=o1"),
+                         ("PUT", f"/admin/bans/{APPID}/o1"),
+                         ("DELETE", f"/admin/bans/{APPID}/o1")):
+        resp = await gw.request(method, path, headers=admin_auth())
+        assert (await expect_error(resp, 404, "not_found"))["message"].startswith("no route")
+
+
+async def test_the_admin_command_takes_a_token_read_from_a_file_with_its_newline(
+        pair: tuple[TestClient, TestClient], monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.__main__ import main
+    _, admin = pair
+    url = str(admin.make_url("")).rstrip("/")
+    argv = ["admin", "sessions", "--appid", APPID, "--openid", "o1", "--url", url]
+    monkeypatch.setenv("WXGW_ADMIN_TOKEN", TOKEN + "\n")
+    assert await asyncio.to_thread(main, argv) == 0, capsys.readouterr()
+    assert json.loads(capsys.readouterr().out) == {"sessions": []}
+    monkeypatch.setenv("WXGW_ADMIN_TOKEN", TOKEN[:10] + "\r\nX: y")
+    assert await asyncio.to_thread(main, argv) == 2
+    assert "WXGW_ADMIN_TOKEN" in capsys.readouterr().err
+
+
+async def test_the_admin_command_never_follows_a_redirect_with_its_token(
+        aiohttp_server: Any, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.__main__ import main
+    seen: list[str | None] = []
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Authorization"))
+        return web.json_response({"sessions": []})
+
+    other_app = web.Application()
+    other_app.router.add_get("/{tail:.*}", elsewhere)
+    other = await aiohttp_server(other_app)
+
+    async def moved(request: web.Request) -> web.Response:
+        raise web.HTTPFound(f"http://127.0.0.1:{other.port}{request.path_qs}")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", moved)
+    server = await aiohttp_server(app)
+    monkeypatch.setenv("WXGW_ADMIN_TOKEN", TOKEN)
+    argv = ["admin", "sessions", "--appid", APPID, "--openid", "o1",
+            "--url", f"http://127.0.0.1:{server.port}"]
+    assert await asyncio.to_thread(main, argv) == 1
+    assert seen == [] and TOKEN not in capsys.readouterr().out

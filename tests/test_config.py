@@ -433,6 +433,12 @@ def test_duplicate_route_paths_are_rejected(first: str, second: str) -> None:
     assert "/api" in line
 
 
+def test_an_appid_with_a_final_newline_is_rejected() -> None:
+    data = minimal()  # what a YAML block scalar ("appid: |") gives
+    data["apps"] = [{"appid": APPID + "\n", "secret": SECRET}]
+    with_problem(problems(data), "apps[0].appid", "letters, digits")
+
+
 def test_duplicate_appids_are_rejected() -> None:
     data = minimal()
     data["apps"] = [{"appid": APPID, "secret": SECRET}, {"appid": APPID2, "secret": SECRET2},

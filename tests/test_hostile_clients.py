@@ -106,8 +106,11 @@ def test_identity_header_folding_onto_a_reserved_name_is_refused(
     assert len(problems) == 1 and problems[0].startswith("identity_headers.appid:"), problems
 
 
-def test_assertion_header_colliding_once_folded_is_refused(config_dict: dict[str, Any]) -> None:
-    data = {**config_dict, "identity_assertion": {"header": "HTTP.X.WX.AppID"}}
+@pytest.mark.parametrize("name", ["HTTP.X.WX.AppID", "X-User-Claim-Assertion", "X_USER_CLAIMS"])
+def test_assertion_header_colliding_once_folded_is_refused(config_dict: dict[str, Any],
+                                                           name: str) -> None:
+    # a claim-like name: the assertion would overwrite a login hook claim of that name
+    data = {**config_dict, "identity_assertion": {"header": name}}
     problems = config_problems(data)
     assert any(p.startswith("identity_assertion.header:") for p in problems), problems
 

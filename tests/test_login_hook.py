@@ -166,6 +166,8 @@ BAD_ANSWERS: dict[str, tuple[int, Any]] = {
     "claims_a_list": (200, {"claims": ["Tier"]}),
     "claim_name_space": (200, {"claims": {"Ti er": "gold"}}),
     "claim_name_colon": (200, {"claims": {"Tier:": "gold"}}),
+    # a regex "$" also matches before a final newline: such a name must not pass as a token
+    "claim_name_trailing_newline": (200, {"claims": {"Tier\n": "gold"}}),
     "claim_name_too_long": (200, {"claims": {"T" * 65: "gold"}}),
     "claim_value_number": (200, {"claims": {"Tier": 1}}),
     "claim_value_newline": (200, {"claims": {"Tier": f"gold\n{SECRET_IN_ANSWER}"}}),
@@ -510,3 +512,57 @@ async def test_a_reload_adds_the_hook_and_routes_roles(
             reply = await client.call("GET", "/admin/x", token=token, expect=403)
             assert reply.json()["error"] == "forbidden_role"
     assert await gw.stop() == 0, gw.output()
+
+
+async def test_a_refresh_that_asks_again_keeps_open_websockets_unless_a_role_is_lost(
+        make_gateway: GatewayFactory, hook: Hook, aiohttp_server: Any,
+        config_dict: dict[str, Any]) -> None:
+    from aiohttp import WSMsgType
+    from test_assertion import WsUpstream
+    ws_up = WsUpstream()
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", ws_up.handle)
+    ws_up.server = await aiohttp_server(app)
+    routes = copy.deepcopy(config_dict["routes"])
+    routes.insert(0, {"path": "/ws/", "upstream": ws_up.url, "auth": "required"})
+    routes.insert(0, {"path": "/ed/", "upstream": ws_up.url, "auth": "required",
+                      "roles": ["editor"]})
+    gw = await make_gateway(routes=routes, login_hook=hook_config(hook, refresh_after="1s"))
+    token = (await login(gw))["token"]
+    async with gw.ws_connect("/ws/chat", headers=bearer(token)) as ws, \
+            gw.ws_connect("/ed/chat", headers=bearer(token)) as ed:
+        await asyncio.sleep(1.1)
+        hook.body = {"user_id": "u-42", "roles": ["user"]}  # no longer an editor
+        resp = await gw.post("/auth/refresh", headers=bearer(token))
+        assert resp.status == 200, await resp.text()
+        assert len(hook.asked) == 2
+        # the session goes on: so does its socket (only its end closes it)
+        await ws.send_str("still")
+        msg = await asyncio.wait_for(ws.receive(), 5)
+        assert (msg.type, msg.data) == (WSMsgType.TEXT, "echo:still"), (msg, ws.close_code)
+        # the socket on a route needing a role the session has lost is closed
+        msg = await asyncio.wait_for(ed.receive(), 5)
+        assert msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSED)
+        assert ed.close_code == aiohttp.WSCloseCode.POLICY_VIOLATION
+
+
+async def test_concurrent_refreshes_of_one_session_ask_the_hook_once(
+        make_gateway: GatewayFactory, hook: Hook, upstream: Upstream) -> None:
+    gw = await make_gateway(login_hook=hook_config(hook, refresh_after="1s"))
+    token = (await login(gw))["token"]
+    await asyncio.sleep(1.1)
+    hook.delay = 0.2
+    hook.body = {"user_id": "u-42", "roles": ["admin"]}
+    answers = await asyncio.gather(*(gw.post("/auth/refresh", headers=bearer(token))
+                                     for _ in range(20)))
+    assert [r.status for r in answers] == [200] * 20
+    assert len(hook.asked) == 2  # the login's, and one for all twenty refreshes
+    await gw.get("/api/x", headers=bearer(token))
+    assert ("X-User-Roles", "admin") in user_headers(upstream.last.headers)
+    # a refused user: every waiting refresh is refused, the session ends
+    await asyncio.sleep(1.1)
+    hook.status = 403
+    answers = await asyncio.gather(*(gw.post("/auth/refresh", headers=bearer(token))
+                                     for _ in range(5)))
+    assert [r.status for r in answers] == [403] * 5
+    assert len(hook.asked) == 3
