@@ -15,7 +15,7 @@ import re
 import ssl
 import typing
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, NamedTuple
+from typing import Any, Callable, Iterator, Literal, Mapping, NamedTuple
 from urllib.parse import urlsplit
 
 import yaml
@@ -138,6 +138,22 @@ class Reader:
             self.fail(key, f"expected a list, got {_kind(value)}")
             return None
         return value
+
+    def strings(self, key: str, items: list[Any]) -> Iterator[tuple[str, str]]:
+        """Each item of a list that is a string, with its key path (``key[i]``); the others
+        are reported."""
+        for i, item in enumerate(items):
+            text = self.string(f"{key}[{i}]", item)
+            if text is not None:
+                yield f"{key}[{i}]", text
+
+    def secret(self, key: str, text: str) -> bytes | None:
+        """A signing key or admin token: at least MIN_SIGNING_KEY_BYTES of UTF-8."""
+        raw = text.encode("utf-8")
+        if len(raw) < MIN_SIGNING_KEY_BYTES:
+            self.fail(key, f"must be at least {MIN_SIGNING_KEY_BYTES} bytes, got {len(raw)}")
+            return None
+        return raw
 
     def boolean(self, key: str, value: Any) -> bool | None:
         value = self.expand(key, value)
@@ -348,15 +364,12 @@ class _ConfigReader(Reader):
         if items is None:
             return None
         networks: list[IPNetwork] = []
-        for i, item in enumerate(items):
-            text = self.string(f"{key}[{i}]", item)
-            if text is None:
-                continue
+        for where, text in self.strings(key, items):
             try:
                 networks.append(ipaddress.ip_network(text.strip(), strict=False))
             except ValueError:
-                self.fail(f"{key}[{i}]", f"{text!r} is not an IP address or CIDR network "
-                                         "(e.g. 10.0.0.0/8, 127.0.0.1, fd00::/8)")
+                self.fail(where, f"{text!r} is not an IP address or CIDR network "
+                                 "(e.g. 10.0.0.0/8, 127.0.0.1, fd00::/8)")
         return tuple(networks)
 
     def redis(self, key: str, value: Any, context: Context) -> RedisConfig | None:
@@ -400,13 +413,11 @@ class _ConfigReader(Reader):
         if items is None:
             return None
         found: list[tuple[str, int]] = []
-        for i, item in enumerate(items):
-            text = self.string(f"{key}[{i}]", item)
-            host, _sep, port = (text or "").rpartition(":")
-            if text is not None and (not host or not port.isdigit()
-                                     or not 0 < int(port) < 65536):
-                self.fail(f"{key}[{i}]", f"expected host:port, got {text!r}")
-            elif text is not None:
+        for where, text in self.strings(key, items):
+            host, _sep, port = text.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                self.fail(where, f"expected host:port, got {text!r}")
+            else:
                 found.append((host.strip("[]"), int(port)))
         return tuple(found)
 
@@ -433,16 +444,12 @@ class _ConfigReader(Reader):
         keys: list[bytes] = []
         if items is not None and not items:
             self.fail(key, "at least one signing key is required")
-        for i, item in enumerate(items or []):
-            text = self.string(f"{key}[{i}]", item)
-            if text is None:
+        for where, text in self.strings(key, items or []):
+            raw = self.secret(where, text)
+            if raw is None:
                 continue
-            raw = text.encode("utf-8")
-            if len(raw) < MIN_SIGNING_KEY_BYTES:
-                self.fail(f"{key}[{i}]",
-                          f"must be at least {MIN_SIGNING_KEY_BYTES} bytes, got {len(raw)}")
-            elif raw in keys:
-                self.fail(f"{key}[{i}]", "duplicate signing key")
+            if raw in keys:
+                self.fail(where, "duplicate signing key")
             else:
                 keys.append(raw)
         return tuple(keys) if keys else None
@@ -460,15 +467,9 @@ class _ConfigReader(Reader):
             self.fail(key, "at least one token is required when admin.listen is set")
             return None
         tokens: list[bytes] = []
-        for i, item in enumerate(items):
-            text = self.string(f"{key}[{i}]", item)
-            if text is None:
-                continue
-            raw = text.encode("utf-8")
-            if len(raw) < MIN_SIGNING_KEY_BYTES:
-                self.fail(f"{key}[{i}]",
-                          f"must be at least {MIN_SIGNING_KEY_BYTES} bytes, got {len(raw)}")
-            else:
+        for where, text in self.strings(key, items):
+            raw = self.secret(where, text)
+            if raw is not None:
                 tokens.append(raw)
         return tuple(tokens)
 
@@ -599,21 +600,18 @@ class _ConfigReader(Reader):
             return None
         algorithm: str | None = context.found.get("algorithm")
         keys: list[str] = []
-        for i, item in enumerate(items):
-            text = self.string(f"{key}[{i}]", item)
-            if text is None:
-                continue
+        for where, text in self.strings(key, items):
             if not text.lstrip().startswith("-----BEGIN"):  # a file holding the PEM
                 try:
                     text = Path(text).read_text(encoding="utf-8")
                 except (OSError, UnicodeDecodeError) as exc:
-                    self.fail(f"{key}[{i}]", f"neither a PEM key nor a readable file ({exc})")
+                    self.fail(where, f"neither a PEM key nor a readable file ({exc})")
                     continue
             if algorithm is not None:
                 try:
                     load_private_key(text, algorithm)
                 except ValueError as exc:
-                    self.fail(f"{key}[{i}]", str(exc))
+                    self.fail(where, str(exc))
                     continue
             keys.append(text)
         return tuple(keys)
@@ -669,11 +667,10 @@ class _ConfigReader(Reader):
         apps: tuple[App, ...] | None = context.parent.get("apps")
         known = {a.appid for a in apps or ()}
         only: list[str] = []
-        for i, item in enumerate(items):
-            appid = self.string(f"{key}[{i}]", item)
-            if appid is not None and apps is not None and appid not in known:
-                self.fail(f"{key}[{i}]", f"appid {appid!r} is not one of the configured apps")
-            elif appid is not None:
+        for where, appid in self.strings(key, items):
+            if apps is not None and appid not in known:
+                self.fail(where, f"appid {appid!r} is not one of the configured apps")
+            else:
                 only.append(appid)
         return tuple(only)
 
@@ -682,12 +679,11 @@ class _ConfigReader(Reader):
         if items is None:
             return None
         roles: list[str] = []
-        for i, item in enumerate(items):
-            role = self.string(f"{key}[{i}]", item)
-            if role is not None and not valid_role(role):
-                self.fail(f"{key}[{i}]", f"{role!r} is not a role name (1 to {MAX_ROLE} "
-                                         "printable ASCII characters, no comma)")
-            elif role is not None:
+        for where, role in self.strings(key, items):
+            if not valid_role(role):
+                self.fail(where, f"{role!r} is not a role name (1 to {MAX_ROLE} "
+                                 "printable ASCII characters, no comma)")
+            else:
                 roles.append(role)
         if roles and context.found.get("auth") != "required":
             # a role can only be checked on a token; optional or public would let anyone by
