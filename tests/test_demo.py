@@ -15,19 +15,30 @@ from gateway.testing.embedded import free_port
 from packages import debian_package
 
 
-async def test_demo_serves_login_and_protected_call_then_stops_cleanly() -> None:
-    port = free_port()
+async def start_demo(port: int) -> tuple[asyncio.subprocess.Process, bytes]:
+    """The demo as README starts it, once it has printed its walkthrough."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway.testing.demo", "--port", str(port),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    assert proc.stdout is not None
+    banner = b""
     try:
-        assert proc.stdout is not None
-        banner = b""
         async with asyncio.timeout(20):
             while b"Press Ctrl+C" not in banner:
                 line = await proc.stdout.readline()
                 assert line, f"demo exited early: {banner.decode()}"
                 banner += line
+    except BaseException:
+        proc.kill()
+        await proc.wait()
+        raise
+    return proc, banner
+
+
+async def test_demo_serves_login_and_protected_call_then_stops_cleanly() -> None:
+    port = free_port()
+    proc, banner = await start_demo(port)
+    try:
         base = f"http://127.0.0.1:{port}"
         assert f"curl -s -X POST {base}/auth/login".encode() in banner
         async with aiohttp.ClientSession() as http:
@@ -68,17 +79,8 @@ async def test_every_printed_command_answers_as_the_walkthrough_says_when_pasted
         ) -> None:
     curl = debian_package("curl", lambda: shutil.which("curl"))
     port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway.testing.demo", "--port", str(port),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    proc, banner = await start_demo(port)
     try:
-        assert proc.stdout is not None
-        banner = b""
-        async with asyncio.timeout(20):
-            while b"Press Ctrl+C" not in banner:
-                line = await proc.stdout.readline()
-                assert line, f"demo exited early: {banner.decode()}"
-                banner += line
         steps = [m.groups() for m in map(_COMMAND.match, banner.decode().splitlines()) if m]
         assert len(steps) >= 14, banner.decode()
         assert "/auth/logout" in steps[-2][0], "logging out must come after every use of $TOKEN"
