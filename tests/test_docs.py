@@ -5,8 +5,6 @@ example config.yaml working from a fresh clone with only the variables it names.
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import os
 import re
 import shutil
@@ -18,10 +16,6 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from conftest import Upstream, bearer
 from gateway import loader
@@ -30,6 +24,7 @@ from gateway.testing import simulator
 from gateway.testing.embedded import EmbeddedRedis, free_port
 from process import GATEWAY, Launcher
 from test_deploy import nginx_binary, nginx_conf  # noqa: F401  (a fixture, and its config)
+from test_tls import self_signed
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -198,26 +193,6 @@ async def test_config_yaml_logs_in_against_the_simulator_started_as_readme_shows
 # --- the TLS proxy in front, as README shows it ---------------------------------------------
 
 
-def self_signed(directory: Path) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 and its key, as PEM files."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gw.example.com")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
-
-
 @pytest.mark.timeout(900)  # the first run on a fresh machine installs nginx
 async def test_readme_nginx_and_configuration_serve_a_login_and_a_request_over_https(
         nginx_binary: str, launcher: Launcher, redis_server: EmbeddedRedis,
@@ -236,7 +211,7 @@ async def test_readme_nginx_and_configuration_serve_a_login_and_a_request_over_h
     (server_block,) = fenced(readme(), "nginx")
     prefix = tmp_path / "nginx"
     prefix.mkdir()
-    cert, key = self_signed(prefix)
+    cert, key, _ = self_signed(prefix, "gw")
     nginx_port = free_port()
     site = (server_block.replace("listen 443 ssl;", f"listen 127.0.0.1:{nginx_port} ssl;")
             .replace("/etc/ssl/gw.example.com.pem", str(cert))
