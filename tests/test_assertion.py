@@ -666,6 +666,15 @@ async def test_sighup_dropped_key_stays_published_for_ttl_then_goes(
 class WsUpstream(Served):
     handshakes: list[list[tuple[str, str]]] = field(default_factory=list)
 
+    @classmethod
+    async def serve(cls, aiohttp_server: Any) -> WsUpstream:
+        """An upstream recording each handshake's headers and echoing text frames."""
+        up = cls()
+        app = web.Application()
+        app.router.add_get("/{tail:.*}", up.handle)
+        up.server = await aiohttp_server(app)
+        return up
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.handshakes.append([(k.decode("latin-1"), v.decode("latin-1"))
                                 for k, v in request.raw_headers])
@@ -682,10 +691,7 @@ class WsUpstream(Served):
 async def test_websocket_upgrades_carry_the_assertion(
         make_gateway: GatewayFactory, upstream: Upstream, aiohttp_server: Any,
         config_dict: dict[str, Any]) -> None:
-    ws_up = WsUpstream()
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", ws_up.handle)
-    ws_up.server = await aiohttp_server(app)
+    ws_up = await WsUpstream.serve(aiohttp_server)
     routes = copy.deepcopy(config_dict["routes"])
     routes.append({"path": "/ws/", "upstream": ws_up.url, "auth": "required"})
     routes.append({"path": "/live/", "upstream": ws_up.url, "auth": "public"})

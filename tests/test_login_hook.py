@@ -519,10 +519,7 @@ async def test_a_refresh_that_asks_again_keeps_open_websockets_unless_a_role_is_
         config_dict: dict[str, Any]) -> None:
     from aiohttp import WSMsgType
     from test_assertion import WsUpstream
-    ws_up = WsUpstream()
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", ws_up.handle)
-    ws_up.server = await aiohttp_server(app)
+    ws_up = await WsUpstream.serve(aiohttp_server)
     routes = copy.deepcopy(config_dict["routes"])
     routes.insert(0, {"path": "/ws/", "upstream": ws_up.url, "auth": "required"})
     routes.insert(0, {"path": "/ed/", "upstream": ws_up.url, "auth": "required",
