@@ -21,6 +21,9 @@ from yarl import URL
 from .keys import ALGORITHMS
 
 AuthMode = Literal["required", "optional", "public"]
+# The mini-program platforms a login code may come from: douyin is ByteDance's (Douyin, Toutiao).
+Platform = Literal["wechat", "wecom", "qq", "douyin", "alipay"]
+PLATFORMS: tuple[Platform, ...] = typing.get_args(Platform)
 LogFormat = Literal["text", "json"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 AUTH_MODES: tuple[AuthMode, ...] = typing.get_args(AuthMode)
@@ -105,6 +108,11 @@ class LoginHookConfig:
 class App:
     appid: str = option(check=_appid)
     secret: str = option(repr=False)
+    platform: Platform = "wechat"
+    # the platform's server API; None: its public host (wechat: wechat.api_base)
+    api_base: URL | None = None
+    # WeCom: the corp whose access token exchanges the login code
+    corpid: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,13 +181,16 @@ class IdentityHeaders:
     unionid: str = option("X-WX-UnionID", read="identity_header", read_default=True)
     appid: str = option("X-WX-AppID", read="identity_header", read_default=True)
     phone: str = option("X-WX-Phone", read="identity_header", read_default=True)
+    platform: str = option("X-MP-Platform", read="identity_header", read_default=True)
+    corpid: str = option("X-WX-CorpID", read="identity_header", read_default=True)
     # The login hook's answer; a clash with the names above matters only with a hook, and
     # is checked with it (a config naming openid X-User-ID stays valid without one).
     user_id: str = option("X-User-ID", read="user_header", read_default=True)
     roles: str = option("X-User-Roles", read="user_header", read_default=True)
 
     def names(self) -> tuple[str, ...]:
-        return (self.openid, self.unionid, self.appid, self.phone, self.user_id, self.roles)
+        return (self.openid, self.unionid, self.appid, self.phone, self.platform, self.corpid,
+                self.user_id, self.roles)
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,9 +282,13 @@ class Config:
     # Whether some route's path has upper-case (or foldable) characters: then even a
     # lower-case request path may resolve to it in a case-insensitive upstream.
     folds: bool = field(init=False, repr=False, compare=False, default=False)
+    # appid → app: looked up on every authenticated request (its platform header)
+    by_appid: dict[str, App] = field(init=False, repr=False, compare=False,
+                                     default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "folds", any(r.folded != r.path for r in self.routes))
+        object.__setattr__(self, "by_appid", {a.appid: a for a in self.apps})
 
     def is_trusted_proxy(self, address: str | None) -> bool:
         if not self.trusted_proxies or not address:
@@ -285,7 +300,7 @@ class Config:
         return any(ip in net for net in self.trusted_proxies)
 
     def app(self, appid: str) -> App | None:
-        return next((a for a in self.apps if a.appid == appid), None)
+        return self.by_appid.get(appid)
 
     def route_for(self, path: str) -> Route | None:
         """The route with the longest prefix matching ``path`` (routes are kept longest first)."""

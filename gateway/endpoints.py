@@ -83,7 +83,7 @@ async def login(request: web.Request) -> web.Response:
         ip = client_address(request, s.config)
         await s.limiter.admit(ip, app.appid)
         try:
-            reply = await s.wechat.code2session(app, code)
+            reply = await s.logins[app.platform].code2session(app, code)
         except InvalidCode:
             await s.limiter.failed(ip)
             raise
@@ -92,7 +92,7 @@ async def login(request: web.Request) -> web.Response:
             user = await s.login_hook.ask(app.appid, reply.openid, reply.unionid, None,
                                           functools.partial(request.__setitem__, HOOK_OUTCOME))
         new = await s.sessions.create(app.appid, reply.openid, reply.unionid, reply.session_key,
-                                      s.config.session.ttl, user)
+                                      s.config.session.ttl, user, reply.corpid)
         if new is None:  # only now is the openid known: the ban is checked as the session is made
             s.metrics.logins_banned.inc()
             raise UserBlocked("this user is banned from logging in")

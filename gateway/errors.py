@@ -32,6 +32,12 @@ class UnknownApp(GatewayError):
     status, code = 400, "unknown_app"
 
 
+class NotOnPlatform(GatewayError):
+    """The app's platform offers no such thing (e.g. a phone number from Alipay's session)."""
+
+    status, code = 400, "not_on_platform"
+
+
 class InvalidPhoneCode(GatewayError):
     status, code = 400, "invalid_phone_code"
 

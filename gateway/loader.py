@@ -431,13 +431,24 @@ class _ConfigReader(Reader):
         apps: list[App] = []
         for i, item in enumerate(items):
             values = self.read(f"{key}[{i}]", item, App)
-            if values is None:
+            if values is None or not self.platform_keys(f"{key}[{i}]", values):
                 continue
             if any(a.appid == values["appid"] for a in apps):
                 self.fail(f"{key}[{i}].appid", f"duplicate appid {values['appid']!r}")
             else:
                 apps.append(App(**values))
         return tuple(apps)
+
+    def platform_keys(self, key: str, values: Mapping[str, Any]) -> bool:
+        """The keys an app's platform needs are there, and no key of another platform."""
+        platform = values["platform"]
+        if platform == "wecom" and values["corpid"] is None:
+            self.fail(f"{key}.corpid", "is required when platform is wecom")
+            return False
+        if platform != "wecom" and values["corpid"] is not None:
+            self.fail(f"{key}.corpid", f"applies only to platform wecom, not {platform}")
+            return False
+        return True
 
     def signing_keys(self, key: str, value: Any, _: Context) -> tuple[bytes, ...] | None:
         items = self.items(key, value)

@@ -4,6 +4,7 @@ rebuilt on reload (SIGHUP) around the same connections."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 import aiohttp
 import redis.asyncio as aioredis
@@ -21,6 +22,7 @@ from .pool import Pool
 from .ratelimit import LoginLimiter
 from .sessions import SessionStore
 from .session_tokens import TokenCodec
+from .platform import Login
 from .wechat import WeChatClient
 
 
@@ -51,6 +53,8 @@ class Services:
     access_tokens: AccessTokens
     limiter: LoginLimiter
     asserter: Asserter | None
+    # platform → its login (apps[].platform); every platform the configuration names is here
+    logins: Mapping[str, Login]
     login_hook: LoginHook | None = None
 
     @classmethod
@@ -68,7 +72,7 @@ class Services:
                                        lock_ttl=2 * config.wechat.timeout + 1,
                                        force_refresh=config.wechat.force_refresh),
             limiter=LoginLimiter(c.redis, config.redis.key_prefix, config.rate_limit),
-            asserter=_asserter(config),
+            asserter=_asserter(config), logins={"wechat": wechat},
             login_hook=(LoginHook(c.hook_http, config.login_hook, c.metrics)
                         if config.login_hook is not None and c.hook_http is not None
                         else None))

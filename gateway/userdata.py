@@ -7,7 +7,7 @@ from typing import Any
 
 from .auth import Identity
 from .config import App
-from .errors import (DecryptFailed, GatewayError, InvalidRequest, InvalidSignature,
+from .errors import (DecryptFailed, NotOnPlatform, GatewayError, InvalidRequest, InvalidSignature,
                      SessionKeyExpired, WatermarkMismatch, WeChatError)
 from .services import Services
 from .crypto import decrypt as decrypt_user_data
@@ -18,8 +18,8 @@ MAX_CODE_LENGTH = 128
 
 async def phone(s: Services, identity: Identity, body: dict[str, Any]) -> dict[str, Any]:
     code = _string(body, "code", MAX_CODE_LENGTH)
-    app = _app(s, identity)
-    info = await s.access_tokens.call(app, lambda token: s.wechat.phone_number(token, code))
+    app = _wechat_app(s, identity, "phone numbers by code (/auth/phone)")
+    info = await s.access_tokens.call(app, lambda token: s.wechat.phone_number(app, token, code))
     watermark = info.get("watermark")
     if not isinstance(watermark, dict) or watermark.get("appid") != identity.session.appid:
         raise WatermarkMismatch("the phone number was issued for another mini-program")
@@ -61,9 +61,9 @@ async def check_signature(s: Services, identity: Identity,
 async def check_session_key(s: Services, identity: Identity) -> None:
     """Raise ``SessionKeyExpired`` unless WeChat still holds this session's session_key."""
     key = await _session_key(s, identity)
-    app = _app(s, identity)
+    app = _wechat_app(s, identity, "a session_key check")
     await s.access_tokens.call(
-        app, lambda token: s.wechat.check_session(token, identity.session.openid, key))
+        app, lambda token: s.wechat.check_session(app, token, identity.session.openid, key))
 
 
 async def _raise_if_stale(s: Services, identity: Identity) -> None:
@@ -89,6 +89,14 @@ def _app(s: Services, identity: Identity) -> App:
     app = s.config.app(identity.session.appid)
     if app is None:  # the app was removed from the configuration after this login
         raise SessionKeyExpired("this session's mini-program is no longer configured")
+    return app
+
+
+def _wechat_app(s: Services, identity: Identity, feature: str) -> App:
+    """The session's app, when its platform is WeChat: the only one with this API."""
+    app = _app(s, identity)
+    if app.platform != "wechat":
+        raise NotOnPlatform(f"{feature} is not available on platform {app.platform}")
     return app
 
 

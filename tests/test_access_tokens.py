@@ -261,7 +261,7 @@ async def test_refresh_happens_once_at_80_percent_of_expires_in(
     # Callers get the refreshed token or, while it is being fetched, the still-valid one:
     # either way a token WeChat accepts right now.
     for token in set(map(str, results)):
-        info = await wechat_of(managers[0]).phone_number(token, "refresh-check")
+        info = await wechat_of(managers[0]).phone_number(APP, token, "refresh-check")
         assert info["purePhoneNumber"] == simulator.phone_for("refresh-check")
 
 
@@ -308,7 +308,7 @@ async def test_rejected_token_is_refreshed_in_normal_mode_and_the_call_retried(
 
     async def phone(token: str) -> dict[str, Any]:
         seen.append(token)
-        return await wechat_of(manager).phone_number(token, "code-rejected")
+        return await wechat_of(manager).phone_number(APP, token, "code-rejected")
 
     info = await manager.call(APP, phone)
     assert info["purePhoneNumber"] == simulator.phone_for("code-rejected")
@@ -325,7 +325,7 @@ async def test_force_only_when_normal_mode_hands_back_the_rejected_token(
     [manager] = await replicas(1, sim.url)
     old = await manager.get(APP)
     assert sim.state.reject_access_token(APPID) == old  # refused, yet still handed out
-    info = await manager.call(APP, lambda t: wechat_of(manager).phone_number(t, "code-forced"))
+    info = await manager.call(APP, lambda t: wechat_of(manager).phone_number(APP, t, "code-forced"))
     assert info["purePhoneNumber"] == simulator.phone_for("code-forced")
     assert forced(sim) == [False, False, True]
     assert sim.state.force_calls[APPID] == 1
@@ -342,7 +342,7 @@ async def test_rejection_seen_by_many_replicas_causes_one_refresh(
     sim.state.expire_access_tokens()
     before = sim.calls("stable_token")
     results = await asyncio.gather(*(
-        m.call(APP, lambda t, m=m, i=i: wechat_of(m).phone_number(t, f"code-{i}"))
+        m.call(APP, lambda t, m=m, i=i: wechat_of(m).phone_number(APP, t, f"code-{i}"))
         for m in managers for i in range(8)))
     assert [r["purePhoneNumber"] for r in results] == [
         simulator.phone_for(f"code-{i}") for _ in managers for i in range(8)]
@@ -357,7 +357,7 @@ async def test_rejected_token_still_handed_out_is_forced_once_by_many_replicas(
     (old,) = set(await get_all(managers, 1))
     sim.state.reject_access_token(APPID)
     results = await asyncio.gather(*(
-        m.call(APP, lambda t, m=m, i=i: wechat_of(m).phone_number(t, f"code-{i}"))
+        m.call(APP, lambda t, m=m, i=i: wechat_of(m).phone_number(APP, t, f"code-{i}"))
         for m in managers for i in range(8)))
     assert [r["purePhoneNumber"] for r in results] == [
         simulator.phone_for(f"code-{i}") for _ in managers for i in range(8)]
@@ -376,7 +376,7 @@ async def test_force_is_gated_for_30_seconds_across_replicas(
     started = time.monotonic()
     for manager in (a, b, a, b):
         with pytest.raises(WeChatUnavailable):
-            await manager.call(APP, lambda t, m=manager: wechat_of(m).phone_number(t, "gated"))
+            await manager.call(APP, lambda t, m=manager: wechat_of(m).phone_number(APP, t, "gated"))
     assert time.monotonic() - started < 1
     assert sim.state.force_calls[APPID] == 0
     # One normal-mode call per replica: a replica that just saw WeChat hand the rejected token
@@ -386,7 +386,7 @@ async def test_force_is_gated_for_30_seconds_across_replicas(
     # Once the gate is gone (30 s later), one replica forces and every call works again.
     await redis.delete(force_key(key_prefix))
     await asyncio.sleep(1.1)
-    info = await b.call(APP, lambda t: wechat_of(b).phone_number(t, "after-gate"))
+    info = await b.call(APP, lambda t: wechat_of(b).phone_number(APP, t, "after-gate"))
     assert info["purePhoneNumber"] == simulator.phone_for("after-gate")
     assert sim.state.force_calls[APPID] == 1
 
@@ -401,12 +401,12 @@ async def test_force_that_wechat_ignores_fails_the_call_without_looping(
     sim.state.forced_at[APPID] = [time.time()]  # someone else's force, a moment ago
     sim.state.reject_access_token(APPID)
     with pytest.raises(WeChatUnavailable):
-        await manager.call(APP, lambda t: wechat_of(manager).phone_number(t, "ignored"))
+        await manager.call(APP, lambda t: wechat_of(manager).phone_number(APP, t, "ignored"))
     assert forced(sim) == [False, False, True]
     assert sim.calls("getuserphonenumber") == 1
     await asyncio.sleep(1.1)
     with pytest.raises(WeChatUnavailable):  # and our gate now holds for 30 s
-        await manager.call(APP, lambda t: wechat_of(manager).phone_number(t, "ignored-2"))
+        await manager.call(APP, lambda t: wechat_of(manager).phone_number(APP, t, "ignored-2"))
     assert forced(sim) == [False, False, True, False]
     assert sim.state.force_calls[APPID] == 1
 
@@ -417,14 +417,14 @@ async def test_force_refresh_off_never_forces(
     old = await manager.get(APP)
     sim.state.reject_access_token(APPID)
     with pytest.raises(WeChatUnavailable) as caught:
-        await manager.call(APP, lambda t: wechat_of(manager).phone_number(t, "off"))
+        await manager.call(APP, lambda t: wechat_of(manager).phone_number(APP, t, "off"))
     assert caught.value.status == 503 and caught.value.code == "wechat_unavailable"
     assert sim.state.force_calls[APPID] == 0 and not any(forced(sim))
     assert await redis.exists(force_key(key_prefix)) == 0
     # It still recovers in normal mode once WeChat hands out another token.
     sim.state.expire_access_tokens()
     await asyncio.sleep(1.1)
-    info = await manager.call(APP, lambda t: wechat_of(manager).phone_number(t, "off-later"))
+    info = await manager.call(APP, lambda t: wechat_of(manager).phone_number(APP, t, "off-later"))
     assert info["purePhoneNumber"] == simulator.phone_for("off-later")
     assert await manager.get(APP) != old
     assert sim.state.force_calls[APPID] == 0 and not any(forced(sim))
@@ -439,7 +439,7 @@ async def test_another_holder_forcing_is_followed_in_normal_mode(
     theirs = await other_holder_forces(sim)
     assert theirs != mine and mine not in sim.state.tokens
     results = await asyncio.gather(*(
-        m.call(APP, lambda t, m=m, i=i: wechat_of(m).phone_number(t, f"code-{i}"))
+        m.call(APP, lambda t, m=m, i=i: wechat_of(m).phone_number(APP, t, f"code-{i}"))
         for m in managers for i in range(5)))
     assert len(results) == 15
     assert set(await get_all(managers, 1)) == {theirs}
@@ -500,7 +500,7 @@ async def test_wechat_that_keeps_rejecting_is_retried_once_only(
     await manager.get(APP)
     with pytest.raises(AccessTokenRejected):
         # The simulator answers this errcode to every attempt, whatever the token.
-        await manager.call(APP, lambda t: wechat_of(manager).phone_number(t, f"errcode-{errcode}-x"))
+        await manager.call(APP, lambda t: wechat_of(manager).phone_number(APP, t, f"errcode-{errcode}-x"))
     assert sim.calls("getuserphonenumber") == 2
     # Normal mode gave the rejected token back: one force (the gate allows it), one retry.
     assert forced(sim) == [False, False, True]
@@ -517,7 +517,7 @@ async def test_string_errcodes_are_read_as_numbers(
         sim: Sim, replicas: Replicas, code: str, raised: type[Exception]) -> None:
     [manager] = await replicas(1, sim.url)
     with pytest.raises(raised) as caught:
-        await manager.call(APP, lambda t: wechat_of(manager).phone_number(t, code))
+        await manager.call(APP, lambda t: wechat_of(manager).phone_number(APP, t, code))
     assert type(caught.value) is raised
     rejected = raised is AccessTokenRejected
     assert sim.calls("getuserphonenumber") == (2 if rejected else 1)  # retried only if rejected
@@ -542,7 +542,7 @@ async def test_string_errcode_from_stable_token(
 async def test_other_wechat_errors_are_not_retried(sim: Sim, replicas: Replicas) -> None:
     [manager] = await replicas(1, sim.url)
     with pytest.raises(InvalidPhoneCode):
-        await manager.call(APP, lambda t: wechat_of(manager).phone_number(t, "errcode-40029-x"))
+        await manager.call(APP, lambda t: wechat_of(manager).phone_number(APP, t, "errcode-40029-x"))
     assert sim.calls("getuserphonenumber") == 1
     assert sim.calls("stable_token") == 1
 

@@ -112,7 +112,8 @@ def test_empty_sections_take_their_defaults() -> None:
     assert cfg.wechat.timeout == 5.0
     assert cfg.auth_prefix == "/auth"
     assert cfg.identity_headers.names() == ("X-WX-OpenID", "X-WX-UnionID", "X-WX-AppID",
-                                           "X-WX-Phone", "X-User-ID", "X-User-Roles")
+                                           "X-WX-Phone", "X-MP-Platform", "X-WX-CorpID",
+                                           "X-User-ID", "X-User-Roles")
     assert cfg.redis.key_prefix == "wxgw:"
     assert cfg.session.ttl == 7 * 86400.0
     assert cfg.routes[0].auth == "required"
@@ -144,7 +145,8 @@ def test_explicit_values_override_the_defaults() -> None:
     assert cfg.session.signing_keys == (SIGNING_KEY.encode(), OLD_SIGNING_KEY.encode())
     assert cfg.auth_prefix == "/login-api"
     assert cfg.identity_headers.names() == ("X-User", "X-Union", "X-App", "X-WX-Phone",
-                                           "X-User-ID", "X-User-Roles")
+                                           "X-MP-Platform", "X-WX-CorpID", "X-User-ID",
+                                           "X-User-Roles")
     assert cfg.shutdown_grace == 3.0
     assert cfg.app(APPID2) is not None and cfg.app(APPID2).secret == SECRET2  # type: ignore[union-attr]
     assert cfg.app("wxnope") is None

@@ -65,7 +65,7 @@ ERRORS: dict[int, set[str]] = {
 }
 ALLOWED_STATUSES = {200, *ERRORS}
 
-# Codes the simulator turns into a fault (gateway/testing/simulator.py); anything else logs in.
+# Codes the simulator turns into a fault (gateway/testing/simulator/); anything else logs in.
 _SIM_FAULT = re.compile(r"^((errcode|slow|http)-(-?\d+)-|errstr--?[^-]*-|garbage-|reset-|noopenid-)")
 
 _ABSENT = object()  # a key left out of the object altogether

@@ -73,7 +73,7 @@ async def test_an_app_without_appid_or_secret_is_a_usage_error(launcher: Launche
                              env=child_env(), cwd=launcher.directory,
                              log=launcher.directory / "simulator-bad.log")
     assert await sim.exit_code(within=15) == 2
-    assert "expected APPID:SECRET" in sim.output()
+    assert "expected [PLATFORM:]APPID:SECRET" in sim.output()
 
 
 async def test_a_port_in_use_is_a_clear_error_and_sigint_stops_it(launcher: Launcher) -> None:

@@ -1,0 +1,152 @@
+"""What every mini-program platform's login client shares: the login's outcome, the interface a
+client offers, and one bounded, error-mapped HTTP exchange with a platform's server API.
+
+Each platform (WeChat, WeCom, QQ, Douyin, Alipay) documents its own request and reply; the
+failures they share -- no answer, an HTTP error page, a reply that is not what was asked for --
+map to the same errors, named after WeChat as the contract names them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping, Protocol
+
+import aiohttp
+from yarl import URL
+
+from .config import App
+from .errors import GatewayError, WeChatError, WeChatTimeout
+from .metrics import Metrics
+
+log = logging.getLogger("gateway.platform")
+MAX_REPLY_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Code2Session:
+    """A login code exchanged: the platform's user id (the openid header), its union id where
+    the platform has one, the key its user data is encrypted with ("" where there is none) and,
+    on WeCom, the user's corp."""
+
+    openid: str
+    unionid: str | None
+    session_key: str
+    corpid: str | None = None
+
+    def __repr__(self) -> str:  # the session_key must never reach a log line
+        return (f"Code2Session(openid={self.openid!r}, unionid={self.unionid!r}, "
+                f"corpid={self.corpid!r})")
+
+
+class Login(Protocol):
+    """A platform's login: its ``login()`` code in, the user out, or one of our errors."""
+
+    async def code2session(self, app: App, code: str) -> Code2Session: ...
+
+
+class Exchange:
+    """HTTP calls to one platform's server API: bounded in time and size, timed in metrics,
+    every transport failure one of our errors. Subclasses read the platform's own replies."""
+
+    platform = "WeChat"  # how log lines and error messages name it
+
+    def __init__(self, http: aiohttp.ClientSession, api_base: URL, timeout: float,
+                 metrics: Metrics | None = None) -> None:
+        self._http = http
+        self._base = api_base
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._metrics = metrics
+
+    def base(self, app: App) -> URL:
+        """Where ``app``'s calls go: its own ``api_base``, else the platform's."""
+        return app.api_base if app.api_base is not None else self._base
+
+    def url(self, app: App, path: str) -> URL:
+        base = self.base(app)
+        return base.with_path(base.path.rstrip("/") + "/" + path.lstrip("/"))
+
+    async def fetch(self, method: str, url: URL, name: str, *,
+                    query: Mapping[str, str] | None = None, json_body: Any = None,
+                    form: Mapping[str, str] | None = None) -> bytes:
+        """The body of a 200 answer to one call, at most MAX_REPLY_BYTES; ``name`` labels it
+        in metrics and logs."""
+        started, outcome = time.perf_counter(), "ok"
+        try:
+            return await self._fetch(method, url, name, query, json_body, form)
+        except GatewayError as exc:
+            outcome = exc.code
+            raise
+        finally:
+            if self._metrics is not None:
+                self._metrics.wechat_seconds.labels(name, outcome).observe(
+                    time.perf_counter() - started)
+
+    async def _fetch(self, method: str, url: URL, name: str, query: Mapping[str, str] | None,
+                     json_body: Any, form: Mapping[str, str] | None) -> bytes:
+        who = self.platform
+        try:
+            async with self._http.request(
+                    method, url.with_query(query) if query else url, json=json_body,
+                    data=form, timeout=self._timeout, auto_decompress=True) as resp:
+                raw = bytearray()
+                async for chunk in resp.content.iter_chunked(8192):
+                    raw += chunk
+                    if len(raw) > MAX_REPLY_BYTES:
+                        log.warning("%s %s reply is over %d bytes", who, name, MAX_REPLY_BYTES)
+                        raise WeChatError(f"{who}'s reply was too large")
+                status = resp.status
+        except asyncio.TimeoutError:
+            log.warning("%s %s timed out", who, name)
+            raise WeChatTimeout(f"{who} did not answer in time") from None
+        except aiohttp.ClientError as exc:
+            log.warning("%s %s unreachable: %s", who, name, type(exc).__name__)
+            raise WeChatError(f"{who} could not be reached") from None
+        if status != 200:
+            log.warning("%s %s answered HTTP %d", who, name, status)
+            raise WeChatError(f"{who} answered HTTP {status}")
+        return bytes(raw)
+
+    def json_object(self, raw: bytes, name: str) -> dict[str, Any]:
+        """A reply that must be a JSON object, whatever its content type says (WeChat and
+        QQ label theirs text/plain)."""
+        try:
+            reply = json.loads(raw)
+        except (ValueError, RecursionError):
+            reply = None
+        if not isinstance(reply, dict):
+            log.warning("%s %s reply is not a JSON object", self.platform, name)
+            raise WeChatError(f"{self.platform}'s reply was not JSON")
+        return reply
+
+
+_NUMBER = re.compile(r"-?[0-9]{1,12}")
+
+
+def error_number(value: Any) -> int | None:
+    """A platform's error code as an int (0 when absent), or None when it is not a number.
+
+    Some front ends send it as a string ("40001", "-1"); wechatpy reads WeChat's with
+    ``int(result["errcode"])`` (wechatpy/client/base.py) and so do we, but strictly: no
+    whitespace, underscores, non-ASCII digits or booleans.
+    """
+    if value is None:
+        return 0
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    if isinstance(value, str) and _NUMBER.fullmatch(value):
+        return int(value)
+    return None
+
+
+def text(value: Any) -> str | None:
+    """A non-empty string from a reply, else None."""
+    return value if isinstance(value, str) and value else None
