@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import importlib.metadata
 import grp
 import ipaddress
@@ -35,7 +36,7 @@ import uuid
 from functools import cache
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
-from typing import Any, Mapping, Sequence
+from typing import Any, AsyncIterator, Mapping, Sequence
 
 import aiohttp
 import pytest
@@ -49,7 +50,7 @@ from gateway.testing import simulator
 from gateway.testing.embedded import EmbeddedRedis, free_port
 from gateway.loader import parse_duration
 from packages import debian_package
-from process import Launcher
+from process import ChildProcess, GatewayProcess, Launcher
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -917,6 +918,12 @@ def test_kubernetes_ingress_nginx_variant_asks_the_gateway_for_every_backend_req
 # --- nginx forward-auth recipe, in a real nginx --------------------------------------------
 
 NGINX_TEMPLATE = DEPLOY / "nginx" / "wx-gateway.conf.template"
+NGINX_AUTH_CACHE_DIR = "/var/cache/nginx/wx-gateway-auth"
+# How long a logged-out token may still pass nginx: `proxy_cache_valid 200 401 1s` keeps an
+# answer until the second after the next begins (nginx compares whole seconds), under 2 s.
+NGINX_REVOCATION_BOUND = 2.0
+# Scheduling on a busy machine: each poll is a full request through nginx to the backend.
+POLL_MARGIN = 0.5
 _PLACEHOLDER = re.compile(r"\$\{([A-Z][A-Z0-9_]*)\}")
 
 
@@ -936,14 +943,16 @@ def nginx_binary() -> str:
     return found
 
 
-def render_nginx_recipe(gateway: str, backend: str, listen: str) -> str:
+def render_nginx_recipe(gateway: str, backend: str, listen: str, cache_dir: Path) -> str:
     template = NGINX_TEMPLATE.read_text(encoding="utf-8")
     values = {"WX_GATEWAY_ADDR": gateway, "WX_BACKEND_ADDR": backend, "NGINX_LISTEN": listen}
     assert set(_PLACEHOLDER.findall(template)) == set(values), _PLACEHOLDER.findall(template)
     rendered = _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
     assert not [ln for ln in rendered.splitlines()
                 if "${" in ln and not ln.lstrip().startswith("#")]
-    return rendered
+    # The decision cache's directory, the one absolute path in the recipe: here, the test's.
+    assert rendered.count(NGINX_AUTH_CACHE_DIR) == 1
+    return rendered.replace(NGINX_AUTH_CACHE_DIR, str(cache_dir))
 
 
 def nginx_conf(prefix: Path, site: Path) -> str:
@@ -1017,25 +1026,41 @@ def identity_spellings(seen_headers: list[tuple[str, str]]) -> list[tuple[str, s
     return [(k, v) for k, v in seen_headers if k.strip().lower().replace("_", "-") in wanted]
 
 
-@pytest.mark.timeout(900)
-async def test_nginx_recipe_forward_auth(
-        nginx_binary: str, tmp_path: Path, launcher: Launcher,
-        redis_server: EmbeddedRedis, wechat_server: TestServer, upstream: Upstream) -> None:
-    # The gateway: only its own endpoints (nginx routes), nginx trusted for X-Forwarded-For.
-    gw_port, nginx_port = free_port(), free_port()
-    data = base_config(redis_server.url, f"wxgw-nginx-{uuid.uuid4().hex[:8]}:",
+def edge_gateway_config(redis_server: EmbeddedRedis, wechat_server: TestServer,
+                        upstream: Upstream, port: int) -> dict[str, Any]:
+    """The gateway behind a forward-auth proxy: only its own endpoints (the proxy routes),
+    the proxy on 127.0.0.1 trusted for X-Forwarded-For."""
+    data = base_config(redis_server.url, f"wxgw-edge-{uuid.uuid4().hex[:8]}:",
                        f"http://127.0.0.1:{wechat_server.port}", upstream.url)
-    data.update(listen=f"127.0.0.1:{gw_port}", routes=[], trusted_proxies=["127.0.0.1"],
+    data.update(listen=f"127.0.0.1:{port}", routes=[], trusted_proxies=["127.0.0.1"],
                 shutdown_grace="2s")
-    gw = await launcher.start(data, env=clean_env())
+    return data
 
-    assert upstream.server is not None
-    prefix = tmp_path / "nginx"
+
+async def wait_listening(port: int, child: ChildProcess, log: Path) -> None:
+    deadline = time.monotonic() + 15
+    while True:
+        if child.proc.returncode is not None:
+            pytest.fail(f"exited with {child.proc.returncode}: {log.read_text(errors='replace')}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            assert time.monotonic() < deadline, log.read_text(errors="replace")
+            await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def nginx_recipe(nginx_binary: str, prefix: Path, launcher: Launcher, gw_port: int,
+                       backend_port: int) -> AsyncIterator[int]:
+    """nginx running deploy/nginx's recipe in front of the gateway and the backend; its port.
+    Fails the test if nginx logged an [emerg]."""
+    nginx_port = free_port()
     prefix.mkdir()
     site = prefix / "wx-gateway.conf"
-    site.write_text(render_nginx_recipe(f"127.0.0.1:{gw_port}",
-                                        f"127.0.0.1:{upstream.server.port}",
-                                        f"127.0.0.1:{nginx_port}"), encoding="utf-8")
+    site.write_text(render_nginx_recipe(f"127.0.0.1:{gw_port}", f"127.0.0.1:{backend_port}",
+                                        f"127.0.0.1:{nginx_port}", prefix / "auth-cache"),
+                    encoding="utf-8")
     conf = prefix / "nginx.conf"
     conf.write_text(nginx_conf(prefix, site), encoding="utf-8")
     base = [nginx_binary, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")]
@@ -1043,27 +1068,170 @@ async def test_nginx_recipe_forward_auth(
     assert syntax.returncode == 0, syntax.stderr
 
     nginx = await launcher.run(base, env=clean_env(), cwd=prefix, log=prefix / "stdout.log")
+    try:
+        await wait_listening(nginx_port, nginx, prefix / "error.log")
+        yield nginx_port
+    finally:
+        if nginx.proc.returncode is None:
+            nginx.proc.send_signal(signal.SIGQUIT)
+            try:
+                await asyncio.wait_for(nginx.proc.wait(), 10)
+            except asyncio.TimeoutError:
+                nginx.proc.kill()
+    assert "[emerg]" not in (prefix / "error.log").read_text(errors="replace")
+
+
+async def nginx_login(port: int, code: str) -> dict[str, Any]:
+    status, _, body = await raw_request(port, "POST", "/auth/login",
+                                        [("Content-Type", "application/json")],
+                                        json.dumps({"code": code}).encode())
+    assert status == 200, body
+    result: dict[str, Any] = json.loads(body)
+    return result
+
+
+async def seconds_until_refused(port: int, token: str, upstream: Upstream,
+                                openid: str, within: float) -> float:
+    """Requests ``/api/`` with ``token`` back to back until the proxy answers 401; the seconds
+    that took. Until then each request must reach the backend as ``openid``; fails after
+    ``within`` seconds."""
+    started = time.monotonic()
+    while True:
+        status, _, body = await raw_request(port, "GET", "/api/revoked",
+                                            [("Authorization", f"Bearer {token}")])
+        elapsed = time.monotonic() - started
+        if status == 401:
+            return elapsed
+        assert status == 200, (status, body)
+        assert upstream.last.header("X-WX-OpenID") == [openid]
+        assert elapsed < within, f"a logged-out token still passes after {elapsed:.2f}s"
+        await asyncio.sleep(0.01)
+
+
+async def verify_calls(gw: GatewayProcess) -> int:
+    """How many /auth/verify requests the gateway has answered (its /metrics)."""
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{gw.url}/metrics") as resp:
+            text = await resp.text()
+    return sum(int(float(line.rpartition(" ")[2])) for line in text.splitlines()
+               if line.startswith("wxgw_requests_total{") and 'route="/auth/verify"' in line)
+
+
+@pytest.mark.timeout(900)
+async def test_nginx_recipe_forward_auth(
+        nginx_binary: str, tmp_path: Path, launcher: Launcher,
+        redis_server: EmbeddedRedis, wechat_server: TestServer, upstream: Upstream) -> None:
+    gw_port = free_port()
+    gw = await launcher.start(edge_gateway_config(redis_server, wechat_server, upstream,
+                                                  gw_port), env=clean_env())
     async with aiohttp.ClientSession() as http:
         await gw.wait_healthy(http)
-    deadline = time.monotonic() + 10
-    while True:
-        if nginx.proc.returncode is not None:
-            pytest.fail(f"nginx exited: {(prefix / 'error.log').read_text()}")
-        try:
-            with socket.create_connection(("127.0.0.1", nginx_port), timeout=0.5):
-                break
-        except OSError:
-            assert time.monotonic() < deadline, (prefix / "error.log").read_text()
-            await asyncio.sleep(0.05)
+    assert upstream.server is not None
+    prefix = tmp_path / "nginx"
+    async with nginx_recipe(nginx_binary, prefix, launcher, gw_port,
+                            upstream.server.port) as nginx_port:
+        session = await forward_auth_walkthrough(nginx_port, gw, upstream)
+    assert session["token"] not in gw.output()
 
-    async def login(code: str) -> dict[str, Any]:
-        status, _, body = await raw_request(nginx_port, "POST", "/auth/login",
-                                            [("Content-Type", "application/json")],
-                                            json.dumps({"code": code}).encode())
-        assert status == 200, body
-        result: dict[str, Any] = json.loads(body)
-        return result
 
+@pytest.mark.timeout(300)
+async def test_nginx_recipe_decision_cache_is_per_token_and_bounds_revocation(
+        nginx_binary: str, tmp_path: Path, launcher: Launcher,
+        redis_server: EmbeddedRedis, wechat_server: TestServer, upstream: Upstream) -> None:
+    gw_port = free_port()
+    data = edge_gateway_config(redis_server, wechat_server, upstream, gw_port)
+    gw = await launcher.start(data, env=clean_env())
+    async with aiohttp.ClientSession() as http:
+        await gw.wait_healthy(http)
+    assert upstream.server is not None
+    async with nginx_recipe(nginx_binary, tmp_path / "nginx", launcher, gw_port,
+                            upstream.server.port) as port:
+        users = [await nginx_login(port, f"cache-{uuid.uuid4().hex[:10]}") for _ in range(5)]
+        alice, bob = users[0], users[1]
+
+        # 1. Interleaved valid, invalid and missing tokens, POST and GET: each request gets
+        # its own token's answer; a cached 200 never lets a bad token in, a cached 401 never
+        # refuses a good one, and no identity is served for another token.
+        refused = [[("Authorization", f"Bearer {alice['token']}x")],
+                   [("Authorization", f"Bearer {bob['token'][:-2]}")],
+                   [("Authorization", "Bearer")], []]
+        calls_before, started = await verify_calls(gw), time.monotonic()
+        requests = 0
+        for round_ in range(8):
+            for user in (alice, bob):
+                before = len(upstream.seen)
+                status, _, body = await raw_request(
+                    port, "POST" if round_ % 2 else "GET", f"/api/r{round_}",
+                    [("Authorization", f"Bearer {user['token']}")])
+                assert status == 200, body
+                assert len(upstream.seen) == before + 1
+                assert upstream.last.header("X-WX-OpenID") == [user["openid"]]
+                assert upstream.last.header("X-WX-UnionID") == [user["unionid"]]
+            for headers in refused:
+                before = len(upstream.seen)
+                status, response_headers, body = await raw_request(port, "GET", "/api/r",
+                                                                   headers)
+                assert status == 401, (headers, body)
+                assert json.loads(body)["error"] == "unauthorized"
+                assert header_values(response_headers, "WWW-Authenticate")
+                assert len(upstream.seen) == before
+            requests += 2 + len(refused)
+        elapsed = time.monotonic() - started
+        # The cache answered: each of the six keys reached the gateway about once per second
+        # at most (a kept answer lives 1 to 2 s), not once per request.
+        calls = await verify_calls(gw) - calls_before
+        assert calls <= 6 * (int(elapsed) + 2) < requests, (calls, requests, elapsed)
+
+        # 2. Logout: the cached 200 outlives it by at most the bound, then 401, for good.
+        # Another user's cached answer is untouched.
+        bounds = []
+        for user in users[2:]:
+            status, _, _ = await raw_request(port, "GET", "/api/warm",
+                                             [("Authorization", f"Bearer {user['token']}")])
+            assert status == 200
+            status, _, _ = await raw_request(port, "POST", "/auth/logout",
+                                             [("Authorization", f"Bearer {user['token']}")])
+            assert status == 204
+            bounds.append(await seconds_until_refused(
+                port, user["token"], upstream, user["openid"],
+                NGINX_REVOCATION_BOUND + POLL_MARGIN))
+            before = len(upstream.seen)
+            for _ in range(3):
+                status, _, _ = await raw_request(port, "GET", "/api/after",
+                                                 [("Authorization", f"Bearer {user['token']}")])
+                assert status == 401
+            assert len(upstream.seen) == before
+            status, _, _ = await raw_request(port, "GET", "/api/other",
+                                             [("Authorization", f"Bearer {alice['token']}")])
+            assert status == 200
+            assert upstream.last.header("X-WX-OpenID") == [alice["openid"]]
+        print(f"logout -> first 401 through nginx: {', '.join(f'{b:.2f}s' for b in bounds)}")
+
+        # 3. The gateway stopped: kept answers pass until the bound, then nothing does (no
+        # stale answer is used). Its errors are not kept: once it is back, tokens work at once.
+        gw.proc.send_signal(signal.SIGTERM)
+        assert await gw.exit_code(within=10) == 0, gw.output()
+        await asyncio.sleep(NGINX_REVOCATION_BOUND + 0.1)
+        before = len(upstream.seen)
+        for user in (alice, bob):
+            status, _, _ = await raw_request(port, "GET", "/api/down",
+                                             [("Authorization", f"Bearer {user['token']}")])
+            assert status >= 500
+        assert len(upstream.seen) == before
+        gw = await launcher.start(data, env=clean_env())
+        async with aiohttp.ClientSession() as http:
+            await gw.wait_healthy(http)
+        for user in (alice, bob):
+            status, _, body = await raw_request(port, "GET", "/api/back",
+                                                [("Authorization", f"Bearer {user['token']}")])
+            assert status == 200, body
+            assert upstream.last.header("X-WX-OpenID") == [user["openid"]]
+
+
+async def forward_auth_walkthrough(nginx_port: int, gw: GatewayProcess,
+                                   upstream: Upstream) -> dict[str, Any]:
+    """Forwarded with the gateway's identity only, refused without a valid token, revoked
+    by logout, closed when the gateway is gone."""
     forged = [("X-WX-OpenID", "forged-1"), ("x-wx-openid", "forged-2"),
               ("X-Wx-Openid", "forged-3"), ("X_WX_OpenID", "forged-4"),
               ("x_wx_openid", "forged-5"), ("X-WX-UnionID", "forged-6"),
@@ -1076,99 +1244,92 @@ async def test_nginx_recipe_forward_auth(
         assert "forged" not in values, headers
         assert not [k for k, _ in identity_spellings(headers) if "_" in k], headers
 
-    try:
-        # 1. A valid token: the upstream gets the gateway's identity, not the token.
-        code = f"nginx-{uuid.uuid4().hex[:10]}"
-        session = await login(code)
-        assert session["openid"] == simulator.openid_for(APPID, code)
-        before = len(upstream.seen)
-        status, _, body = await raw_request(
-            nginx_port, "GET", "/api/orders?page=2",
-            [("Authorization", f"Bearer {session['token']}")])
-        assert status == 200, body
-        assert len(upstream.seen) == before + 1
-        seen = upstream.last
-        assert seen.raw_path == "/api/orders?page=2"
-        assert seen.header("X-WX-OpenID") == [session["openid"]]
-        assert seen.header("X-WX-AppID") == [APPID]
-        assert seen.header("X-WX-UnionID") == [session["unionid"]]
-        assert seen.header("Authorization") == []
+    # 1. A valid token: the upstream gets the gateway's identity, not the token.
+    code = f"nginx-{uuid.uuid4().hex[:10]}"
+    session = await nginx_login(nginx_port, code)
+    assert session["openid"] == simulator.openid_for(APPID, code)
+    before = len(upstream.seen)
+    status, _, body = await raw_request(
+        nginx_port, "GET", "/api/orders?page=2",
+        [("Authorization", f"Bearer {session['token']}")])
+    assert status == 200, body
+    assert len(upstream.seen) == before + 1
+    seen = upstream.last
+    assert seen.raw_path == "/api/orders?page=2"
+    assert seen.header("X-WX-OpenID") == [session["openid"]]
+    assert seen.header("X-WX-AppID") == [APPID]
+    assert seen.header("X-WX-UnionID") == [session["unionid"]]
+    assert seen.header("Authorization") == []
 
-        # 2. The same with forged identity headers in every spelling: only the real values.
-        status, _, body = await raw_request(
-            nginx_port, "POST", "/api/orders",
-            [("Authorization", f"Bearer {session['token']}"), *forged], b'{"n": 1}')
-        assert status == 200, body
-        seen = upstream.last
-        assert seen.body == b'{"n": 1}'
-        assert seen.header("X-WX-OpenID") == [session["openid"]]
-        assert seen.header("X-WX-AppID") == [APPID]
-        assert seen.header("X-WX-UnionID") == [session["unionid"]]
-        assert_nothing_forged(seen.headers)
+    # 2. The same with forged identity headers in every spelling: only the real values.
+    status, _, body = await raw_request(
+        nginx_port, "POST", "/api/orders",
+        [("Authorization", f"Bearer {session['token']}"), *forged], b'{"n": 1}')
+    assert status == 200, body
+    seen = upstream.last
+    assert seen.body == b'{"n": 1}'
+    assert seen.header("X-WX-OpenID") == [session["openid"]]
+    assert seen.header("X-WX-AppID") == [APPID]
+    assert seen.header("X-WX-UnionID") == [session["unionid"]]
+    assert_nothing_forged(seen.headers)
 
-        # 3. A user without a unionid: a forged X-WX-UnionID is dropped, not kept.
-        plain = await login(f"nounionid-{uuid.uuid4().hex[:10]}")
-        assert plain["unionid"] is None
-        status, _, _ = await raw_request(
-            nginx_port, "GET", "/api/me", [("Authorization", f"Bearer {plain['token']}"), *forged])
-        assert status == 200
-        seen = upstream.last
-        assert seen.header("X-WX-OpenID") == [plain["openid"]]
-        assert seen.header("X-WX-UnionID") == []
-        assert_nothing_forged(seen.headers)
+    # 3. A user without a unionid: a forged X-WX-UnionID is dropped, not kept.
+    plain = await nginx_login(nginx_port, f"nounionid-{uuid.uuid4().hex[:10]}")
+    assert plain["unionid"] is None
+    status, _, _ = await raw_request(
+        nginx_port, "GET", "/api/me", [("Authorization", f"Bearer {plain['token']}"), *forged])
+    assert status == 200
+    seen = upstream.last
+    assert seen.header("X-WX-OpenID") == [plain["openid"]]
+    assert seen.header("X-WX-UnionID") == []
+    assert_nothing_forged(seen.headers)
 
-        # 4. No token, a bad token, forged headers alone: 401 and nothing reaches upstream.
-        before = len(upstream.seen)
-        for headers in ([], [("Authorization", "Bearer not-a-token")],
-                        [("Authorization", f"Bearer {session['token']}x")],
-                        [("Authorization", f"Basic {session['token']}")], forged):
-            status, response_headers, body = await raw_request(nginx_port, "GET", "/api/orders",
-                                                               headers)
-            assert status == 401, (headers, status, body)
-            assert json.loads(body)["error"] == "unauthorized"
-            assert header_values(response_headers, "Content-Type") == \
-                ["application/json; charset=utf-8"]
-            (challenge,) = header_values(response_headers, "WWW-Authenticate")
-            assert challenge.startswith("Bearer")
-        assert len(upstream.seen) == before, "a request without a valid token was forwarded"
+    # 4. No token, a bad token, forged headers alone: 401 and nothing reaches upstream.
+    before = len(upstream.seen)
+    for headers in ([], [("Authorization", "Bearer not-a-token")],
+                    [("Authorization", f"Bearer {session['token']}x")],
+                    [("Authorization", f"Basic {session['token']}")], forged):
+        status, response_headers, body = await raw_request(nginx_port, "GET", "/api/orders",
+                                                           headers)
+        assert status == 401, (headers, status, body)
+        assert json.loads(body)["error"] == "unauthorized"
+        assert header_values(response_headers, "Content-Type") == \
+            ["application/json; charset=utf-8"]
+        (challenge,) = header_values(response_headers, "WWW-Authenticate")
+        assert challenge.startswith("Bearer")
+    assert len(upstream.seen) == before, "a request without a valid token was forwarded"
 
-        # 5. A public location: forwarded without a login, still without forged identity.
-        status, _, _ = await raw_request(nginx_port, "GET", "/public/hello",
-                                         [("Authorization", f"Bearer {session['token']}"),
-                                          *forged])
-        assert status == 200
-        assert upstream.last.raw_path == "/public/hello"
-        assert identity_spellings(upstream.last.headers) == []
-        assert upstream.last.header("Authorization") == []
+    # 5. A public location: forwarded without a login, still without forged identity.
+    status, _, _ = await raw_request(nginx_port, "GET", "/public/hello",
+                                     [("Authorization", f"Bearer {session['token']}"),
+                                      *forged])
+    assert status == 200
+    assert upstream.last.raw_path == "/public/hello"
+    assert identity_spellings(upstream.last.headers) == []
+    assert upstream.last.header("Authorization") == []
 
-        # 6. Logout through nginx: the token stops working at once.
-        other = await login(f"nginx-{uuid.uuid4().hex[:10]}")
-        status, _, _ = await raw_request(nginx_port, "POST", "/auth/logout",
-                                         [("Authorization", f"Bearer {session['token']}")])
-        assert status == 204
-        before = len(upstream.seen)
-        status, _, _ = await raw_request(nginx_port, "GET", "/api/orders",
-                                         [("Authorization", f"Bearer {session['token']}")])
-        assert status == 401
-        assert len(upstream.seen) == before
+    # 6. Logout through nginx: the token stops working within the decision cache's bound,
+    # and from then on nothing reaches the backend with it.
+    other = await nginx_login(nginx_port, f"nginx-{uuid.uuid4().hex[:10]}")
+    status, _, _ = await raw_request(nginx_port, "POST", "/auth/logout",
+                                     [("Authorization", f"Bearer {session['token']}")])
+    assert status == 204
+    await seconds_until_refused(nginx_port, session["token"], upstream, session["openid"],
+                                NGINX_REVOCATION_BOUND + POLL_MARGIN)
+    before = len(upstream.seen)
+    status, _, _ = await raw_request(nginx_port, "GET", "/api/orders",
+                                     [("Authorization", f"Bearer {session['token']}")])
+    assert status == 401
+    assert len(upstream.seen) == before
 
-        # 7. The gateway gone: fail closed (nginx answers 5xx, forwards nothing).
-        gw.proc.send_signal(signal.SIGTERM)
-        assert await gw.exit_code(within=10) == 0, gw.output()
-        status, _, _ = await raw_request(nginx_port, "GET", "/api/orders",
-                                         [("Authorization", f"Bearer {other['token']}")])
-        assert status >= 500
-        assert len(upstream.seen) == before
-    finally:
-        if nginx.proc.returncode is None:
-            nginx.proc.send_signal(signal.SIGQUIT)
-            try:
-                await asyncio.wait_for(nginx.proc.wait(), 10)
-            except asyncio.TimeoutError:
-                nginx.proc.kill()
-    output = gw.output() + (prefix / "error.log").read_text(errors="replace")
-    assert session["token"] not in gw.output()
-    assert "[emerg]" not in output
+    # 7. The gateway gone: fail closed (nginx answers 5xx, forwards nothing).
+    gw.proc.send_signal(signal.SIGTERM)
+    assert await gw.exit_code(within=10) == 0, gw.output()
+    status, _, _ = await raw_request(nginx_port, "GET", "/api/orders",
+                                     [("Authorization", f"Bearer {other['token']}")])
+    assert status >= 500
+    assert len(upstream.seen) == before
+    return session
 
 
 # --- Traefik and Caddy recipes -------------------------------------------------------------
