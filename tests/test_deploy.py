@@ -58,6 +58,8 @@ VENV_BIN = Path(sys.executable).parent
 RUN_TIMEOUT = 60
 # The identity headers the gateway sets (X-WX-Phone with session.store_phone).
 IDENTITY = ("X-WX-OpenID", "X-WX-UnionID", "X-WX-AppID", "X-WX-Phone")
+# The login hook's user headers: set and stripped by the forward-auth recipes too.
+USER_HEADERS = ("X-User-ID", "X-User-Roles")
 
 
 def venv_tool(name: str) -> str:
@@ -1081,7 +1083,7 @@ async def nginx_recipe(nginx_binary: str, prefix: Path, launcher: Launcher, gw_p
     assert "[emerg]" not in (prefix / "error.log").read_text(errors="replace")
 
 
-async def nginx_login(port: int, code: str) -> dict[str, Any]:
+async def proxy_login(port: int, code: str) -> dict[str, Any]:
     status, _, body = await raw_request(port, "POST", "/auth/login",
                                         [("Content-Type", "application/json")],
                                         json.dumps({"code": code}).encode())
@@ -1146,7 +1148,7 @@ async def test_nginx_recipe_decision_cache_is_per_token_and_bounds_revocation(
     assert upstream.server is not None
     async with nginx_recipe(nginx_binary, tmp_path / "nginx", launcher, gw_port,
                             upstream.server.port) as port:
-        users = [await nginx_login(port, f"cache-{uuid.uuid4().hex[:10]}") for _ in range(5)]
+        users = [await proxy_login(port, f"cache-{uuid.uuid4().hex[:10]}") for _ in range(5)]
         alice, bob = users[0], users[1]
 
         # 1. Interleaved valid, invalid and missing tokens, POST and GET: each request gets
@@ -1237,7 +1239,8 @@ async def forward_auth_walkthrough(nginx_port: int, gw: GatewayProcess,
               ("x_wx_openid", "forged-5"), ("X-WX-UnionID", "forged-6"),
               ("x_wx_unionid", "forged-7"), ("X-WX-AppID", "forged-8"),
               ("X_WX_AppID", "forged-9"), ("X-WX-Phone", "forged-10"),
-              ("x_wx_phone", "forged-11")]
+              ("x_wx_phone", "forged-11"), ("X-User-ID", "forged-12"),
+              ("x_user_id", "forged-13"), ("X-User-Roles", "forged-14")]
 
     def assert_nothing_forged(headers: list[tuple[str, str]]) -> None:
         values = " ".join(v for _, v in headers)
@@ -1246,7 +1249,7 @@ async def forward_auth_walkthrough(nginx_port: int, gw: GatewayProcess,
 
     # 1. A valid token: the upstream gets the gateway's identity, not the token.
     code = f"nginx-{uuid.uuid4().hex[:10]}"
-    session = await nginx_login(nginx_port, code)
+    session = await proxy_login(nginx_port, code)
     assert session["openid"] == simulator.openid_for(APPID, code)
     before = len(upstream.seen)
     status, _, body = await raw_request(
@@ -1274,7 +1277,7 @@ async def forward_auth_walkthrough(nginx_port: int, gw: GatewayProcess,
     assert_nothing_forged(seen.headers)
 
     # 3. A user without a unionid: a forged X-WX-UnionID is dropped, not kept.
-    plain = await nginx_login(nginx_port, f"nounionid-{uuid.uuid4().hex[:10]}")
+    plain = await proxy_login(nginx_port, f"nounionid-{uuid.uuid4().hex[:10]}")
     assert plain["unionid"] is None
     status, _, _ = await raw_request(
         nginx_port, "GET", "/api/me", [("Authorization", f"Bearer {plain['token']}"), *forged])
@@ -1310,7 +1313,7 @@ async def forward_auth_walkthrough(nginx_port: int, gw: GatewayProcess,
 
     # 6. Logout through nginx: the token stops working within the decision cache's bound,
     # and from then on nothing reaches the backend with it.
-    other = await nginx_login(nginx_port, f"nginx-{uuid.uuid4().hex[:10]}")
+    other = await proxy_login(nginx_port, f"nginx-{uuid.uuid4().hex[:10]}")
     status, _, _ = await raw_request(nginx_port, "POST", "/auth/logout",
                                      [("Authorization", f"Bearer {session['token']}")])
     assert status == 204
@@ -1343,14 +1346,17 @@ def test_traefik_recipe_forward_auth_and_header_hygiene() -> None:
     forward = middlewares[auth[0]]["forwardAuth"]
     assert forward["address"].endswith("/auth/verify")
     assert forward.get("trustForwardHeader", False) is False
-    assert [h.lower() for h in forward["authResponseHeaders"]] == [h.lower() for h in IDENTITY]
+    assert [h.lower() for h in forward["authResponseHeaders"]] == \
+        [h.lower() for h in IDENTITY + USER_HEADERS]
+    assert re.match(forward["authResponseHeadersRegex"].removeprefix("(?i)"), "X-User-Claim-A")
     assert "Authorization" in forward.get("authRequestHeaders", ["Authorization"])
 
     def removed(name: str) -> set[str]:
         headers = middlewares[name].get("headers", {}).get("customRequestHeaders", {})
         return {k.lower() for k, v in headers.items() if v == ""}
 
-    spellings = {h.lower() for h in IDENTITY} | {h.lower().replace("-", "_") for h in IDENTITY}
+    names = IDENTITY + USER_HEADERS
+    spellings = {h.lower() for h in names} | {h.lower().replace("-", "_") for h in names}
     protected = 0
     for name, router in routers.items():
         assert router["service"] in services, name
@@ -1373,6 +1379,137 @@ def test_traefik_recipe_forward_auth_and_header_hygiene() -> None:
     assert protected >= 1
     gateway_url = services["wx-gateway"]["loadBalancer"]["servers"][0]["url"]
     assert forward["address"] == gateway_url.rstrip("/") + "/auth/verify"
+
+
+# Client copies of what the gateway asserts, in the spellings backends fold together.
+FORGED_IDENTITY = [("X-WX-OpenID", "forged-1"), ("x-wx-openid", "forged-2"),
+                   ("X_WX_OpenID", "forged-3"), ("X-WX-UnionID", "forged-4"),
+                   ("x_wx_unionid", "forged-5"), ("X-WX-AppID", "forged-6"),
+                   ("X-WX-Phone", "forged-7"), ("X-User-ID", "forged-8"),
+                   ("x_user_id", "forged-9"), ("X-User-Roles", "forged-10"),
+                   ("X-User-Claim-Tier", "forged-11"), ("X_User_Claim_Tier", "forged-12")]
+
+
+async def wait_answering(port: int, child: ChildProcess, log: Path) -> None:
+    """Until the proxy routes: /public/ reaches the backend (a proxy may listen before its
+    routes are loaded)."""
+    await wait_listening(port, child, log)
+    deadline = time.monotonic() + 15
+    while (await raw_request(port, "GET", "/public/ready"))[0] != 200:
+        assert child.proc.returncode is None, log.read_text(errors="replace")
+        assert time.monotonic() < deadline, log.read_text(errors="replace")
+        await asyncio.sleep(0.1)
+
+
+async def forward_auth_without_cache(port: int, gw: GatewayProcess, upstream: Upstream, *,
+                                     public_strips_claims: bool = True) -> None:
+    """A forward-auth proxy that keeps no decision, in front of ``gw`` and ``upstream``:
+    identity from the gateway only, the token kept from the backend, 401 without a valid
+    token, and a logged-out token refused from its next request on. With
+    ``public_strips_claims`` false, a public route may pass claim headers the recipe cannot
+    name in advance (its comments say to list the ones the backend reads)."""
+    user = await proxy_login(port, f"edge-{uuid.uuid4().hex[:10]}")
+    for method in ("GET", "POST"):
+        status, _, body = await raw_request(port, method, "/api/orders?page=2",
+                                            [("Authorization", f"Bearer {user['token']}"),
+                                             *FORGED_IDENTITY])
+        assert status == 200, body
+        seen = upstream.last
+        assert (seen.method, seen.raw_path) == (method, "/api/orders?page=2")
+        assert seen.header("X-WX-OpenID") == [user["openid"]]
+        assert seen.header("X-WX-UnionID") == [user["unionid"]]
+        assert seen.header("X-WX-AppID") == [APPID]
+        assert seen.header("Authorization") == []
+        assert "forged" not in " ".join(v for _, v in seen.headers), seen.headers
+
+    before = len(upstream.seen)
+    for headers in ([], [("Authorization", "Bearer not-a-token")],
+                    [("Authorization", f"Bearer {user['token']}x")], FORGED_IDENTITY):
+        status, _, body = await raw_request(port, "GET", "/api/orders", headers)
+        assert status == 401, (headers, body)
+        assert json.loads(body)["error"] == "unauthorized"
+    assert len(upstream.seen) == before
+
+    status, _, _ = await raw_request(port, "GET", "/public/hello",
+                                     [("Authorization", f"Bearer {user['token']}"),
+                                      *FORGED_IDENTITY])
+    assert status == 200
+    assert upstream.last.raw_path == "/public/hello"
+    kept = [(k, v) for k, v in upstream.last.headers if "forged" in v]
+    if not public_strips_claims:
+        kept = [(k, v) for k, v in kept
+                if not k.lower().replace("_", "-").startswith("x-user-claim-")]
+    assert kept == [], upstream.last.headers
+    assert upstream.last.header("Authorization") == []
+
+    status, _, _ = await raw_request(port, "POST", "/auth/logout",
+                                     [("Authorization", f"Bearer {user['token']}")])
+    assert status == 204
+    status, _, _ = await raw_request(port, "GET", "/api/orders",
+                                     [("Authorization", f"Bearer {user['token']}")])
+    assert status == 401  # no decision cache: the very next request is refused
+    assert len(upstream.seen) == before + 1  # only the public request
+    assert user["token"] not in gw.output()
+
+
+@pytest.mark.timeout(300)
+async def test_traefik_recipe_in_a_real_traefik(
+        tmp_path: Path, launcher: Launcher, redis_server: EmbeddedRedis,
+        wechat_server: TestServer, upstream: Upstream) -> None:
+    gw_port, port = free_port(), free_port()
+    gw = await launcher.start(edge_gateway_config(redis_server, wechat_server, upstream,
+                                                  gw_port), env=clean_env())
+    assert upstream.server is not None
+    recipe = (DEPLOY / "traefik" / "wx-gateway.yml").read_text(encoding="utf-8")
+    assert recipe.count("http://wx-gateway:8080") == 2
+    # Not traefik.yml: Traefik would read that name in its working directory as its static
+    # configuration.
+    dynamic = tmp_path / "wx-gateway.yml"
+    dynamic.write_text(recipe.replace("http://wx-gateway:8080", gw.url)
+                       .replace("http://backend:9000", upstream.url), encoding="utf-8")
+    log = tmp_path / "traefik.log"
+    traefik = await launcher.run(
+        [venv_tool("traefik"), f"--entryPoints.web.address=127.0.0.1:{port}",
+         f"--providers.file.filename={dynamic}", "--log.level=INFO", "--log.format=json",
+         # The recipe's static setting: aliases of header names (X_WX_OpenID) are dropped.
+         "--entryPoints.web.http.aliasHeadersStrategy=delete",
+         "--global.checkNewVersion=false", "--global.sendAnonymousUsage=false"],
+        env=clean_env(), cwd=tmp_path, log=log)
+    async with aiohttp.ClientSession() as http:
+        await gw.wait_healthy(http)
+    await wait_answering(port, traefik, log)
+    await forward_auth_without_cache(port, gw, upstream, public_strips_claims=False)
+    # Traefik warns about settings that weaken a setup: none about the recipe's.
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert not [line for line in lines if line.get("level") not in ("info", "warn")
+                or "middlewareName" in line or "aliasHeadersStrategy" in line["message"]], \
+        log.read_text()
+
+
+@pytest.mark.timeout(300)
+async def test_caddy_recipe_in_a_real_caddy(
+        tmp_path: Path, launcher: Launcher, redis_server: EmbeddedRedis,
+        wechat_server: TestServer, upstream: Upstream) -> None:
+    gw_port, port = free_port(), free_port()
+    gw = await launcher.start(edge_gateway_config(redis_server, wechat_server, upstream,
+                                                  gw_port), env=clean_env())
+    assert upstream.server is not None
+    log = tmp_path / "caddy.log"
+    caddy = await launcher.run(
+        [venv_tool("caddy"), "run", "--config", str(DEPLOY / "caddy" / "Caddyfile"),
+         "--adapter", "caddyfile"],
+        env=clean_env(SITE_ADDRESS=f"http://127.0.0.1:{port}",
+                      WX_GATEWAY_ADDR=f"127.0.0.1:{gw_port}",
+                      WX_BACKEND_ADDR=f"127.0.0.1:{upstream.server.port}",
+                      # Its admin API on a port of its own, its files under the test's
+                      # directory: nothing shared with another Caddy on the machine.
+                      CADDY_ADMIN=f"127.0.0.1:{free_port()}",
+                      XDG_DATA_HOME=str(tmp_path), XDG_CONFIG_HOME=str(tmp_path)),
+        cwd=tmp_path, log=log)
+    async with aiohttp.ClientSession() as http:
+        await gw.wait_healthy(http)
+    await wait_answering(port, caddy, log)
+    await forward_auth_without_cache(port, gw, upstream)
 
 
 def caddy_blocks(text: str) -> list[tuple[str, list[str]]]:
@@ -1401,14 +1538,14 @@ def test_caddy_recipe_forward_auth_and_header_hygiene() -> None:
     (forward,) = [body for head, body in blocks if head.startswith("forward_auth")]
     assert "uri /auth/verify" in forward
     copy = [ln for ln in forward if ln.startswith("copy_headers")]
-    assert copy and copy[0].split()[1:] == list(IDENTITY)
+    assert copy and copy[0].split()[1:] == list(IDENTITY + USER_HEADERS)
 
     # The snippet that strips client copies, in every spelling.
     snippets = {head.strip("()"): body for head, body in blocks if head.startswith("(")}
     stripped = {ln.split()[1].lstrip("-").lower() for body in snippets.values() for ln in body
                 if ln.startswith("request_header -")}
-    assert {h.lower() for h in IDENTITY} | {h.lower().replace("-", "_") for h in IDENTITY} \
-        <= stripped
+    names = IDENTITY + USER_HEADERS + ("X-User-Claim-*",)
+    assert {h.lower() for h in names} | {h.lower().replace("-", "_") for h in names} <= stripped
     strip_snippet = next(name for name, body in snippets.items()
                          if any(ln.startswith("request_header -") for ln in body))
 
@@ -1427,13 +1564,11 @@ def test_caddy_recipe_forward_auth_and_header_hygiene() -> None:
         assert "header_up -Authorization" in top[proxy:], top
     assert protected >= 1
 
-    caddy = shutil.which("caddy")
-    if caddy:  # a real parse, where Caddy is installed
-        result = subprocess.run([caddy, "adapt", "--config", str(path), "--adapter",
-                                 "caddyfile"], capture_output=True, text=True, timeout=60,
-                                cwd=path.parent)
-        assert result.returncode == 0, result.stderr
-        assert "/auth/verify" in result.stdout
+    result = subprocess.run([venv_tool("caddy"), "adapt", "--config", str(path), "--adapter",
+                             "caddyfile"], capture_output=True, text=True, timeout=60,
+                            cwd=path.parent)
+    assert result.returncode == 0, result.stderr
+    assert "/auth/verify" in result.stdout
 
 
 def test_recipes_use_the_gateway_endpoint_names() -> None:
