@@ -893,11 +893,11 @@ def test_kubernetes_ingress_nginx_variant_asks_the_gateway_for_every_backend_req
     # Every identity header, so that a client's copy of one the answer lacks is overwritten.
     copied = [h.strip() for h in
               annotations["nginx.ingress.kubernetes.io/auth-response-headers"].split(",")]
-    assert sorted(copied) == sorted(IDENTITY)
-    # Cached per token, successes only, for a second.
-    assert "$http_authorization" in annotations["nginx.ingress.kubernetes.io/auth-cache-key"]
+    assert sorted(copied) == sorted(IDENTITY + USER_HEADERS)
+    # Cached per token (the whole header, nothing less), 200 and 401 only (no 5xx), a second.
+    assert annotations["nginx.ingress.kubernetes.io/auth-cache-key"] == "$http_authorization"
     *codes, duration = annotations["nginx.ingress.kubernetes.io/auth-cache-duration"].split()
-    assert codes == ["200"] and parse_duration(duration) <= 1
+    assert codes == ["200", "401"] and parse_duration(duration) <= 1
     for doc in (docs["Ingress/wx-backend"], docs["Ingress/wx-gateway-auth"]):
         assert doc["spec"]["tls"][0]["secretName"]
     (auth_path,) = docs["Ingress/wx-gateway-auth"]["spec"]["rules"][0]["http"]["paths"]
