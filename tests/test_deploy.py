@@ -1179,6 +1179,15 @@ async def test_nginx_recipe_decision_cache_is_per_token_and_bounds_revocation(
                 assert len(upstream.seen) == before
             requests += 2 + len(refused)
         elapsed = time.monotonic() - started
+        # Two Authorization headers would make the key differ from what the gateway reads:
+        # nginx refuses such a request itself.
+        before = len(upstream.seen)
+        for pair in ([f"Bearer {alice['token']}", "Bearer x"],
+                     ["Bearer x", f"Bearer {alice['token']}"]):
+            status, _, _ = await raw_request(port, "GET", "/api/two",
+                                             [("Authorization", value) for value in pair])
+            assert status == 400
+        assert len(upstream.seen) == before
         # The cache answered: each of the six keys reached the gateway about once per second
         # at most (a kept answer lives 1 to 2 s), not once per request.
         calls = await verify_calls(gw) - calls_before
