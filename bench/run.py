@@ -46,6 +46,7 @@ from harness import (APPID, ROOT, SECRET, Stack, free_port, gateway_config,  # n
                      install_tools, login, run_main, stop_on_sigterm, tool_version,
                      tree_cpu_seconds, workers_arg)
 from harness import nginx_proxy_conf, nginx_upstream_conf  # noqa: E402
+from edge import edge_proxies, edge_ratios  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
@@ -247,6 +248,7 @@ def render(rows: list[Row], args: argparse.Namespace, meta: dict[str, str]) -> l
               f"- **gateway_required / gateway_public: "
               f"{ratio(required, by.get('gateway public'))}** (auth tax, rps)",
               f"- **gateway_required / nginx: {ratio(required, by.get('nginx proxy'))}** (rps)"]
+    lines += edge_ratios({name: r.result.rps for name, r in by.items()}, "nginx proxy")
     if required is not None and required.redis_calls is not None:
         n = max(required.result.requests, 1)
         per = sum(required.redis_calls.values()) / n
@@ -352,13 +354,17 @@ def main() -> int:
                    Target("gateway public", f"{base}/public/bench", gateway.pid, redis=True),
                    Target("gateway required", f"{base}/api/bench", gateway.pid, bearer,
                           redis=True)]
+        edges = edge_proxies(stack, nginx, workers, gateway_port, upstream_port)
+        targets += [Target(name, url, proc.pid, bearer, redis=True)
+                    for name, (url, proc) in edges.items()]
         if not args.no_login:
             targets += [Target("simulator jscode2session", f"http://127.0.0.1:{simulator_port}/",
                                helpers.pid, login_mode="simulator"),
                         Target("gateway login", f"{base}/", gateway.pid, login_mode="gateway",
                                redis=True)]
-        for t in targets[:3]:
-            check(t.url, t.headers)
+        for t in targets:
+            if t.login_mode is None:
+                check(t.url, t.headers)
         script = stack.dir / "login.lua"
         script.write_text(LOGIN_LUA)
         print(f"wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s, "

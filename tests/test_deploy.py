@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import importlib.metadata
 import grp
 import ipaddress
@@ -35,7 +36,7 @@ import uuid
 from functools import cache
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
-from typing import Any, Mapping, Sequence
+from typing import Any, AsyncIterator, Mapping, Sequence
 
 import aiohttp
 import pytest
@@ -49,7 +50,7 @@ from gateway.testing import simulator
 from gateway.testing.embedded import EmbeddedRedis, free_port
 from gateway.loader import parse_duration
 from packages import debian_package
-from process import Launcher
+from process import ChildProcess, GatewayProcess, Launcher
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -57,6 +58,8 @@ VENV_BIN = Path(sys.executable).parent
 RUN_TIMEOUT = 60
 # The identity headers the gateway sets (X-WX-Phone with session.store_phone).
 IDENTITY = ("X-WX-OpenID", "X-WX-UnionID", "X-WX-AppID", "X-WX-Phone")
+# The login hook's user headers: set and stripped by the forward-auth recipes too.
+USER_HEADERS = ("X-User-ID", "X-User-Roles")
 
 
 def venv_tool(name: str) -> str:
@@ -890,11 +893,11 @@ def test_kubernetes_ingress_nginx_variant_asks_the_gateway_for_every_backend_req
     # Every identity header, so that a client's copy of one the answer lacks is overwritten.
     copied = [h.strip() for h in
               annotations["nginx.ingress.kubernetes.io/auth-response-headers"].split(",")]
-    assert sorted(copied) == sorted(IDENTITY)
-    # Cached per token, successes only, for a second.
-    assert "$http_authorization" in annotations["nginx.ingress.kubernetes.io/auth-cache-key"]
+    assert sorted(copied) == sorted(IDENTITY + USER_HEADERS)
+    # Cached per token (the whole header, nothing less), 200 and 401 only (no 5xx), a second.
+    assert annotations["nginx.ingress.kubernetes.io/auth-cache-key"] == "$http_authorization"
     *codes, duration = annotations["nginx.ingress.kubernetes.io/auth-cache-duration"].split()
-    assert codes == ["200"] and parse_duration(duration) <= 1
+    assert codes == ["200", "401"] and parse_duration(duration) <= 1
     for doc in (docs["Ingress/wx-backend"], docs["Ingress/wx-gateway-auth"]):
         assert doc["spec"]["tls"][0]["secretName"]
     (auth_path,) = docs["Ingress/wx-gateway-auth"]["spec"]["rules"][0]["http"]["paths"]
@@ -917,6 +920,12 @@ def test_kubernetes_ingress_nginx_variant_asks_the_gateway_for_every_backend_req
 # --- nginx forward-auth recipe, in a real nginx --------------------------------------------
 
 NGINX_TEMPLATE = DEPLOY / "nginx" / "wx-gateway.conf.template"
+NGINX_AUTH_CACHE_DIR = "/var/cache/nginx/wx-gateway-auth"
+# How long a logged-out token may still pass nginx: `proxy_cache_valid 200 401 1s` keeps an
+# answer until the second after the next begins (nginx compares whole seconds), under 2 s.
+NGINX_REVOCATION_BOUND = 2.0
+# Scheduling on a busy machine: each poll is a full request through nginx to the backend.
+POLL_MARGIN = 0.5
 _PLACEHOLDER = re.compile(r"\$\{([A-Z][A-Z0-9_]*)\}")
 
 
@@ -936,14 +945,16 @@ def nginx_binary() -> str:
     return found
 
 
-def render_nginx_recipe(gateway: str, backend: str, listen: str) -> str:
+def render_nginx_recipe(gateway: str, backend: str, listen: str, cache_dir: Path) -> str:
     template = NGINX_TEMPLATE.read_text(encoding="utf-8")
     values = {"WX_GATEWAY_ADDR": gateway, "WX_BACKEND_ADDR": backend, "NGINX_LISTEN": listen}
     assert set(_PLACEHOLDER.findall(template)) == set(values), _PLACEHOLDER.findall(template)
     rendered = _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
     assert not [ln for ln in rendered.splitlines()
                 if "${" in ln and not ln.lstrip().startswith("#")]
-    return rendered
+    # The decision cache's directory, the one absolute path in the recipe: here, the test's.
+    assert rendered.count(NGINX_AUTH_CACHE_DIR) == 1
+    return rendered.replace(NGINX_AUTH_CACHE_DIR, str(cache_dir))
 
 
 def nginx_conf(prefix: Path, site: Path) -> str:
@@ -1017,25 +1028,41 @@ def identity_spellings(seen_headers: list[tuple[str, str]]) -> list[tuple[str, s
     return [(k, v) for k, v in seen_headers if k.strip().lower().replace("_", "-") in wanted]
 
 
-@pytest.mark.timeout(900)
-async def test_nginx_recipe_forward_auth(
-        nginx_binary: str, tmp_path: Path, launcher: Launcher,
-        redis_server: EmbeddedRedis, wechat_server: TestServer, upstream: Upstream) -> None:
-    # The gateway: only its own endpoints (nginx routes), nginx trusted for X-Forwarded-For.
-    gw_port, nginx_port = free_port(), free_port()
-    data = base_config(redis_server.url, f"wxgw-nginx-{uuid.uuid4().hex[:8]}:",
+def edge_gateway_config(redis_server: EmbeddedRedis, wechat_server: TestServer,
+                        upstream: Upstream, port: int) -> dict[str, Any]:
+    """The gateway behind a forward-auth proxy: only its own endpoints (the proxy routes),
+    the proxy on 127.0.0.1 trusted for X-Forwarded-For."""
+    data = base_config(redis_server.url, f"wxgw-edge-{uuid.uuid4().hex[:8]}:",
                        f"http://127.0.0.1:{wechat_server.port}", upstream.url)
-    data.update(listen=f"127.0.0.1:{gw_port}", routes=[], trusted_proxies=["127.0.0.1"],
+    data.update(listen=f"127.0.0.1:{port}", routes=[], trusted_proxies=["127.0.0.1"],
                 shutdown_grace="2s")
-    gw = await launcher.start(data, env=clean_env())
+    return data
 
-    assert upstream.server is not None
-    prefix = tmp_path / "nginx"
+
+async def wait_listening(port: int, child: ChildProcess, log: Path) -> None:
+    deadline = time.monotonic() + 15
+    while True:
+        if child.proc.returncode is not None:
+            pytest.fail(f"exited with {child.proc.returncode}: {log.read_text(errors='replace')}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            assert time.monotonic() < deadline, log.read_text(errors="replace")
+            await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def nginx_recipe(nginx_binary: str, prefix: Path, launcher: Launcher, gw_port: int,
+                       backend_port: int) -> AsyncIterator[int]:
+    """nginx running deploy/nginx's recipe in front of the gateway and the backend; its port.
+    Fails the test if nginx logged an [emerg]."""
+    nginx_port = free_port()
     prefix.mkdir()
     site = prefix / "wx-gateway.conf"
-    site.write_text(render_nginx_recipe(f"127.0.0.1:{gw_port}",
-                                        f"127.0.0.1:{upstream.server.port}",
-                                        f"127.0.0.1:{nginx_port}"), encoding="utf-8")
+    site.write_text(render_nginx_recipe(f"127.0.0.1:{gw_port}", f"127.0.0.1:{backend_port}",
+                                        f"127.0.0.1:{nginx_port}", prefix / "auth-cache"),
+                    encoding="utf-8")
     conf = prefix / "nginx.conf"
     conf.write_text(nginx_conf(prefix, site), encoding="utf-8")
     base = [nginx_binary, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")]
@@ -1043,122 +1070,9 @@ async def test_nginx_recipe_forward_auth(
     assert syntax.returncode == 0, syntax.stderr
 
     nginx = await launcher.run(base, env=clean_env(), cwd=prefix, log=prefix / "stdout.log")
-    async with aiohttp.ClientSession() as http:
-        await gw.wait_healthy(http)
-    deadline = time.monotonic() + 10
-    while True:
-        if nginx.proc.returncode is not None:
-            pytest.fail(f"nginx exited: {(prefix / 'error.log').read_text()}")
-        try:
-            with socket.create_connection(("127.0.0.1", nginx_port), timeout=0.5):
-                break
-        except OSError:
-            assert time.monotonic() < deadline, (prefix / "error.log").read_text()
-            await asyncio.sleep(0.05)
-
-    async def login(code: str) -> dict[str, Any]:
-        status, _, body = await raw_request(nginx_port, "POST", "/auth/login",
-                                            [("Content-Type", "application/json")],
-                                            json.dumps({"code": code}).encode())
-        assert status == 200, body
-        result: dict[str, Any] = json.loads(body)
-        return result
-
-    forged = [("X-WX-OpenID", "forged-1"), ("x-wx-openid", "forged-2"),
-              ("X-Wx-Openid", "forged-3"), ("X_WX_OpenID", "forged-4"),
-              ("x_wx_openid", "forged-5"), ("X-WX-UnionID", "forged-6"),
-              ("x_wx_unionid", "forged-7"), ("X-WX-AppID", "forged-8"),
-              ("X_WX_AppID", "forged-9"), ("X-WX-Phone", "forged-10"),
-              ("x_wx_phone", "forged-11")]
-
-    def assert_nothing_forged(headers: list[tuple[str, str]]) -> None:
-        values = " ".join(v for _, v in headers)
-        assert "forged" not in values, headers
-        assert not [k for k, _ in identity_spellings(headers) if "_" in k], headers
-
     try:
-        # 1. A valid token: the upstream gets the gateway's identity, not the token.
-        code = f"nginx-{uuid.uuid4().hex[:10]}"
-        session = await login(code)
-        assert session["openid"] == simulator.openid_for(APPID, code)
-        before = len(upstream.seen)
-        status, _, body = await raw_request(
-            nginx_port, "GET", "/api/orders?page=2",
-            [("Authorization", f"Bearer {session['token']}")])
-        assert status == 200, body
-        assert len(upstream.seen) == before + 1
-        seen = upstream.last
-        assert seen.raw_path == "/api/orders?page=2"
-        assert seen.header("X-WX-OpenID") == [session["openid"]]
-        assert seen.header("X-WX-AppID") == [APPID]
-        assert seen.header("X-WX-UnionID") == [session["unionid"]]
-        assert seen.header("Authorization") == []
-
-        # 2. The same with forged identity headers in every spelling: only the real values.
-        status, _, body = await raw_request(
-            nginx_port, "POST", "/api/orders",
-            [("Authorization", f"Bearer {session['token']}"), *forged], b'{"n": 1}')
-        assert status == 200, body
-        seen = upstream.last
-        assert seen.body == b'{"n": 1}'
-        assert seen.header("X-WX-OpenID") == [session["openid"]]
-        assert seen.header("X-WX-AppID") == [APPID]
-        assert seen.header("X-WX-UnionID") == [session["unionid"]]
-        assert_nothing_forged(seen.headers)
-
-        # 3. A user without a unionid: a forged X-WX-UnionID is dropped, not kept.
-        plain = await login(f"nounionid-{uuid.uuid4().hex[:10]}")
-        assert plain["unionid"] is None
-        status, _, _ = await raw_request(
-            nginx_port, "GET", "/api/me", [("Authorization", f"Bearer {plain['token']}"), *forged])
-        assert status == 200
-        seen = upstream.last
-        assert seen.header("X-WX-OpenID") == [plain["openid"]]
-        assert seen.header("X-WX-UnionID") == []
-        assert_nothing_forged(seen.headers)
-
-        # 4. No token, a bad token, forged headers alone: 401 and nothing reaches upstream.
-        before = len(upstream.seen)
-        for headers in ([], [("Authorization", "Bearer not-a-token")],
-                        [("Authorization", f"Bearer {session['token']}x")],
-                        [("Authorization", f"Basic {session['token']}")], forged):
-            status, response_headers, body = await raw_request(nginx_port, "GET", "/api/orders",
-                                                               headers)
-            assert status == 401, (headers, status, body)
-            assert json.loads(body)["error"] == "unauthorized"
-            assert header_values(response_headers, "Content-Type") == \
-                ["application/json; charset=utf-8"]
-            (challenge,) = header_values(response_headers, "WWW-Authenticate")
-            assert challenge.startswith("Bearer")
-        assert len(upstream.seen) == before, "a request without a valid token was forwarded"
-
-        # 5. A public location: forwarded without a login, still without forged identity.
-        status, _, _ = await raw_request(nginx_port, "GET", "/public/hello",
-                                         [("Authorization", f"Bearer {session['token']}"),
-                                          *forged])
-        assert status == 200
-        assert upstream.last.raw_path == "/public/hello"
-        assert identity_spellings(upstream.last.headers) == []
-        assert upstream.last.header("Authorization") == []
-
-        # 6. Logout through nginx: the token stops working at once.
-        other = await login(f"nginx-{uuid.uuid4().hex[:10]}")
-        status, _, _ = await raw_request(nginx_port, "POST", "/auth/logout",
-                                         [("Authorization", f"Bearer {session['token']}")])
-        assert status == 204
-        before = len(upstream.seen)
-        status, _, _ = await raw_request(nginx_port, "GET", "/api/orders",
-                                         [("Authorization", f"Bearer {session['token']}")])
-        assert status == 401
-        assert len(upstream.seen) == before
-
-        # 7. The gateway gone: fail closed (nginx answers 5xx, forwards nothing).
-        gw.proc.send_signal(signal.SIGTERM)
-        assert await gw.exit_code(within=10) == 0, gw.output()
-        status, _, _ = await raw_request(nginx_port, "GET", "/api/orders",
-                                         [("Authorization", f"Bearer {other['token']}")])
-        assert status >= 500
-        assert len(upstream.seen) == before
+        await wait_listening(nginx_port, nginx, prefix / "error.log")
+        yield nginx_port
     finally:
         if nginx.proc.returncode is None:
             nginx.proc.send_signal(signal.SIGQUIT)
@@ -1166,9 +1080,269 @@ async def test_nginx_recipe_forward_auth(
                 await asyncio.wait_for(nginx.proc.wait(), 10)
             except asyncio.TimeoutError:
                 nginx.proc.kill()
-    output = gw.output() + (prefix / "error.log").read_text(errors="replace")
+    assert "[emerg]" not in (prefix / "error.log").read_text(errors="replace")
+
+
+async def proxy_login(port: int, code: str) -> dict[str, Any]:
+    status, _, body = await raw_request(port, "POST", "/auth/login",
+                                        [("Content-Type", "application/json")],
+                                        json.dumps({"code": code}).encode())
+    assert status == 200, body
+    result: dict[str, Any] = json.loads(body)
+    return result
+
+
+async def seconds_until_refused(port: int, token: str, upstream: Upstream,
+                                openid: str, within: float) -> float:
+    """Requests ``/api/`` with ``token`` back to back until the proxy answers 401; when the
+    refused request was sent, in seconds from the call. Until then each request must reach the
+    backend as ``openid``; fails after ``within`` seconds."""
+    started = time.monotonic()
+    while True:
+        sent = time.monotonic() - started
+        status, _, body = await raw_request(port, "GET", "/api/revoked",
+                                            [("Authorization", f"Bearer {token}")])
+        elapsed = time.monotonic() - started
+        if status == 401:
+            return sent
+        assert status == 200, (status, body)
+        assert upstream.last.header("X-WX-OpenID") == [openid]
+        assert elapsed < within, f"a logged-out token still passes after {elapsed:.2f}s"
+        await asyncio.sleep(0.01)
+
+
+async def verify_calls(gw: GatewayProcess) -> int:
+    """How many /auth/verify requests the gateway has answered (its /metrics)."""
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{gw.url}/metrics") as resp:
+            text = await resp.text()
+    return sum(int(float(line.rpartition(" ")[2])) for line in text.splitlines()
+               if line.startswith("wxgw_requests_total{") and 'route="/auth/verify"' in line)
+
+
+@pytest.mark.timeout(900)
+async def test_nginx_recipe_forward_auth(
+        nginx_binary: str, tmp_path: Path, launcher: Launcher,
+        redis_server: EmbeddedRedis, wechat_server: TestServer, upstream: Upstream) -> None:
+    gw_port = free_port()
+    gw = await launcher.start(edge_gateway_config(redis_server, wechat_server, upstream,
+                                                  gw_port), env=clean_env())
+    async with aiohttp.ClientSession() as http:
+        await gw.wait_healthy(http)
+    assert upstream.server is not None
+    prefix = tmp_path / "nginx"
+    async with nginx_recipe(nginx_binary, prefix, launcher, gw_port,
+                            upstream.server.port) as nginx_port:
+        session = await forward_auth_walkthrough(nginx_port, gw, upstream)
     assert session["token"] not in gw.output()
-    assert "[emerg]" not in output
+
+
+@pytest.mark.timeout(300)
+async def test_nginx_recipe_decision_cache_is_per_token_and_bounds_revocation(
+        nginx_binary: str, tmp_path: Path, launcher: Launcher,
+        redis_server: EmbeddedRedis, wechat_server: TestServer, upstream: Upstream) -> None:
+    gw_port = free_port()
+    data = edge_gateway_config(redis_server, wechat_server, upstream, gw_port)
+    gw = await launcher.start(data, env=clean_env())
+    async with aiohttp.ClientSession() as http:
+        await gw.wait_healthy(http)
+    assert upstream.server is not None
+    async with nginx_recipe(nginx_binary, tmp_path / "nginx", launcher, gw_port,
+                            upstream.server.port) as port:
+        users = [await proxy_login(port, f"cache-{uuid.uuid4().hex[:10]}") for _ in range(5)]
+        alice, bob = users[0], users[1]
+
+        # 1. Interleaved valid, invalid and missing tokens, POST and GET: each request gets
+        # its own token's answer; a cached 200 never lets a bad token in, a cached 401 never
+        # refuses a good one, and no identity is served for another token.
+        refused = [[("Authorization", f"Bearer {alice['token']}x")],
+                   [("Authorization", f"Bearer {bob['token'][:-2]}")],
+                   [("Authorization", "Bearer")], []]
+        calls_before, started = await verify_calls(gw), time.monotonic()
+        requests = 0
+        for round_ in range(8):
+            for user in (alice, bob):
+                before = len(upstream.seen)
+                status, _, body = await raw_request(
+                    port, "POST" if round_ % 2 else "GET", f"/api/r{round_}",
+                    [("Authorization", f"Bearer {user['token']}")])
+                assert status == 200, body
+                assert len(upstream.seen) == before + 1
+                assert upstream.last.header("X-WX-OpenID") == [user["openid"]]
+                assert upstream.last.header("X-WX-UnionID") == [user["unionid"]]
+            for headers in refused:
+                before = len(upstream.seen)
+                status, response_headers, body = await raw_request(port, "GET", "/api/r",
+                                                                   headers)
+                assert status == 401, (headers, body)
+                assert json.loads(body)["error"] == "unauthorized"
+                assert header_values(response_headers, "WWW-Authenticate")
+                assert len(upstream.seen) == before
+            requests += 2 + len(refused)
+        elapsed = time.monotonic() - started
+        # Two Authorization headers would make the key differ from what the gateway reads:
+        # nginx refuses such a request itself.
+        before = len(upstream.seen)
+        for pair in ([f"Bearer {alice['token']}", "Bearer x"],
+                     ["Bearer x", f"Bearer {alice['token']}"]):
+            status, _, _ = await raw_request(port, "GET", "/api/two",
+                                             [("Authorization", value) for value in pair])
+            assert status == 400
+        assert len(upstream.seen) == before
+        # The cache answered: each of the six keys reached the gateway about once per second
+        # at most (a kept answer lives 1 to 2 s), not once per request.
+        calls = await verify_calls(gw) - calls_before
+        assert calls <= 6 * (int(elapsed) + 2) < requests, (calls, requests, elapsed)
+
+        # 2. Logout: the cached 200 outlives it by at most the bound, then 401, for good.
+        # Another user's cached answer is untouched.
+        bounds = []
+        for user in users[2:]:
+            status, _, _ = await raw_request(port, "GET", "/api/warm",
+                                             [("Authorization", f"Bearer {user['token']}")])
+            assert status == 200
+            status, _, _ = await raw_request(port, "POST", "/auth/logout",
+                                             [("Authorization", f"Bearer {user['token']}")])
+            assert status == 204
+            bounds.append(await seconds_until_refused(
+                port, user["token"], upstream, user["openid"],
+                NGINX_REVOCATION_BOUND + POLL_MARGIN))
+            before = len(upstream.seen)
+            for _ in range(3):
+                status, _, _ = await raw_request(port, "GET", "/api/after",
+                                                 [("Authorization", f"Bearer {user['token']}")])
+                assert status == 401
+            assert len(upstream.seen) == before
+            status, _, _ = await raw_request(port, "GET", "/api/other",
+                                             [("Authorization", f"Bearer {alice['token']}")])
+            assert status == 200
+            assert upstream.last.header("X-WX-OpenID") == [alice["openid"]]
+        print(f"logout -> first refused request: {', '.join(f'{b:.2f}s' for b in bounds)}")
+
+        # 3. The gateway stopped: kept answers pass until the bound, then nothing does (no
+        # stale answer is used). Its errors are not kept: once it is back, tokens work at once.
+        gw.proc.send_signal(signal.SIGTERM)
+        assert await gw.exit_code(within=10) == 0, gw.output()
+        await asyncio.sleep(NGINX_REVOCATION_BOUND + 0.1)
+        before = len(upstream.seen)
+        for user in (alice, bob):
+            status, _, _ = await raw_request(port, "GET", "/api/down",
+                                             [("Authorization", f"Bearer {user['token']}")])
+            assert status >= 500
+        assert len(upstream.seen) == before
+        gw = await launcher.start(data, env=clean_env())
+        async with aiohttp.ClientSession() as http:
+            await gw.wait_healthy(http)
+        for user in (alice, bob):
+            status, _, body = await raw_request(port, "GET", "/api/back",
+                                                [("Authorization", f"Bearer {user['token']}")])
+            assert status == 200, body
+            assert upstream.last.header("X-WX-OpenID") == [user["openid"]]
+
+
+async def forward_auth_walkthrough(nginx_port: int, gw: GatewayProcess,
+                                   upstream: Upstream) -> dict[str, Any]:
+    """Forwarded with the gateway's identity only, refused without a valid token, revoked
+    by logout, closed when the gateway is gone."""
+    forged = [("X-WX-OpenID", "forged-1"), ("x-wx-openid", "forged-2"),
+              ("X-Wx-Openid", "forged-3"), ("X_WX_OpenID", "forged-4"),
+              ("x_wx_openid", "forged-5"), ("X-WX-UnionID", "forged-6"),
+              ("x_wx_unionid", "forged-7"), ("X-WX-AppID", "forged-8"),
+              ("X_WX_AppID", "forged-9"), ("X-WX-Phone", "forged-10"),
+              ("x_wx_phone", "forged-11"), ("X-User-ID", "forged-12"),
+              ("x_user_id", "forged-13"), ("X-User-Roles", "forged-14")]
+
+    def assert_nothing_forged(headers: list[tuple[str, str]]) -> None:
+        values = " ".join(v for _, v in headers)
+        assert "forged" not in values, headers
+        assert not [k for k, _ in identity_spellings(headers) if "_" in k], headers
+
+    # 1. A valid token: the upstream gets the gateway's identity, not the token.
+    code = f"nginx-{uuid.uuid4().hex[:10]}"
+    session = await proxy_login(nginx_port, code)
+    assert session["openid"] == simulator.openid_for(APPID, code)
+    before = len(upstream.seen)
+    status, _, body = await raw_request(
+        nginx_port, "GET", "/api/orders?page=2",
+        [("Authorization", f"Bearer {session['token']}")])
+    assert status == 200, body
+    assert len(upstream.seen) == before + 1
+    seen = upstream.last
+    assert seen.raw_path == "/api/orders?page=2"
+    assert seen.header("X-WX-OpenID") == [session["openid"]]
+    assert seen.header("X-WX-AppID") == [APPID]
+    assert seen.header("X-WX-UnionID") == [session["unionid"]]
+    assert seen.header("Authorization") == []
+
+    # 2. The same with forged identity headers in every spelling: only the real values.
+    status, _, body = await raw_request(
+        nginx_port, "POST", "/api/orders",
+        [("Authorization", f"Bearer {session['token']}"), *forged], b'{"n": 1}')
+    assert status == 200, body
+    seen = upstream.last
+    assert seen.body == b'{"n": 1}'
+    assert seen.header("X-WX-OpenID") == [session["openid"]]
+    assert seen.header("X-WX-AppID") == [APPID]
+    assert seen.header("X-WX-UnionID") == [session["unionid"]]
+    assert_nothing_forged(seen.headers)
+
+    # 3. A user without a unionid: a forged X-WX-UnionID is dropped, not kept.
+    plain = await proxy_login(nginx_port, f"nounionid-{uuid.uuid4().hex[:10]}")
+    assert plain["unionid"] is None
+    status, _, _ = await raw_request(
+        nginx_port, "GET", "/api/me", [("Authorization", f"Bearer {plain['token']}"), *forged])
+    assert status == 200
+    seen = upstream.last
+    assert seen.header("X-WX-OpenID") == [plain["openid"]]
+    assert seen.header("X-WX-UnionID") == []
+    assert_nothing_forged(seen.headers)
+
+    # 4. No token, a bad token, forged headers alone: 401 and nothing reaches upstream.
+    before = len(upstream.seen)
+    for headers in ([], [("Authorization", "Bearer not-a-token")],
+                    [("Authorization", f"Bearer {session['token']}x")],
+                    [("Authorization", f"Basic {session['token']}")], forged):
+        status, response_headers, body = await raw_request(nginx_port, "GET", "/api/orders",
+                                                           headers)
+        assert status == 401, (headers, status, body)
+        assert json.loads(body)["error"] == "unauthorized"
+        assert header_values(response_headers, "Content-Type") == \
+            ["application/json; charset=utf-8"]
+        (challenge,) = header_values(response_headers, "WWW-Authenticate")
+        assert challenge.startswith("Bearer")
+    assert len(upstream.seen) == before, "a request without a valid token was forwarded"
+
+    # 5. A public location: forwarded without a login, still without forged identity.
+    status, _, _ = await raw_request(nginx_port, "GET", "/public/hello",
+                                     [("Authorization", f"Bearer {session['token']}"),
+                                      *forged])
+    assert status == 200
+    assert upstream.last.raw_path == "/public/hello"
+    assert identity_spellings(upstream.last.headers) == []
+    assert upstream.last.header("Authorization") == []
+
+    # 6. Logout through nginx: the token stops working within the decision cache's bound,
+    # and from then on nothing reaches the backend with it.
+    other = await proxy_login(nginx_port, f"nginx-{uuid.uuid4().hex[:10]}")
+    status, _, _ = await raw_request(nginx_port, "POST", "/auth/logout",
+                                     [("Authorization", f"Bearer {session['token']}")])
+    assert status == 204
+    await seconds_until_refused(nginx_port, session["token"], upstream, session["openid"],
+                                NGINX_REVOCATION_BOUND + POLL_MARGIN)
+    before = len(upstream.seen)
+    status, _, _ = await raw_request(nginx_port, "GET", "/api/orders",
+                                     [("Authorization", f"Bearer {session['token']}")])
+    assert status == 401
+    assert len(upstream.seen) == before
+
+    # 7. The gateway gone: fail closed (nginx answers 5xx, forwards nothing).
+    gw.proc.send_signal(signal.SIGTERM)
+    assert await gw.exit_code(within=10) == 0, gw.output()
+    status, _, _ = await raw_request(nginx_port, "GET", "/api/orders",
+                                     [("Authorization", f"Bearer {other['token']}")])
+    assert status >= 500
+    assert len(upstream.seen) == before
+    return session
 
 
 # --- Traefik and Caddy recipes -------------------------------------------------------------
@@ -1182,14 +1356,17 @@ def test_traefik_recipe_forward_auth_and_header_hygiene() -> None:
     forward = middlewares[auth[0]]["forwardAuth"]
     assert forward["address"].endswith("/auth/verify")
     assert forward.get("trustForwardHeader", False) is False
-    assert [h.lower() for h in forward["authResponseHeaders"]] == [h.lower() for h in IDENTITY]
+    assert [h.lower() for h in forward["authResponseHeaders"]] == \
+        [h.lower() for h in IDENTITY + USER_HEADERS]
+    assert re.match(forward["authResponseHeadersRegex"].removeprefix("(?i)"), "X-User-Claim-A")
     assert "Authorization" in forward.get("authRequestHeaders", ["Authorization"])
 
     def removed(name: str) -> set[str]:
         headers = middlewares[name].get("headers", {}).get("customRequestHeaders", {})
         return {k.lower() for k, v in headers.items() if v == ""}
 
-    spellings = {h.lower() for h in IDENTITY} | {h.lower().replace("-", "_") for h in IDENTITY}
+    names = IDENTITY + USER_HEADERS
+    spellings = {h.lower() for h in names} | {h.lower().replace("-", "_") for h in names}
     protected = 0
     for name, router in routers.items():
         assert router["service"] in services, name
@@ -1212,6 +1389,137 @@ def test_traefik_recipe_forward_auth_and_header_hygiene() -> None:
     assert protected >= 1
     gateway_url = services["wx-gateway"]["loadBalancer"]["servers"][0]["url"]
     assert forward["address"] == gateway_url.rstrip("/") + "/auth/verify"
+
+
+# Client copies of what the gateway asserts, in the spellings backends fold together.
+FORGED_IDENTITY = [("X-WX-OpenID", "forged-1"), ("x-wx-openid", "forged-2"),
+                   ("X_WX_OpenID", "forged-3"), ("X-WX-UnionID", "forged-4"),
+                   ("x_wx_unionid", "forged-5"), ("X-WX-AppID", "forged-6"),
+                   ("X-WX-Phone", "forged-7"), ("X-User-ID", "forged-8"),
+                   ("x_user_id", "forged-9"), ("X-User-Roles", "forged-10"),
+                   ("X-User-Claim-Tier", "forged-11"), ("X_User_Claim_Tier", "forged-12")]
+
+
+async def wait_answering(port: int, child: ChildProcess, log: Path) -> None:
+    """Until the proxy routes: /public/ reaches the backend (a proxy may listen before its
+    routes are loaded)."""
+    await wait_listening(port, child, log)
+    deadline = time.monotonic() + 15
+    while (await raw_request(port, "GET", "/public/ready"))[0] != 200:
+        assert child.proc.returncode is None, log.read_text(errors="replace")
+        assert time.monotonic() < deadline, log.read_text(errors="replace")
+        await asyncio.sleep(0.1)
+
+
+async def forward_auth_without_cache(port: int, gw: GatewayProcess, upstream: Upstream, *,
+                                     public_strips_claims: bool = True) -> None:
+    """A forward-auth proxy that keeps no decision, in front of ``gw`` and ``upstream``:
+    identity from the gateway only, the token kept from the backend, 401 without a valid
+    token, and a logged-out token refused from its next request on. With
+    ``public_strips_claims`` false, a public route may pass claim headers the recipe cannot
+    name in advance (its comments say to list the ones the backend reads)."""
+    user = await proxy_login(port, f"edge-{uuid.uuid4().hex[:10]}")
+    for method in ("GET", "POST"):
+        status, _, body = await raw_request(port, method, "/api/orders?page=2",
+                                            [("Authorization", f"Bearer {user['token']}"),
+                                             *FORGED_IDENTITY])
+        assert status == 200, body
+        seen = upstream.last
+        assert (seen.method, seen.raw_path) == (method, "/api/orders?page=2")
+        assert seen.header("X-WX-OpenID") == [user["openid"]]
+        assert seen.header("X-WX-UnionID") == [user["unionid"]]
+        assert seen.header("X-WX-AppID") == [APPID]
+        assert seen.header("Authorization") == []
+        assert "forged" not in " ".join(v for _, v in seen.headers), seen.headers
+
+    before = len(upstream.seen)
+    for headers in ([], [("Authorization", "Bearer not-a-token")],
+                    [("Authorization", f"Bearer {user['token']}x")], FORGED_IDENTITY):
+        status, _, body = await raw_request(port, "GET", "/api/orders", headers)
+        assert status == 401, (headers, body)
+        assert json.loads(body)["error"] == "unauthorized"
+    assert len(upstream.seen) == before
+
+    status, _, _ = await raw_request(port, "GET", "/public/hello",
+                                     [("Authorization", f"Bearer {user['token']}"),
+                                      *FORGED_IDENTITY])
+    assert status == 200
+    assert upstream.last.raw_path == "/public/hello"
+    kept = [(k, v) for k, v in upstream.last.headers if "forged" in v]
+    if not public_strips_claims:
+        kept = [(k, v) for k, v in kept
+                if not k.lower().replace("_", "-").startswith("x-user-claim-")]
+    assert kept == [], upstream.last.headers
+    assert upstream.last.header("Authorization") == []
+
+    status, _, _ = await raw_request(port, "POST", "/auth/logout",
+                                     [("Authorization", f"Bearer {user['token']}")])
+    assert status == 204
+    status, _, _ = await raw_request(port, "GET", "/api/orders",
+                                     [("Authorization", f"Bearer {user['token']}")])
+    assert status == 401  # no decision cache: the very next request is refused
+    assert len(upstream.seen) == before + 1  # only the public request
+    assert user["token"] not in gw.output()
+
+
+@pytest.mark.timeout(300)
+async def test_traefik_recipe_in_a_real_traefik(
+        tmp_path: Path, launcher: Launcher, redis_server: EmbeddedRedis,
+        wechat_server: TestServer, upstream: Upstream) -> None:
+    gw_port, port = free_port(), free_port()
+    gw = await launcher.start(edge_gateway_config(redis_server, wechat_server, upstream,
+                                                  gw_port), env=clean_env())
+    assert upstream.server is not None
+    recipe = (DEPLOY / "traefik" / "wx-gateway.yml").read_text(encoding="utf-8")
+    assert recipe.count("http://wx-gateway:8080") == 2
+    # Not traefik.yml: Traefik would read that name in its working directory as its static
+    # configuration.
+    dynamic = tmp_path / "wx-gateway.yml"
+    dynamic.write_text(recipe.replace("http://wx-gateway:8080", gw.url)
+                       .replace("http://backend:9000", upstream.url), encoding="utf-8")
+    log = tmp_path / "traefik.log"
+    traefik = await launcher.run(
+        [venv_tool("traefik"), f"--entryPoints.web.address=127.0.0.1:{port}",
+         f"--providers.file.filename={dynamic}", "--log.level=INFO", "--log.format=json",
+         # The recipe's static setting: aliases of header names (X_WX_OpenID) are dropped.
+         "--entryPoints.web.http.aliasHeadersStrategy=delete",
+         "--global.checkNewVersion=false", "--global.sendAnonymousUsage=false"],
+        env=clean_env(), cwd=tmp_path, log=log)
+    async with aiohttp.ClientSession() as http:
+        await gw.wait_healthy(http)
+    await wait_answering(port, traefik, log)
+    await forward_auth_without_cache(port, gw, upstream, public_strips_claims=False)
+    # Traefik warns about settings that weaken a setup: none about the recipe's.
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert not [line for line in lines if line.get("level") not in ("info", "warn")
+                or "middlewareName" in line or "aliasHeadersStrategy" in line["message"]], \
+        log.read_text()
+
+
+@pytest.mark.timeout(300)
+async def test_caddy_recipe_in_a_real_caddy(
+        tmp_path: Path, launcher: Launcher, redis_server: EmbeddedRedis,
+        wechat_server: TestServer, upstream: Upstream) -> None:
+    gw_port, port = free_port(), free_port()
+    gw = await launcher.start(edge_gateway_config(redis_server, wechat_server, upstream,
+                                                  gw_port), env=clean_env())
+    assert upstream.server is not None
+    log = tmp_path / "caddy.log"
+    caddy = await launcher.run(
+        [venv_tool("caddy"), "run", "--config", str(DEPLOY / "caddy" / "Caddyfile"),
+         "--adapter", "caddyfile"],
+        env=clean_env(SITE_ADDRESS=f"http://127.0.0.1:{port}",
+                      WX_GATEWAY_ADDR=f"127.0.0.1:{gw_port}",
+                      WX_BACKEND_ADDR=f"127.0.0.1:{upstream.server.port}",
+                      # Its admin API on a port of its own, its files under the test's
+                      # directory: nothing shared with another Caddy on the machine.
+                      CADDY_ADMIN=f"127.0.0.1:{free_port()}",
+                      XDG_DATA_HOME=str(tmp_path), XDG_CONFIG_HOME=str(tmp_path)),
+        cwd=tmp_path, log=log)
+    async with aiohttp.ClientSession() as http:
+        await gw.wait_healthy(http)
+    await wait_answering(port, caddy, log)
+    await forward_auth_without_cache(port, gw, upstream)
 
 
 def caddy_blocks(text: str) -> list[tuple[str, list[str]]]:
@@ -1240,14 +1548,14 @@ def test_caddy_recipe_forward_auth_and_header_hygiene() -> None:
     (forward,) = [body for head, body in blocks if head.startswith("forward_auth")]
     assert "uri /auth/verify" in forward
     copy = [ln for ln in forward if ln.startswith("copy_headers")]
-    assert copy and copy[0].split()[1:] == list(IDENTITY)
+    assert copy and copy[0].split()[1:] == list(IDENTITY + USER_HEADERS)
 
     # The snippet that strips client copies, in every spelling.
     snippets = {head.strip("()"): body for head, body in blocks if head.startswith("(")}
     stripped = {ln.split()[1].lstrip("-").lower() for body in snippets.values() for ln in body
                 if ln.startswith("request_header -")}
-    assert {h.lower() for h in IDENTITY} | {h.lower().replace("-", "_") for h in IDENTITY} \
-        <= stripped
+    names = IDENTITY + USER_HEADERS + ("X-User-Claim-*",)
+    assert {h.lower() for h in names} | {h.lower().replace("-", "_") for h in names} <= stripped
     strip_snippet = next(name for name, body in snippets.items()
                          if any(ln.startswith("request_header -") for ln in body))
 
@@ -1266,13 +1574,11 @@ def test_caddy_recipe_forward_auth_and_header_hygiene() -> None:
         assert "header_up -Authorization" in top[proxy:], top
     assert protected >= 1
 
-    caddy = shutil.which("caddy")
-    if caddy:  # a real parse, where Caddy is installed
-        result = subprocess.run([caddy, "adapt", "--config", str(path), "--adapter",
-                                 "caddyfile"], capture_output=True, text=True, timeout=60,
-                                cwd=path.parent)
-        assert result.returncode == 0, result.stderr
-        assert "/auth/verify" in result.stdout
+    result = subprocess.run([venv_tool("caddy"), "adapt", "--config", str(path), "--adapter",
+                             "caddyfile"], capture_output=True, text=True, timeout=60,
+                            cwd=path.parent)
+    assert result.returncode == 0, result.stderr
+    assert "/auth/verify" in result.stdout
 
 
 def test_recipes_use_the_gateway_endpoint_names() -> None:

@@ -122,6 +122,7 @@ def test_docs_build_fails_on_a_broken_link(tmp_path: Path, broken: str) -> None:
     shutil.copy(ROOT / "mkdocs.yml", tmp_path / "mkdocs.yml")
     shutil.copy(ROOT / "ARCHITECTURE.md", tmp_path / "ARCHITECTURE.md")
     shutil.copytree(ROOT / "docs", tmp_path / "docs")
+    shutil.copytree(ROOT / "deploy", tmp_path / "deploy")  # docs/edge.md shows its recipes
     page = tmp_path / "docs" / "simulator.md"
     page.write_text(page.read_text(encoding="utf-8") + f"\n{broken}\n", encoding="utf-8")
     result = mkdocs_build(tmp_path / "mkdocs.yml", tmp_path / "site")
