@@ -68,9 +68,10 @@ def memory_of(pid: int, role: str) -> Memory | None:
     return None if rss is None else Memory(pid, role, rss, pss)
 
 
-def tree_memory(pid: int) -> list[Memory]:
-    """``pid`` and its descendants, parent first."""
-    found: list[Memory] = []
+def tree_roles(pid: int) -> list[tuple[int, str]]:
+    """``pid`` and its descendants, parent first, each with its role: ``master``/``worker``
+    (nginx retitles its processes), ``supervisor``/``worker`` (``workers: N``), ``process``."""
+    found: list[tuple[int, str]] = []
     todo = [(pid, 0)]
     while todo:
         p, depth = todo.pop(0)
@@ -79,14 +80,29 @@ def tree_memory(pid: int) -> list[Memory]:
             title = Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        if title.startswith("nginx: "):  # nginx retitles its processes
+        if title.startswith("nginx: "):
             role = title.split()[1]
         else:
             role = "worker" if depth else ("supervisor" if children else "process")
-        m = memory_of(p, role)
-        if m is not None:
-            found.append(m)
+        found.append((p, role))
         todo.extend((c, depth + 1) for c in children)
+    return found
+
+
+def tree_memory(pid: int) -> list[Memory]:
+    return [m for p, role in tree_roles(pid) if (m := memory_of(p, role)) is not None]
+
+
+def tree_cpu(pid: int) -> dict[tuple[int, str], float]:
+    """user + system CPU seconds of each process of ``pid``'s tree, by (pid, role)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    found = {}
+    for p, role in tree_roles(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        found[(p, role)] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
     return found
 
 
@@ -201,6 +217,11 @@ def raise_nofile(n: int) -> int:
     return n if soft == resource.RLIM_INFINITY else min(n, soft - _FD_MARGIN)
 
 
+def max_connections_for(n: int) -> int:
+    """The gateway's ``max_connections`` for ``n`` held connections and a few probes."""
+    return n + 1000
+
+
 def nginx_conf_for(n: int, conf: str) -> str:
     """nginx's ``worker_connections`` raised so that ``n`` clients fit in any one worker (the
     kernel's SO_REUSEPORT hash does not split them evenly) with its upstream connections."""
@@ -264,7 +285,7 @@ def memory_step(stack: Stack, nginx: str, n: int, workers: str | None,
     stack.helpers(simulator_port)
     config = gateway_config(gateway_port, redis.url, f"http://127.0.0.1:{simulator_port}",
                             f"http://127.0.0.1:{upstream_port}", workers)
-    config["max_connections"] = n + 1000
+    config["max_connections"] = max_connections_for(n)
     gateway = stack.gateway("conns-gateway", config)
     token = login(f"http://127.0.0.1:{gateway_port}", f"conns-{secrets.token_hex(4)}")
     return [measure_memory("gateway", gateway.pid, gateway_port, "/api/bench",
