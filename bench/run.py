@@ -235,8 +235,10 @@ def git(*argv: str) -> str:
 
 # --- the table ----------------------------------------------------------------------------------
 
-# The release's rows, in this order; a run's row is matched by its target's name, and a row
-# this run did not measure prints "-". Rows by other names follow, in the order run.
+# The release's rows, in this order (the order they are measured in, and printed); a run's row
+# is matched by its target's name, and a row this run did not measure prints "-". Rows by other
+# names follow, in the order added. A target served by several servers (nginx in front of the
+# gateway) lists the others in ``Target.more_pids``: their CPU counts too.
 ROWS = [
     "nginx proxy",                     # nginx as a plain reverse proxy: the limit
     "peer",                            # an aiohttp app + one ClientSession: what one would write
@@ -514,6 +516,9 @@ def main() -> int:
                                helpers.pid, login_mode="simulator"),
                         Target("gateway login", f"{base}/", gateway.pid, login_mode="gateway",
                                redis=True)]
+        # Measured in the table's order, whatever order they were added in: each row then
+        # follows the same neighbours (warm caches, Redis state) in every run.
+        targets.sort(key=lambda t: ROWS.index(t.name) if t.name in ROWS else len(ROWS))
         for t in targets:
             if t.login_mode is None:
                 check(t.url, t.headers)
