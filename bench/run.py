@@ -180,6 +180,7 @@ class Row:
     redis_calls: dict[str, int] | None
     # CPU seconds of each process of those trees, by (pid, role): how the load was spread
     per_process: dict[tuple[int, str], float] = field(default_factory=dict)
+    rps_seen: list[float] = field(default_factory=list)  # every round's, with --rounds
 
     @property
     def per_cpu_second(self) -> float | None:
@@ -346,7 +347,8 @@ def render(rows: list[Row], args: argparse.Namespace, meta: dict[str, str],
              f"- wrk `-t{args.threads} -c{args.connections} -d{args.duration:g}s --latency` "
              f"after a {args.warmup:g}s warm-up per target; {meta['wrk']}; {meta['nginx']} "
              f"({args.nginx_workers} worker(s) per nginx); gateway workers: "
-             f"{args.workers or 'not set (one process)'}; Python {sys.version.split()[0]}",
+             f"{args.workers or 'not set (one process)'}; Python {sys.version.split()[0]}"
+             + (f"; median of {args.rounds} rounds" if args.rounds > 1 else ""),
              "",
              "| target | rps | p50 ms | p99 ms | errors | Redis cmds/req | server CPU | "
              "req/CPU-s | wrk CPU |",
@@ -379,6 +381,10 @@ def render(rows: list[Row], args: argparse.Namespace, meta: dict[str, str],
     if sim is not None:
         lines.append(f"- the simulator alone answers {sim.result.rps:,.0f} jscode2session/s: "
                      f"the most logins/s could be")
+    seen = [f"{r.target.name} {min(r.rps_seen):,.0f}–{max(r.rps_seen):,.0f}" for r in rows
+            if len(r.rps_seen) > 1]
+    if seen:
+        lines.append(f"- rps over the rounds, lowest–highest: {'; '.join(seen)}")
     spread = [f"{r.target.name}: {_spread(r)}" for r in rows if len(r.per_process) > 1]
     if spread:
         lines.append(f"- CPU per process, % of one core: {'; '.join(spread)}")
@@ -405,6 +411,16 @@ def write_results(path: Path, lines: list[str], meta: dict[str, str], quick: boo
     old = path.read_text() if path.exists() else ""
     runs = old[old.index("\n## ") + 1:] if "\n## " in old else ""
     path.write_text(f"{title}\n{section}\n{runs}".rstrip() + "\n")
+
+
+def median(rounds: list[Row]) -> Row:
+    """The round with the median rps (the higher of two middles), carrying every round's rps.
+    Rounds go through all targets in turn, so outside load that comes and goes touches each
+    target alike instead of skewing the one measured while it lasted."""
+    ranked = sorted(rounds, key=lambda r: r.result.rps)
+    chosen = ranked[len(ranked) // 2]
+    chosen.rps_seen = [r.result.rps for r in rounds]
+    return chosen
 
 
 def workers_auto_target(stack: Stack, args: argparse.Namespace, redis_url: str,
@@ -438,6 +454,9 @@ def main() -> int:
                              "a gateway that knows the key")
     parser.add_argument("--nginx-workers", type=workers_arg, default=str(os.cpu_count() or 1),
                         help="worker_processes of each nginx [one per core]")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every target this many times, in turn; report the "
+                             "median-rps round of each [1]")
     parser.add_argument("--no-login", action="store_true", help="skip the login benchmark")
     parser.add_argument("--no-workers-auto", action="store_true",
                         help="skip the second gateway, `workers: auto`")
@@ -458,9 +477,10 @@ def main() -> int:
     if args.hold is None:
         args.hold = 1000 if args.quick else CONNECTIONS
     if args.duration < 1 or args.warmup < 0 or args.threads < 1 \
-            or args.connections < args.threads or args.hold < 0:
+            or args.connections < args.threads or args.hold < 0 \
+            or args.rounds < 1:
         parser.error("need --duration >= 1, --warmup >= 0, 1 <= --threads <= --connections, "
-                     "--hold >= 0")
+                     "--hold >= 0, --rounds >= 1")
     results = None if args.no_results else (args.results or (None if args.quick else RESULTS))
     if not Path("/proc/self/stat").exists():
         print("bench/run.py needs Linux (/proc)", file=sys.stderr)
@@ -527,11 +547,15 @@ def main() -> int:
         print(f"wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s, "
               f"{args.warmup:g}s warm-up, {len(targets)} targets, {os.cpu_count()} cores",
               flush=True)
-        rows = []
-        for t in targets:
-            row = measure(t, wrk, args, script, redis.url)
-            rows.append(row)
-            print(f"  {t.name:26} {row.result.rps:10,.0f} rps", flush=True)
+        runs: dict[str, list[Row]] = {t.name: [] for t in targets}
+        for n in range(args.rounds):
+            if args.rounds > 1:
+                print(f"round {n + 1} of {args.rounds}", flush=True)
+            for t in targets:
+                row = measure(t, wrk, args, script, redis.url)
+                runs[t.name].append(row)
+                print(f"  {t.name:26} {row.result.rps:10,.0f} rps", flush=True)
+        rows = [median(runs[t.name]) for t in targets]
         if gateway.poll() is not None:
             print(stack.log_tail("gateway"), file=sys.stderr)
             raise SystemExit("the gateway exited during the run")

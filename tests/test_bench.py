@@ -101,3 +101,12 @@ def test_memory_is_rendered_per_process_and_per_idle_connection() -> None:
     # a process without smaps_rollup: no PSS total rather than a wrong one
     assert cells["nginx proxy"][2] == "9,990 of 10,000"
     assert cells["nginx proxy"][5] == "-"
+
+
+def test_rounds_report_the_median_round_and_the_range_seen() -> None:
+    rounds = [row("gateway required", rps, 5.0, {(10, "process"): 8.0})
+              for rps in (7_000, 3_000, 6_000)]
+    chosen = bench.median(rounds)
+    assert chosen is rounds[2] and chosen.rps_seen == [7_000, 3_000, 6_000]
+    lines = bench.render([chosen], ARGS, META)
+    assert "- rps over the rounds, lowest–highest: gateway required 3,000–7,000" in lines
