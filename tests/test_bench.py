@@ -15,7 +15,7 @@ import run as bench  # noqa: E402
 from connections import Memory, MemoryRow  # noqa: E402
 
 ARGS = argparse.Namespace(threads=1, connections=32, duration=10.0, warmup=3.0,
-                          nginx_workers="2", workers=None)
+                          nginx_workers="2", workers=None, rounds=1)
 META = {"date": "2026-01-01 00:00 UTC", "commit": "abc1234", "wrk": "wrk 4.1.0",
         "nginx": "nginx/1.22.1"}
 
