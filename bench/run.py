@@ -13,14 +13,18 @@ Starts, all on loopback ports (everything is stopped at the end, whatever happen
 * the gateway (``python -m gateway --config <tmp yaml>``) with ``/public/`` (auth: public) and
   ``/api/`` (auth: required) routes to the nginx upstream, login limits off;
 
+* a second gateway, the same with ``workers: auto``;
+
 logs in once through the gateway, then runs wrk with the same settings against each target,
 each after a warm-up: nginx proxy, gateway public, gateway required (``Authorization: Bearer``),
-the simulator's ``jscode2session`` alone and ``POST /auth/login`` through the gateway (a distinct
-code per request, from a wrk Lua script). Redis commands per request come from ``INFO
-commandstats`` deltas around each gateway run. Prints one table (rps, p50, p99, errors, Redis
-commands per request, CPU) with the ratios gateway_required/gateway_public and
-gateway_required/nginx, and records it in bench/RESULTS.md (newest run first; not for
-``--quick`` unless ``--results`` is given). nginx and wrk are installed with apt-get when
+the same on the ``workers: auto`` gateway, the simulator's ``jscode2session`` alone and ``POST
+/auth/login`` through the gateway (a distinct code per request, from a wrk Lua script). Redis
+commands per request come from ``INFO commandstats`` deltas around each gateway run, CPU from
+``/proc`` for each process of each server. Then measures memory at 10,000 idle keep-alive
+connections (bench/connections.py). Prints the release's rows in one table (rps, p50, p99,
+errors, Redis commands per request, CPU, requests per CPU-second; ``-`` for a row not measured),
+each figure against its target, and the memory per process, and records them in
+bench/RESULTS.md (newest run first; not for ``--quick`` unless ``--results`` is given). nginx and wrk are installed with apt-get when
 missing (``--no-install`` to refuse). Linux only (``/proc``).
 """
 
