@@ -20,8 +20,6 @@ CACHE_OFF = "        proxy_cache off;\n"
 
 NO_CACHE = "edge: nginx auth_request, no cache"
 CACHE_1S = "edge: nginx auth_request, 1 s cache"
-# What each edge row is compared with (rps over the nginx proxy's, measured in the same run).
-GOALS = {NO_CACHE: 0.2, CACHE_1S: 0.7}
 
 
 def recipe(prefix: str, port: int, gateway_port: int, upstream_port: int, cache: bool) -> str:
@@ -52,13 +50,3 @@ def edge_proxies(stack: Stack, nginx: str, workers: int | str, gateway_port: int
         proc = stack.nginx(slug, nginx, conf, port)
         started[name] = (f"http://127.0.0.1:{port}/api/bench", proc)
     return started
-
-
-def edge_ratios(rps: dict[str, float], anchor: str) -> list[str]:
-    """One line per edge row measured: its rps over the anchor's, against its goal."""
-    lines = []
-    for name, goal in GOALS.items():
-        if name in rps and rps.get(anchor):
-            lines.append(f"- **{name} / nginx: {rps[name] / rps[anchor]:.2f}** (rps; goal "
-                         f"{goal:g}; the gateway answers `/auth/verify` behind it)")
-    return lines

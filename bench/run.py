@@ -13,14 +13,18 @@ Starts, all on loopback ports (everything is stopped at the end, whatever happen
 * the gateway (``python -m gateway --config <tmp yaml>``) with ``/public/`` (auth: public) and
   ``/api/`` (auth: required) routes to the nginx upstream, login limits off;
 
+* a second gateway, the same with ``workers: auto``;
+
 logs in once through the gateway, then runs wrk with the same settings against each target,
 each after a warm-up: nginx proxy, gateway public, gateway required (``Authorization: Bearer``),
-the simulator's ``jscode2session`` alone and ``POST /auth/login`` through the gateway (a distinct
-code per request, from a wrk Lua script). Redis commands per request come from ``INFO
-commandstats`` deltas around each gateway run. Prints one table (rps, p50, p99, errors, Redis
-commands per request, CPU) with the ratios gateway_required/gateway_public and
-gateway_required/nginx, and records it in bench/RESULTS.md (newest run first; not for
-``--quick`` unless ``--results`` is given). nginx and wrk are installed with apt-get when
+the same on the ``workers: auto`` gateway, the simulator's ``jscode2session`` alone and ``POST
+/auth/login`` through the gateway (a distinct code per request, from a wrk Lua script). Redis
+commands per request come from ``INFO commandstats`` deltas around each gateway run, CPU from
+``/proc`` for each process of each server. Then measures memory at 10,000 idle keep-alive
+connections (bench/connections.py). Prints the release's rows in one table (rps, p50, p99,
+errors, Redis commands per request, CPU, requests per CPU-second; ``-`` for a row not measured),
+each figure against its target, and the memory per process, and records them in
+bench/RESULTS.md (newest run first; not for ``--quick`` unless ``--results`` is given). nginx and wrk are installed with apt-get when
 missing (``--no-install`` to refuse). Linux only (``/proc``).
 """
 
@@ -44,9 +48,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import (APPID, ROOT, SECRET, Stack, free_port, gateway_config,  # noqa: E402
                      install_tools, login, run_main, stop_on_sigterm, tool_version,
-                     tree_cpu_seconds, workers_arg)
+                     workers_arg)
 from harness import nginx_proxy_conf, nginx_upstream_conf  # noqa: E402
-from edge import edge_proxies, edge_ratios  # noqa: E402
+from connections import (CONNECTIONS, MemoryRow, max_connections_for,  # noqa: E402
+                         memory_step, raise_nofile, render_memory, tree_cpu)
+from edge import CACHE_1S, NO_CACHE, edge_proxies  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
@@ -168,6 +174,7 @@ class Target:
     headers: list[str] = field(default_factory=list)
     login_mode: str | None = None  # "gateway" or "simulator": the Lua login script
     redis: bool = False  # count Redis commands around the run
+    more_pids: list[int] = field(default_factory=list)  # other servers it needs (their trees)
 
 
 @dataclass
@@ -176,27 +183,42 @@ class Row:
     result: WrkResult
     server_cpu: float  # CPU seconds of the server process tree during the run
     redis_calls: dict[str, int] | None
+    # CPU seconds of each process of those trees, by (pid, role): how the load was spread
+    per_process: dict[tuple[int, str], float] = field(default_factory=dict)
+    rps_seen: list[float] = field(default_factory=list)  # every round's, with --rounds
+
+    @property
+    def per_cpu_second(self) -> float | None:
+        """Requests per CPU-second of the server's own processes: wrk and the upstream share
+        the cores, so this, not rps, says what one more core would buy."""
+        return self.result.requests / self.server_cpu if self.server_cpu > 0 else None
 
 
 def measure(target: Target, wrk: str, args: argparse.Namespace, script: Path,
             redis_url: str) -> Row:
-    def once(seconds: float, phase: str) -> tuple[WrkResult, float, dict[str, int] | None]:
+    pids = [target.server_pid, *target.more_pids]
+
+    def cpu_now() -> dict[tuple[int, str], float]:
+        return {k: v for pid in pids for k, v in tree_cpu(pid).items()}
+
+    def once(seconds: float, phase: str) -> tuple[WrkResult, dict[tuple[int, str], float],
+                                                  dict[str, int] | None]:
         script_args = []
         if target.login_mode:
             script_args = [f"{target.login_mode}-{phase}-{secrets.token_hex(4)}",
                            target.login_mode, APPID, SECRET]
         stats = commandstats(redis_url) if target.redis else None
-        cpu = tree_cpu_seconds(target.server_pid)
+        cpu = cpu_now()
         result = run_wrk(wrk, target.url, args, seconds, target.headers,
                          script if target.login_mode else None, script_args)
-        cpu = tree_cpu_seconds(target.server_pid) - cpu
+        cpu = {k: v - cpu.get(k, 0.0) for k, v in cpu_now().items()}
         calls = delta(stats, commandstats(redis_url)) if stats is not None else None
         return result, cpu, calls
 
     if args.warmup > 0:
         once(args.warmup, "warmup")
     result, cpu, calls = once(args.duration, "run")
-    return Row(target, result, cpu, calls)
+    return Row(target, result, sum(cpu.values()), calls, cpu)
 
 
 def check(url: str, headers: list[str] = []) -> None:
@@ -217,58 +239,172 @@ def git(*argv: str) -> str:
     return done.stdout.strip() if done.returncode == 0 else ""
 
 
-def ratio(a: Row | None, b: Row | None) -> str:
-    if a is None or b is None or not b.result.rps:
-        return "-"
-    return f"{a.result.rps / b.result.rps:.2f}"
+# --- the table ----------------------------------------------------------------------------------
+
+# The release's rows, in this order (the order they are measured in, and printed); a run's row
+# is matched by its target's name, and a row this run did not measure prints "-". Rows by other
+# names follow, in the order added. A target served by several servers (nginx in front of the
+# gateway) lists the others in ``Target.more_pids``: their CPU counts too.
+ROWS = [
+    "nginx proxy",                     # nginx as a plain reverse proxy: the limit
+    "peer",                            # an aiohttp app + one ClientSession: what one would write
+    "gateway public",
+    "gateway required",                # one process unless --workers
+    "gateway /auth/verify",
+    NO_CACHE,                          # nginx auth_request to /auth/verify on every request
+    CACHE_1S,                          # the same, nginx caching the decision per token
+    "gateway required, workers auto",
+    "simulator jscode2session",
+    "gateway login",
+]
+WORKERS_AUTO = "gateway required, workers auto"
 
 
-def render(rows: list[Row], args: argparse.Namespace, meta: dict[str, str]) -> list[str]:
+def _rps(by: dict[str, Row], name: str) -> float | None:
+    row = by.get(name)
+    return row.result.rps if row is not None and row.result.rps else None
+
+
+def _over(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or not b else a / b
+
+
+def _per_cpu(by: dict[str, Row], name: str) -> float | None:
+    row = by.get(name)
+    return row.per_cpu_second if row is not None else None
+
+
+def _p99_added(by: dict[str, Row]) -> float | None:
+    gateway, nginx = by.get("gateway required"), by.get("nginx proxy")
+    return None if gateway is None or nginx is None else \
+        gateway.result.p99_ms - nginx.result.p99_ms
+
+
+def _redis_per_request(by: dict[str, Row]) -> float | None:
+    row = by.get("gateway required")
+    if row is None or row.redis_calls is None:
+        return None
+    return sum(row.redis_calls.values()) / max(row.result.requests, 1)
+
+
+@dataclass(frozen=True)
+class Goal:
+    label: str
+    value: Any  # Callable[[dict[str, Row]], float | None]
+    at_least: float | None = None
+    at_most: float | None = None
+    digits: int = 2
+
+    def cells(self, by: dict[str, Row]) -> list[str]:
+        value = self.value(by)
+        target = (f">= {self.at_least:g}" if self.at_least is not None else
+                  f"<= {self.at_most:g}" if self.at_most is not None else "")
+        if value is None:
+            return [self.label, "-", target, ""]
+        met = ((self.at_least is None or value >= self.at_least)
+               and (self.at_most is None or value <= self.at_most))
+        return [self.label, f"{value:,.{self.digits}f}", target,
+                ("met" if met else "**missed**") if target else ""]
+
+
+GOALS = [
+    Goal("gateway required / peer (rps)",
+         lambda by: _over(_rps(by, "gateway required"), _rps(by, "peer")), at_least=1.0),
+    Goal("p99 added over nginx proxy, gateway required (ms)", _p99_added, at_most=3.0),
+    Goal("auth tax: gateway required / gateway public (rps)",
+         lambda by: _over(_rps(by, "gateway required"), _rps(by, "gateway public")),
+         at_least=0.95),
+    Goal("Redis commands per authenticated request", _redis_per_request, at_most=0.01,
+         digits=3),
+    Goal("gateway /auth/verify / gateway required (rps)",
+         lambda by: _over(_rps(by, "gateway /auth/verify"), _rps(by, "gateway required")),
+         at_least=2.0),
+    Goal("edge, no cache / nginx proxy (rps)",
+         lambda by: _over(_rps(by, NO_CACHE), _rps(by, "nginx proxy")), at_least=0.2),
+    Goal("edge, 1 s cache / nginx proxy (rps)",
+         lambda by: _over(_rps(by, CACHE_1S), _rps(by, "nginx proxy")), at_least=0.7),
+    Goal("gateway required / nginx proxy (rps)",
+         lambda by: _over(_rps(by, "gateway required"), _rps(by, "nginx proxy"))),
+    Goal("workers auto / one process (rps)",
+         lambda by: _over(_rps(by, WORKERS_AUTO), _rps(by, "gateway required"))),
+    Goal("workers auto / one process (requests per CPU-second)",
+         lambda by: _over(_per_cpu(by, WORKERS_AUTO), _per_cpu(by, "gateway required"))),
+    Goal("gateway required / nginx proxy (requests per CPU-second)",
+         lambda by: _over(_per_cpu(by, "gateway required"), _per_cpu(by, "nginx proxy"))),
+    Goal("workers auto / nginx proxy (requests per CPU-second)",
+         lambda by: _over(_per_cpu(by, WORKERS_AUTO), _per_cpu(by, "nginx proxy"))),
+    Goal("logins/s through the gateway", lambda by: _rps(by, "gateway login"), digits=0),
+]
+
+
+def _spread(row: Row) -> str:
+    """Each process's share of the row's wall time: whether SO_REUSEPORT spread the load."""
+    wall = row.result.wall or 1
+    return ", ".join(f"{role} {100 * cpu / wall:.0f}%" for (_, role), cpu in
+                     sorted(row.per_process.items()))
+
+
+def render(rows: list[Row], args: argparse.Namespace, meta: dict[str, str],
+           memory: list[MemoryRow] = []) -> list[str]:
     by = {r.target.name: r for r in rows}
     lines = [f"- date: {meta['date']}; commit: {meta['commit']}; cores (os.cpu_count()): "
              f"{os.cpu_count()}",
              f"- wrk `-t{args.threads} -c{args.connections} -d{args.duration:g}s --latency` "
              f"after a {args.warmup:g}s warm-up per target; {meta['wrk']}; {meta['nginx']} "
              f"({args.nginx_workers} worker(s) per nginx); gateway workers: "
-             f"{args.workers or 'not set (one process)'}; Python {sys.version.split()[0]}",
+             f"{args.workers or 'not set (one process)'}; Python {sys.version.split()[0]}"
+             + (f"; median of {args.rounds} rounds" if args.rounds > 1 else ""),
              "",
              "| target | rps | p50 ms | p99 ms | errors | Redis cmds/req | server CPU | "
-             "wrk CPU |",
-             "|---|--:|--:|--:|--:|--:|--:|--:|"]
-    for r in rows:
+             "req/CPU-s | wrk CPU |",
+             "|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for name in [*ROWS, *(r.target.name for r in rows if r.target.name not in ROWS)]:
+        r = by.get(name)
+        if r is None:
+            lines.append(f"| {name} | - | - | - | - | - | - | - | - |")
+            continue
         res = r.result
         cmds = "-" if r.redis_calls is None else \
             f"{sum(r.redis_calls.values()) / max(res.requests, 1):.2f}"
+        per_cpu = "-" if r.per_cpu_second is None else f"{r.per_cpu_second:,.0f}"
         lines.append(
-            f"| {r.target.name} | {res.rps:,.0f} | {res.p50_ms:.2f} | {res.p99_ms:.2f} | "
+            f"| {name} | {res.rps:,.0f} | {res.p50_ms:.2f} | {res.p99_ms:.2f} | "
             f"{res.non2xx + res.socket_errors} | {cmds} | "
-            f"{100 * r.server_cpu / res.wall:.0f}% | {100 * res.client_cpu / res.wall:.0f}% |")
+            f"{100 * r.server_cpu / res.wall:.0f}% | {per_cpu} | "
+            f"{100 * res.client_cpu / res.wall:.0f}% |")
+    lines += ["", "| figure | value | target | |", "|---|--:|--:|---|"]
+    lines += ["| " + " | ".join(g.cells(by)) + " |" for g in GOALS]
+    lines.append("")
     required = by.get("gateway required")
-    lines += ["",
-              f"- **gateway_required / gateway_public: "
-              f"{ratio(required, by.get('gateway public'))}** (auth tax, rps)",
-              f"- **gateway_required / nginx: {ratio(required, by.get('nginx proxy'))}** (rps)"]
-    lines += edge_ratios({name: r.result.rps for name, r in by.items()}, "nginx proxy")
     if required is not None and required.redis_calls is not None:
         n = max(required.result.requests, 1)
-        per = sum(required.redis_calls.values()) / n
         detail = ", ".join(f"{k.upper()} {v / n:.3f} ({v:,})" for k, v in
                            sorted(required.redis_calls.items(), key=lambda kv: -kv[1]))
-        lines.append(f"- **Redis commands per authenticated request: {per:.3f}** "
-                     f"({detail or 'none'}; `INFO commandstats` delta over the "
-                     f"{required.result.requests:,} requests of the gateway required run)")
-    logins, sim = by.get("gateway login"), by.get("simulator jscode2session")
-    if logins is not None:
-        lines.append(f"- **logins/s through the gateway: {logins.result.rps:,.0f}**"
-                     + (f" (the simulator alone answers {sim.result.rps:,.0f} jscode2session/s)"
-                        if sim is not None else ""))
+        lines.append(f"- Redis commands during the gateway required run: {detail or 'none'} "
+                     f"(`INFO commandstats` delta over {required.result.requests:,} requests)")
+    sim = by.get("simulator jscode2session")
+    if sim is not None:
+        lines.append(f"- the simulator alone answers {sim.result.rps:,.0f} jscode2session/s: "
+                     f"the most logins/s could be")
+    seen = [f"{r.target.name} {min(r.rps_seen):,.0f}–{max(r.rps_seen):,.0f}" for r in rows
+            if len(r.rps_seen) > 1]
+    if seen:
+        lines.append(f"- rps over the rounds, lowest–highest: {'; '.join(seen)}")
+    spread = [f"{r.target.name}: {_spread(r)}" for r in rows if len(r.per_process) > 1]
+    if spread:
+        lines.append(f"- CPU per process, % of one core: {'; '.join(spread)}")
     bad = [r.target.name for r in rows if r.result.non2xx + r.result.socket_errors]
     if bad:
         lines.append(f"- WARNING: errors (non-2xx responses or socket errors) in: "
                      f"{', '.join(bad)}; their rps are not comparable")
     lines.append("- errors: non-2xx responses + socket errors; server CPU: the target's process "
-                 "tree (gateway, nginx proxy master + workers, simulator), % of one core; wrk "
-                 "CPU: the client's")
+                 "tree (gateway and its workers, nginx proxy master + workers, simulator), % of "
+                 "one core; req/CPU-s: requests ÷ those CPU seconds; wrk CPU: the client's")
+    if memory:
+        n = max(m.connections for m in memory)
+        lines += ["", f"Memory at {n:,} idle keep-alive connections (each made one "
+                  f"`GET /api/bench`, the gateway's with the token; the gateway with "
+                  f"`max_connections: {max_connections_for(n)}`):", "", *render_memory(memory)]
     return lines
 
 
@@ -280,6 +416,31 @@ def write_results(path: Path, lines: list[str], meta: dict[str, str], quick: boo
     old = path.read_text() if path.exists() else ""
     runs = old[old.index("\n## ") + 1:] if "\n## " in old else ""
     path.write_text(f"{title}\n{section}\n{runs}".rstrip() + "\n")
+
+
+def median(rounds: list[Row]) -> Row:
+    """The round with the median rps (the higher of two middles), carrying every round's rps.
+    Rounds go through all targets in turn, so outside load that comes and goes touches each
+    target alike instead of skewing the one measured while it lasted."""
+    ranked = sorted(rounds, key=lambda r: r.result.rps)
+    chosen = ranked[len(ranked) // 2]
+    chosen.rps_seen = [r.result.rps for r in rounds]
+    return chosen
+
+
+def workers_auto_target(stack: Stack, args: argparse.Namespace, redis_url: str,
+                        simulator_port: int, upstream_port: int, bearer: list[str]) -> Target:
+    """A second gateway, `workers: auto` (one worker per core, SO_REUSEPORT), for the
+    auth: required route."""
+    port = free_port()
+    try:
+        gateway = stack.gateway("gateway-auto", gateway_config(
+            port, redis_url, f"http://127.0.0.1:{simulator_port}",
+            f"http://127.0.0.1:{upstream_port}", "auto"))
+    except RuntimeError as exc:
+        raise SystemExit(f"the workers: auto gateway did not start: {exc}")
+    return Target(WORKERS_AUTO, f"http://127.0.0.1:{port}/api/bench", gateway.pid, bearer,
+                  redis=True)
 
 
 def main() -> int:
@@ -298,7 +459,15 @@ def main() -> int:
                              "a gateway that knows the key")
     parser.add_argument("--nginx-workers", type=workers_arg, default=str(os.cpu_count() or 1),
                         help="worker_processes of each nginx [one per core]")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every target this many times, in turn; report the "
+                             "median-rps round of each [1]")
     parser.add_argument("--no-login", action="store_true", help="skip the login benchmark")
+    parser.add_argument("--no-workers-auto", action="store_true",
+                        help="skip the second gateway, `workers: auto`")
+    parser.add_argument("--hold", type=int,
+                        help=f"idle keep-alive connections for the memory figures "
+                             f"[{CONNECTIONS:,}; 1,000 with --quick; 0: skip]")
     parser.add_argument("--no-install", action="store_true",
                         help="never apt-get nginx or wrk; fail if missing")
     parser.add_argument("--results", type=Path,
@@ -310,14 +479,24 @@ def main() -> int:
         args.duration = 2 if args.quick else 10
     if args.warmup is None:
         args.warmup = 1 if args.quick else 3
+    if args.hold is None:
+        args.hold = 1000 if args.quick else CONNECTIONS
     if args.duration < 1 or args.warmup < 0 or args.threads < 1 \
-            or args.connections < args.threads:
-        parser.error("need --duration >= 1, --warmup >= 0, 1 <= --threads <= --connections")
+            or args.connections < args.threads or args.hold < 0 \
+            or args.rounds < 1:
+        parser.error("need --duration >= 1, --warmup >= 0, 1 <= --threads <= --connections, "
+                     "--hold >= 0, --rounds >= 1")
     results = None if args.no_results else (args.results or (None if args.quick else RESULTS))
     if not Path("/proc/self/stat").exists():
         print("bench/run.py needs Linux (/proc)", file=sys.stderr)
         return 2
 
+    if args.hold:
+        held = raise_nofile(args.hold)
+        if held < args.hold:
+            print(f"open-file limit: holding {held:,} connections, not {args.hold:,} (raise the "
+                  f"hard limit: ulimit -Hn)", file=sys.stderr)
+            args.hold = held
     tools = install_tools(["nginx", "wrk"], install=not args.no_install)
     nginx, wrk = tools["nginx"], tools["wrk"]
     stop_on_sigterm()
@@ -355,13 +534,20 @@ def main() -> int:
                    Target("gateway required", f"{base}/api/bench", gateway.pid, bearer,
                           redis=True)]
         edges = edge_proxies(stack, nginx, workers, gateway_port, upstream_port)
-        targets += [Target(name, url, proc.pid, bearer, redis=True)
+        # an edge row's servers: its nginx and the gateway answering it
+        targets += [Target(name, url, proc.pid, bearer, redis=True, more_pids=[gateway.pid])
                     for name, (url, proc) in edges.items()]
+        if not args.no_workers_auto and args.workers != "auto":
+            targets.append(workers_auto_target(stack, args, redis.url, simulator_port,
+                                               upstream_port, bearer))
         if not args.no_login:
             targets += [Target("simulator jscode2session", f"http://127.0.0.1:{simulator_port}/",
                                helpers.pid, login_mode="simulator"),
                         Target("gateway login", f"{base}/", gateway.pid, login_mode="gateway",
                                redis=True)]
+        # Measured in the table's order, whatever order they were added in: each row then
+        # follows the same neighbours (warm caches, Redis state) in every run.
+        targets.sort(key=lambda t: ROWS.index(t.name) if t.name in ROWS else len(ROWS))
         for t in targets:
             if t.login_mode is None:
                 check(t.url, t.headers)
@@ -370,16 +556,24 @@ def main() -> int:
         print(f"wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s, "
               f"{args.warmup:g}s warm-up, {len(targets)} targets, {os.cpu_count()} cores",
               flush=True)
-        rows = []
-        for t in targets:
-            row = measure(t, wrk, args, script, redis.url)
-            rows.append(row)
-            print(f"  {t.name:26} {row.result.rps:10,.0f} rps", flush=True)
+        runs: dict[str, list[Row]] = {t.name: [] for t in targets}
+        for n in range(args.rounds):
+            if args.rounds > 1:
+                print(f"round {n + 1} of {args.rounds}", flush=True)
+            for t in targets:
+                row = measure(t, wrk, args, script, redis.url)
+                runs[t.name].append(row)
+                print(f"  {t.name:26} {row.result.rps:10,.0f} rps", flush=True)
+        rows = [median(runs[t.name]) for t in targets]
         if gateway.poll() is not None:
             print(stack.log_tail("gateway"), file=sys.stderr)
             raise SystemExit("the gateway exited during the run")
+        memory = []
+        if args.hold:
+            print(f"memory at {args.hold:,} idle connections ...", flush=True)
+            memory = memory_step(stack, nginx, args.hold, args.workers, args.nginx_workers)
 
-    lines = render(rows, args, meta)
+    lines = render(rows, args, meta, memory)
     print()
     print("\n".join(lines))
     print(f"\n(total {time.monotonic() - started:.0f}s)")
