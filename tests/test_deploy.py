@@ -56,8 +56,10 @@ ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 VENV_BIN = Path(sys.executable).parent
 RUN_TIMEOUT = 60
-# The identity headers the gateway sets (X-WX-Phone with session.store_phone).
-IDENTITY = ("X-WX-OpenID", "X-WX-UnionID", "X-WX-AppID", "X-WX-Phone")
+# The identity headers the gateway sets (X-WX-Phone with session.store_phone, X-WX-CorpID for
+# WeCom users).
+IDENTITY = ("X-WX-OpenID", "X-WX-UnionID", "X-WX-AppID", "X-WX-Phone", "X-MP-Platform",
+            "X-WX-CorpID")
 # The login hook's user headers: set and stripped by the forward-auth recipes too.
 USER_HEADERS = ("X-User-ID", "X-User-Roles")
 
@@ -1589,7 +1591,8 @@ def test_recipes_use_the_gateway_endpoint_names() -> None:
                            "http://127.0.0.1:2")
     from gateway import loader
     headers = loader.parse(defaults, environ={}).identity_headers
-    assert (headers.openid, headers.unionid, headers.appid, headers.phone) == IDENTITY
+    assert (headers.openid, headers.unionid, headers.appid, headers.phone, headers.platform,
+            headers.corpid) == IDENTITY
     nginx = NGINX_TEMPLATE.read_text(encoding="utf-8")
     for name in IDENTITY:
         variable = "$upstream_http_" + name.lower().replace("-", "_")
