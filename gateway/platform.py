@@ -9,12 +9,13 @@ map to the same errors, named after WeChat as the contract names them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping, Protocol
+from typing import Any, Iterator, Mapping, Protocol
 
 import aiohttp
 from yarl import URL
@@ -23,7 +24,6 @@ from .config import App
 from .errors import GatewayError, WeChatError, WeChatTimeout
 from .metrics import Metrics
 
-log = logging.getLogger("gateway.platform")
 MAX_REPLY_BYTES = 64 * 1024
 
 
@@ -61,6 +61,8 @@ class Exchange:
         self._base = api_base
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._metrics = metrics
+        # each platform's failures under its own module's logger (gateway.wechat, gateway.qq)
+        self._log = logging.getLogger(type(self).__module__)
 
     def base(self, app: App) -> URL:
         """Where ``app``'s calls go: its own ``api_base``, else the platform's."""
@@ -70,14 +72,13 @@ class Exchange:
         base = self.base(app)
         return base.with_path(base.path.rstrip("/") + "/" + path.lstrip("/"))
 
-    async def fetch(self, method: str, url: URL, name: str, *,
-                    query: Mapping[str, str] | None = None, json_body: Any = None,
-                    form: Mapping[str, str] | None = None) -> bytes:
-        """The body of a 200 answer to one call, at most MAX_REPLY_BYTES; ``name`` labels it
-        in metrics and logs."""
+    @contextlib.contextmanager
+    def measured(self, name: str) -> Iterator[None]:
+        """Time one call, whole (the exchange and the reading of its reply), in metrics under
+        ``name`` with its outcome: "ok" or the error code it ended in."""
         started, outcome = time.perf_counter(), "ok"
         try:
-            return await self._fetch(method, url, name, query, json_body, form)
+            yield
         except GatewayError as exc:
             outcome = exc.code
             raise
@@ -85,6 +86,13 @@ class Exchange:
             if self._metrics is not None:
                 self._metrics.wechat_seconds.labels(name, outcome).observe(
                     time.perf_counter() - started)
+
+    async def fetch(self, method: str, url: URL, name: str, *,
+                    query: Mapping[str, str] | None = None, json_body: Any = None,
+                    form: Mapping[str, str] | None = None) -> bytes:
+        """The body of a 200 answer to one call, at most MAX_REPLY_BYTES; ``name`` names the
+        call in logs."""
+        return await self._fetch(method, url, name, query, json_body, form)
 
     async def _fetch(self, method: str, url: URL, name: str, query: Mapping[str, str] | None,
                      json_body: Any, form: Mapping[str, str] | None) -> bytes:
@@ -97,17 +105,17 @@ class Exchange:
                 async for chunk in resp.content.iter_chunked(8192):
                     raw += chunk
                     if len(raw) > MAX_REPLY_BYTES:
-                        log.warning("%s %s reply is over %d bytes", who, name, MAX_REPLY_BYTES)
+                        self._log.warning("%s %s reply is over %d bytes", who, name, MAX_REPLY_BYTES)
                         raise WeChatError(f"{who}'s reply was too large")
                 status = resp.status
         except asyncio.TimeoutError:
-            log.warning("%s %s timed out", who, name)
+            self._log.warning("%s %s timed out", who, name)
             raise WeChatTimeout(f"{who} did not answer in time") from None
         except aiohttp.ClientError as exc:
-            log.warning("%s %s unreachable: %s", who, name, type(exc).__name__)
+            self._log.warning("%s %s unreachable: %s", who, name, type(exc).__name__)
             raise WeChatError(f"{who} could not be reached") from None
         if status != 200:
-            log.warning("%s %s answered HTTP %d", who, name, status)
+            self._log.warning("%s %s answered HTTP %d", who, name, status)
             raise WeChatError(f"{who} answered HTTP {status}")
         return bytes(raw)
 
@@ -119,7 +127,7 @@ class Exchange:
         except (ValueError, RecursionError):
             reply = None
         if not isinstance(reply, dict):
-            log.warning("%s %s reply is not a JSON object", self.platform, name)
+            self._log.warning("%s %s reply is not a JSON object", self.platform, name)
             raise WeChatError(f"{self.platform}'s reply was not JSON")
         return reply
 

@@ -99,8 +99,12 @@ class WeChatClient(Exchange):
     async def _call(self, app: App, method: str, path: str, errcodes: Errcodes, *,
                     query: Mapping[str, str] | None = None,
                     body: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        name = path.rsplit("/", 1)[-1]
-        raw = await self.fetch(method, self.url(app, path), name, query=query, json_body=body)
+        with self.measured(path.rsplit("/", 1)[-1]):
+            raw = await self.fetch(method, self.url(app, path), "/" + path, query=query,
+                                   json_body=body)
+            return self._read(path, raw, errcodes)
+
+    def _read(self, path: str, raw: bytes, errcodes: Errcodes) -> dict[str, Any]:
         reply = self.json_object(raw, "/" + path)
         errcode = error_number(reply.get("errcode"))
         if errcode is None:
