@@ -46,6 +46,7 @@ from harness import (APPID, ROOT, SECRET, Stack, free_port, gateway_config,  # n
                      install_tools, login, run_main, stop_on_sigterm, tool_version,
                      tree_cpu_seconds, workers_arg)
 from harness import nginx_proxy_conf, nginx_upstream_conf  # noqa: E402
+import hot  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
@@ -255,6 +256,7 @@ def render(rows: list[Row], args: argparse.Namespace, meta: dict[str, str]) -> l
         lines.append(f"- **Redis commands per authenticated request: {per:.3f}** "
                      f"({detail or 'none'}; `INFO commandstats` delta over the "
                      f"{required.result.requests:,} requests of the gateway required run)")
+    lines += hot.ratios(by)
     logins, sim = by.get("gateway login"), by.get("simulator jscode2session")
     if logins is not None:
         lines.append(f"- **logins/s through the gateway: {logins.result.rps:,.0f}**"
@@ -348,17 +350,21 @@ def main() -> int:
         bearer = [f"Authorization: Bearer {token}"]
 
         nginx_url = f"http://127.0.0.1:{proxy_port}/api/bench"
+        peer_url, peer_pid = hot.start_peer(stack, upstream_port)
         targets = [Target("nginx proxy", nginx_url, proxy.pid),
                    Target("gateway public", f"{base}/public/bench", gateway.pid, redis=True),
                    Target("gateway required", f"{base}/api/bench", gateway.pid, bearer,
-                          redis=True)]
+                          redis=True),
+                   Target(hot.PEER, peer_url, peer_pid),
+                   Target(hot.VERIFY, f"{base}/auth/verify", gateway.pid, bearer, redis=True)]
         if not args.no_login:
             targets += [Target("simulator jscode2session", f"http://127.0.0.1:{simulator_port}/",
                                helpers.pid, login_mode="simulator"),
                         Target("gateway login", f"{base}/", gateway.pid, login_mode="gateway",
                                redis=True)]
-        for t in targets[:3]:
+        for t in targets[:4]:
             check(t.url, t.headers)
+        hot.check_verify(f"{base}/auth/verify", bearer)
         script = stack.dir / "login.lua"
         script.write_text(LOGIN_LUA)
         print(f"wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s, "
