@@ -242,10 +242,14 @@ async def handle(request: web.Request) -> web.StreamResponse:
     deadline = (None if route.timeout is None
                 else asyncio.get_running_loop().time() + route.timeout)
     try:
-        async with asyncio.timeout_at(deadline):
-            upstream = await services.pool.send(
-                route.upstream, request.method, route.base_path + request.raw_path, headers,
-                body, route.connect_timeout, route.read_timeout)
+        sending = services.pool.send(
+            route.upstream, request.method, route.base_path + request.raw_path, headers, body,
+            route.connect_timeout, route.read_timeout)
+        if deadline is None:  # no timeout set: read_timeout alone bounds the wait
+            upstream = await sending
+        else:
+            async with asyncio.timeout_at(deadline):
+                upstream = await sending
     except TimeoutError:
         log.warning("upstream for %s timed out (read_timeout %gs, timeout %s)", route.path,
                     route.read_timeout, route.timeout)
@@ -366,14 +370,17 @@ async def _relay(request: web.Request, upstream: pool.Exchange, deadline: float 
         # A small body is read whole (bounded by its Content-Length) and sent with the
         # headers in one write; an upstream failing mid-body still gets an honest 502.
         try:
-            parts = []
-            while True:
-                async with asyncio.timeout_at(_next_read(deadline, read_timeout)):
-                    chunk = await upstream.body.readany()
-                if not chunk:
-                    break
-                parts.append(chunk)
-            body = b"".join(parts)
+            if upstream.body.is_eof():  # it came with the headers: no wait, no timer
+                body = upstream.body.read_nowait()
+            else:
+                parts = []
+                while True:
+                    async with asyncio.timeout_at(_next_read(deadline, read_timeout)):
+                        chunk = await upstream.body.readany()
+                    if not chunk:
+                        break
+                    parts.append(chunk)
+                body = b"".join(parts)
         except TimeoutError:
             raise UpstreamTimeout("the upstream did not finish its response in time") from None
         except pool.FAILURES:
