@@ -242,14 +242,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
     deadline = (None if route.timeout is None
                 else asyncio.get_running_loop().time() + route.timeout)
     try:
-        sending = services.pool.send(
+        upstream = await services.pool.send(
             route.upstream, request.method, route.base_path + request.raw_path, headers, body,
-            route.connect_timeout, route.read_timeout)
-        if deadline is None:  # no timeout set: read_timeout alone bounds the wait
-            upstream = await sending
-        else:
-            async with asyncio.timeout_at(deadline):
-                upstream = await sending
+            route.connect_timeout, route.read_timeout, deadline)
     except TimeoutError:
         log.warning("upstream for %s timed out (read_timeout %gs, timeout %s)", route.path,
                     route.read_timeout, route.timeout)
