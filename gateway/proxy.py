@@ -194,7 +194,11 @@ def forward_headers(request: web.Request, identity: Identity | None, services: S
     if route.preserve_host and request.host:
         out["Host"] = request.host
     if identity is not None:
-        out.update(identity_headers(identity, config))
+        # the same for every request of this identity under this configuration
+        built = identity.memo.get("headers")
+        if built is None or built[0] is not config:
+            built = identity.memo["headers"] = (config, identity_headers(identity, config))
+        out.update(built[1])
         if services.asserter is not None:
             out[config.identity_assertion.header] = services.asserter.assertion(
                 identity.session, route.audience or route.origin)
@@ -354,7 +358,8 @@ def _next_read(deadline: float | None, read_timeout: float) -> float:
 
 async def _relay(request: web.Request, upstream: pool.Exchange, deadline: float | None,
                  read_timeout: float) -> web.StreamResponse:
-    drop = HOP_BY_HOP | connection_tokens(upstream.headers)
+    named = connection_tokens(upstream.headers)  # mostly "keep-alive": hop-by-hop already
+    drop = HOP_BY_HOP if named <= HOP_BY_HOP else HOP_BY_HOP | named
     headers = CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in drop)
     if any(not v.isascii() and _undecodable(v) for v in headers.values()):
         log.warning("upstream for %s sent a header value that is not UTF-8", request[ROUTE_LABEL])
