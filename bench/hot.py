@@ -48,6 +48,14 @@ def _per_request(row: Any) -> str:
     return f"{sum(row.redis_calls.values()) / max(row.result.requests, 1):.3f}"
 
 
+def _cpu_us(row: Any) -> float | None:
+    """The server's CPU per request, in µs: unlike rps, barely moved by what else runs on
+    the machine's cores at the time."""
+    if row is None or not row.result.requests:
+        return None
+    return float(1e6 * row.server_cpu / row.result.requests)
+
+
 def ratios(by: dict[str, Any]) -> list[str]:
     """The hot path's figures against the peer and nginx, from one run's rows by name."""
     nginx, peer = by.get("nginx proxy"), by.get(PEER)
@@ -59,4 +67,16 @@ def ratios(by: dict[str, Any]) -> list[str]:
             f"- **gateway /auth/verify / gateway_required: {_ratio(verify, required)}** (rps)",
             f"- **p99 added over nginx (gateway required): {added}**",
             f"- **Redis commands per request: required {_per_request(required)}, "
-            f"/auth/verify {_per_request(verify)}**"]
+            f"/auth/verify {_per_request(verify)}**"] + _cpu_lines(by)
+
+
+def _cpu_lines(by: dict[str, Any]) -> list[str]:
+    names = ("nginx proxy", PEER, "gateway public", "gateway required", VERIFY)
+    cpu = {name: _cpu_us(by.get(name)) for name in names}
+    known = [f"{name} {us:.0f}" for name, us in cpu.items() if us is not None]
+    if not known:
+        return []
+    peer, required = cpu[PEER], cpu["gateway required"]
+    versus = (f"; **peer / gateway_required: {peer / required:.2f}** (the rps ratio when "
+              f"neither waits for a core)" if peer and required else "")
+    return [f"- server CPU per request, µs: {', '.join(known)}{versus}"]

@@ -10,11 +10,13 @@ Starts, all on loopback ports (everything is stopped at the end, whatever happen
   ``proxy_set_header Connection ""``, one worker per core unless ``--nginx-workers``),
 * a real ``redis-server`` (``gateway.testing.embedded.EmbeddedRedis``),
 * the WeChat simulator (``gateway.testing.simulator.create_app``) in its own process,
+* the peer (``bench/peer.py``): a plain aiohttp proxy with one ClientSession, no auth,
 * the gateway (``python -m gateway --config <tmp yaml>``) with ``/public/`` (auth: public) and
   ``/api/`` (auth: required) routes to the nginx upstream, login limits off;
 
 logs in once through the gateway, then runs wrk with the same settings against each target,
 each after a warm-up: nginx proxy, gateway public, gateway required (``Authorization: Bearer``),
+the peer, ``/auth/verify`` with the same token (bench/hot.py: these two and their ratios),
 the simulator's ``jscode2session`` alone and ``POST /auth/login`` through the gateway (a distinct
 code per request, from a wrk Lua script). Redis commands per request come from ``INFO
 commandstats`` deltas around each gateway run. Prints one table (rps, p50, p99, errors, Redis
