@@ -166,8 +166,9 @@ class BufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def add(self, line: str, levelno: int) -> None:
         """A formatted line, redacted, to go out in the next batch."""
-        self._lines.append(line)
-        self._size += len(line)
+        with self.lock:  # type: ignore[union-attr]  # re-entrant: emit holds it already
+            self._lines.append(line)
+            self._size += len(line)
         if levelno >= logging.WARNING or self._size >= _BUFFER:
             self.flush()
         elif self._timer is None:
