@@ -161,6 +161,32 @@ def access_for(config: Config, decoded: str, route: Route) -> Access:
     return Access(strictest, tuple(limited), tuple(role_limited))
 
 
+_ROUTED_PATHS = 4096  # paths whose routing is remembered, per configuration...
+_ROUTED_LENGTH = 256  # ...if no longer than this: at most about 2 MB, whatever clients send
+_Routing = tuple[str, tuple[Route, Access] | None]
+_routed: tuple[Config | None, dict[str, _Routing]] = (None, {})
+
+
+def _routing(config: Config, raw_path: str) -> _Routing:
+    """``request_path``, ``route_for`` and ``access_for`` of a path (without its query): a
+    pure function of the path and the configuration, so the answers for the paths clients
+    keep asking are remembered (refused paths raise each time)."""
+    global _routed
+    owner, known = _routed
+    if owner is not config:
+        owner, known = _routed = (config, {})
+    found = known.get(raw_path)
+    if found is None:
+        path = request_path(raw_path)
+        route = config.route_for(path)
+        found = (path, None if route is None else (route, access_for(config, path, route)))
+        if len(raw_path) <= _ROUTED_LENGTH:
+            if len(known) >= _ROUTED_PATHS:
+                known.clear()
+            known[raw_path] = found
+    return found
+
+
 def close_after_upgrade_attempt(request: web.Request, response: web.StreamResponse) -> None:
     """aiohttp's parser treats a connection that asked for an upgrade as taken over, whatever
     the answer, so it can carry no further request: close it after this response."""
@@ -219,12 +245,11 @@ def _undecodable(value: str) -> bool:
 async def handle(request: web.Request) -> web.StreamResponse:
     services = request.app[SERVICES].current
     request[ROUTE_LABEL] = "none"  # until a route matches: never the raw path (cardinality)
-    path = request_path(request.raw_path)
-    route = services.config.route_for(path)
-    if route is None:
+    path, matched = _routing(services.config, request.raw_path.partition("?")[0])
+    if matched is None:
         raise NotFound(f"no route for {path}")
+    route, access = matched
     request[ROUTE_LABEL] = route.label
-    access = access_for(services.config, path, route)
     identity = await _authenticate(request, access)
     headers = forward_headers(request, identity, services, route, request[REQUEST_ID])
     if websocket.is_upgrade(request):
