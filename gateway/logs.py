@@ -266,27 +266,30 @@ def _sole_handler(logger: logging.Logger) -> BufferedHandler | None:
 
 def access_fields(request: web.BaseRequest, response: web.StreamResponse,
                   seconds: float) -> dict[str, Any]:
+    # What the request carries, read once: asking it for a key it lacks raises (and catches)
+    # a KeyError inside, several times a request.
+    state = {key: request[key] for key in request}
     # A request that never reached the app (unparsable HTTP) has no app to look at: only
     # requests our middleware saw carry a request id.
     live, started = None, None
-    if isinstance(request, web.Request) and REQUEST_ID in request:
+    if isinstance(request, web.Request) and REQUEST_ID in state:
         live = request.app[SERVICES] if SERVICES in request.app else None
-        started = request.get(STARTED)
+        started = state.get(STARTED)
     if started is not None:  # perf_counter: aiohttp's own figure ticks in whole ms on uvloop
         seconds = time.perf_counter() - started
-    identity = request.get(IDENTITY)
-    upstream = request.get(UPSTREAM_SECONDS)
+    identity = state.get(IDENTITY)
+    upstream = state.get(UPSTREAM_SECONDS)
     fields: dict[str, Any] = {
-        "request_id": request.get(REQUEST_ID), "method": request.method,
+        "request_id": state.get(REQUEST_ID), "method": request.method,
         # raw: percent-escapes stay escaped, so no control character reaches the log
-        "path": request.get(LOGGED_PATH) or request.raw_path.partition("?")[0][:256],
-        "route": request.get(ROUTE_LABEL), "status": response.status,
+        "path": state.get(LOGGED_PATH) or request.raw_path.partition("?")[0][:256],
+        "route": state.get(ROUTE_LABEL), "status": response.status,
         "duration_ms": round(seconds * 1000, 2),
         "upstream_ms": round(upstream * 1000, 2) if upstream is not None else None,
         "auth": "ok" if identity else ("denied" if response.status in (401, 403) else "none"),
         "appid": identity.session.appid if identity else None}
-    if ADMIN_TOKEN in request:  # which admin token, by its position: never its value
-        fields["admin_token"] = request[ADMIN_TOKEN]
+    if ADMIN_TOKEN in state:  # which admin token, by its position: never its value
+        fields["admin_token"] = state[ADMIN_TOKEN]
     if live is not None and isinstance(request, web.Request):  # not for unparsable requests
         services = live.current
         fields["client_ip"] = client_address(request, services.config)
@@ -299,7 +302,7 @@ def access_fields(request: web.BaseRequest, response: web.StreamResponse,
             fields["openid_hash"] = openid_hash(services.keyring.log_key, identity.session.openid)
     else:
         fields["client_ip"] = request.remote
-    hook = request.get(HOOK_OUTCOME)
+    hook = state.get(HOOK_OUTCOME)
     if hook is not None:
         fields["login_hook"] = hook.result
         fields["login_hook_ms"] = round(hook.seconds * 1000, 2)
