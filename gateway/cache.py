@@ -33,8 +33,8 @@ class Identity:
 
     token: Claims
     session: Session
-    # Answers built from this identity alone (the /auth/verify response): made once, and
-    # gone with the identity when its cache entry is dropped or invalidated.
+    # What is built from this identity alone (the /auth/verify answer, the identity headers):
+    # made once, and gone with the identity when its cache entry is dropped or invalidated.
     memo: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 

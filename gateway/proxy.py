@@ -162,7 +162,7 @@ def access_for(config: Config, decoded: str, route: Route) -> Access:
 
 
 _ROUTED_PATHS = 4096  # paths whose routing is remembered, per configuration...
-_ROUTED_LENGTH = 256  # ...if no longer than this: at most about 2 MB, whatever clients send
+_ROUTED_LENGTH = 256  # ...if no longer than this: a few MB at most, whatever clients send
 _Routing = tuple[str, tuple[Route, Access] | None]
 _routed: tuple[Config | None, dict[str, _Routing]] = (None, {})
 
