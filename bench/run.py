@@ -10,6 +10,7 @@ Starts, all on loopback ports (everything is stopped at the end, whatever happen
   ``proxy_set_header Connection ""``, one worker per core unless ``--nginx-workers``),
 * a real ``redis-server`` (``gateway.testing.embedded.EmbeddedRedis``),
 * the WeChat simulator (``gateway.testing.simulator.create_app``) in its own process,
+* the peer (``bench/peer.py``): a plain aiohttp proxy with one ClientSession, no auth,
 * the gateway (``python -m gateway --config <tmp yaml>``) with ``/public/`` (auth: public) and
   ``/api/`` (auth: required) routes to the nginx upstream, login limits off;
 
@@ -17,7 +18,8 @@ Starts, all on loopback ports (everything is stopped at the end, whatever happen
 
 logs in once through the gateway, then runs wrk with the same settings against each target,
 each after a warm-up: nginx proxy, gateway public, gateway required (``Authorization: Bearer``),
-the same on the ``workers: auto`` gateway, the simulator's ``jscode2session`` alone and ``POST
+the peer and ``/auth/verify`` with the same token (bench/hot.py), the same on the
+``workers: auto`` gateway, the simulator's ``jscode2session`` alone and ``POST
 /auth/login`` through the gateway (a distinct code per request, from a wrk Lua script). Redis
 commands per request come from ``INFO commandstats`` deltas around each gateway run, CPU from
 ``/proc`` for each process of each server. Then measures memory at 10,000 idle keep-alive
@@ -50,6 +52,7 @@ from harness import (APPID, ROOT, SECRET, Stack, free_port, gateway_config,  # n
                      install_tools, login, run_main, stop_on_sigterm, tool_version,
                      workers_arg)
 from harness import nginx_proxy_conf, nginx_upstream_conf  # noqa: E402
+import hot  # noqa: E402
 from connections import (CONNECTIONS, MemoryRow, max_connections_for,  # noqa: E402
                          memory_step, raise_nofile, render_memory, tree_cpu)
 from edge import CACHE_1S, NO_CACHE, edge_proxies  # noqa: E402
@@ -247,10 +250,10 @@ def git(*argv: str) -> str:
 # gateway) lists the others in ``Target.more_pids``: their CPU counts too.
 ROWS = [
     "nginx proxy",                     # nginx as a plain reverse proxy: the limit
-    "peer",                            # an aiohttp app + one ClientSession: what one would write
+    hot.PEER,                          # an aiohttp app + one ClientSession: what one would write
     "gateway public",
     "gateway required",                # one process unless --workers
-    "gateway /auth/verify",
+    hot.VERIFY,
     NO_CACHE,                          # nginx auth_request to /auth/verify on every request
     CACHE_1S,                          # the same, nginx caching the decision per token
     "gateway required, workers auto",
@@ -309,7 +312,7 @@ class Goal:
 
 GOALS = [
     Goal("gateway required / peer (rps)",
-         lambda by: _over(_rps(by, "gateway required"), _rps(by, "peer")), at_least=1.0),
+         lambda by: _over(_rps(by, "gateway required"), _rps(by, hot.PEER)), at_least=1.0),
     Goal("p99 added over nginx proxy, gateway required (ms)", _p99_added, at_most=3.0),
     Goal("auth tax: gateway required / gateway public (rps)",
          lambda by: _over(_rps(by, "gateway required"), _rps(by, "gateway public")),
@@ -317,7 +320,7 @@ GOALS = [
     Goal("Redis commands per authenticated request", _redis_per_request, at_most=0.01,
          digits=3),
     Goal("gateway /auth/verify / gateway required (rps)",
-         lambda by: _over(_rps(by, "gateway /auth/verify"), _rps(by, "gateway required")),
+         lambda by: _over(_rps(by, hot.VERIFY), _rps(by, "gateway required")),
          at_least=2.0),
     Goal("edge, no cache / nginx proxy (rps)",
          lambda by: _over(_rps(by, NO_CACHE), _rps(by, "nginx proxy")), at_least=0.2),
@@ -393,6 +396,7 @@ def render(rows: list[Row], args: argparse.Namespace, meta: dict[str, str],
     spread = [f"{r.target.name}: {_spread(r)}" for r in rows if len(r.per_process) > 1]
     if spread:
         lines.append(f"- CPU per process, % of one core: {'; '.join(spread)}")
+    lines += hot.cpu_lines(by)
     bad = [r.target.name for r in rows if r.result.non2xx + r.result.socket_errors]
     if bad:
         lines.append(f"- WARNING: errors (non-2xx responses or socket errors) in: "
@@ -529,10 +533,13 @@ def main() -> int:
         bearer = [f"Authorization: Bearer {token}"]
 
         nginx_url = f"http://127.0.0.1:{proxy_port}/api/bench"
+        peer_url, peer_pid = hot.start_peer(stack, upstream_port)
         targets = [Target("nginx proxy", nginx_url, proxy.pid),
                    Target("gateway public", f"{base}/public/bench", gateway.pid, redis=True),
                    Target("gateway required", f"{base}/api/bench", gateway.pid, bearer,
-                          redis=True)]
+                          redis=True),
+                   Target(hot.PEER, peer_url, peer_pid),
+                   Target(hot.VERIFY, f"{base}/auth/verify", gateway.pid, bearer, redis=True)]
         edges = edge_proxies(stack, nginx, workers, gateway_port, upstream_port)
         # an edge row's servers: its nginx and the gateway answering it
         targets += [Target(name, url, proc.pid, bearer, redis=True, more_pids=[gateway.pid])
@@ -551,6 +558,7 @@ def main() -> int:
         for t in targets:
             if t.login_mode is None:
                 check(t.url, t.headers)
+        hot.check_verify(f"{base}/auth/verify", bearer)
         script = stack.dir / "login.lua"
         script.write_text(LOGIN_LUA)
         print(f"wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s, "

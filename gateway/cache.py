@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 from redis.exceptions import RedisError
@@ -33,6 +33,9 @@ class Identity:
 
     token: Claims
     session: Session
+    # What is built from this identity alone (the /auth/verify answer, the identity headers):
+    # made once, and gone with the identity when its cache entry is dropped or invalidated.
+    memo: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 class SessionCache:

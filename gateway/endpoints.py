@@ -9,6 +9,7 @@ import time
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
+from multidict import CIMultiDictProxy
 
 from . import expectation, userdata
 from .auth import Identity, bearer_token, identity_headers
@@ -187,10 +188,22 @@ async def session(request: web.Request) -> web.Response:
 
 
 async def verify(request: web.Request) -> web.Response:
-    identity = await _identity(request)
-    response = json_response(_session_body(identity))
-    response.headers.update(identity_headers(identity, request.app[SERVICES].current.config))
-    return response
+    services = request.app[SERVICES].current
+    token = bearer_token(request.headers.getall("Authorization", []))
+    hit = services.authenticator.cached(token) if token is not None else None
+    # as on proxied requests: the cache's answer without a coroutine; a miss asks Redis
+    identity = hit or await services.authenticator.authenticate(token, fresh=True)
+    request[IDENTITY] = identity
+    config = services.config
+    # Forward-auth callers ask once per request of theirs: the answer depends on the identity
+    # and the configuration only, so it is built once per cached identity.
+    built = identity.memo.get("verify")
+    if built is None or built[0] is not config:
+        first = json_response(_session_body(identity))
+        first.headers.update(identity_headers(identity, config))
+        assert isinstance(first.body, bytes)
+        built = identity.memo["verify"] = (config, first.body, CIMultiDictProxy(first.headers))
+    return web.Response(body=built[1], headers=built[2])
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -93,15 +93,17 @@ class Pool:
 
     async def send(self, origin: URL, method: str, target: str, headers: CIMultiDict[str],
                    body: Body, connect_timeout: float,
-                   read_timeout: float | None = None) -> Exchange:
+                   read_timeout: float | None = None,
+                   deadline: float | None = None) -> Exchange:
         """Send ``method target`` to ``origin`` and read the response's status and headers.
 
         ``headers`` go as given (plus ``Host`` when absent, and ``Transfer-Encoding: chunked``
         for a streamed body without ``Content-Length``). Once connected, ``read_timeout`` is the
         longest silence allowed until the response's headers: each chunk of a streamed body
         written upstream restarts it, so a slow upload that keeps moving is not cut, while an
-        upstream that neither reads nor answers is (TimeoutError). The caller may bound the
-        whole exchange with its own timeout and must ``release()`` the result.
+        upstream that neither reads nor answers is (TimeoutError). ``deadline`` (the loop's
+        clock) bounds all of it, connecting included, on the same timers: one per exchange
+        rather than one more around it. The caller must ``release()`` the result.
         """
         assert origin.host is not None and origin.port is not None
         key = (origin.scheme, origin.host, origin.port)
@@ -115,10 +117,10 @@ class Pool:
             conn = self._take(key)
             reused = conn is not None
             if conn is None:
-                conn = await self._connect(key, connect_timeout)
+                conn = await self._connect(key, connect_timeout, deadline)
             try:
                 return await self._exchange(conn, key, method, head, headers, body,
-                                            read_timeout)
+                                            read_timeout, deadline)
             except BaseException as exc:
                 conn.close()
                 # TimeoutError is an OSError, but a silent upstream is not one that closed
@@ -143,14 +145,19 @@ class Pool:
 
     async def _exchange(self, conn: ResponseHandler, key: _Key, method: str, head: str,
                         headers: CIMultiDict[str], body: Body,
-                        read_timeout: float | None) -> Exchange:
+                        read_timeout: float | None, deadline: float | None) -> Exchange:
         loop = asyncio.get_running_loop()
+
+        def silence_ends(client_turn: bool = False) -> float | None:
+            at = None if client_turn or read_timeout is None else loop.time() + read_timeout
+            return deadline if at is None else at if deadline is None else min(at, deadline)
+
         conn.set_response_params(skip_payload=method == "HEAD", read_until_eof=True,
                                  auto_decompress=False)
         writer = StreamWriter(conn, loop)
         sender = None
         answered = False
-        async with asyncio.timeout(read_timeout) as silence:
+        async with asyncio.timeout_at(silence_ends()) as silence:
 
             def progress(client_turn: bool = False) -> None:
                 # nginx's proxy_send_timeout, at the read timeout's value: silence is measured
@@ -158,8 +165,8 @@ class Pool:
                 # outlive this block when the upstream answers early). While the next bytes
                 # are awaited from the client, the upstream is owed nothing: that wait is
                 # client_body_timeout's (and the route's timeout's) to bound.
-                if not answered and read_timeout is not None:
-                    silence.reschedule(None if client_turn else loop.time() + read_timeout)
+                if not answered and (read_timeout is not None or deadline is not None):
+                    silence.reschedule(silence_ends(client_turn))
 
             if isinstance(body, StreamReader):
                 if "Content-Length" not in headers:
@@ -192,7 +199,8 @@ class Pool:
         return Exchange(message.code, message.reason, message.headers, payload, conn, self,
                         key, sender)
 
-    async def _connect(self, key: _Key, timeout: float) -> ResponseHandler:
+    async def _connect(self, key: _Key, timeout: float,
+                       deadline: float | None = None) -> ResponseHandler:
         scheme, host, port = key
         tls = None
         if scheme == "https":
@@ -200,7 +208,8 @@ class Pool:
                 self._tls = ssl.create_default_context()
             tls = self._tls
         loop = asyncio.get_running_loop()
-        async with asyncio.timeout(timeout):
+        at = loop.time() + timeout
+        async with asyncio.timeout_at(at if deadline is None else min(at, deadline)):
             _, conn = await loop.create_connection(lambda: ResponseHandler(loop), host, port,
                                                    ssl=tls)
         return conn

@@ -161,6 +161,32 @@ def access_for(config: Config, decoded: str, route: Route) -> Access:
     return Access(strictest, tuple(limited), tuple(role_limited))
 
 
+_ROUTED_PATHS = 4096  # paths whose routing is remembered, per configuration...
+_ROUTED_LENGTH = 256  # ...if no longer than this: a few MB at most, whatever clients send
+_Routing = tuple[str, tuple[Route, Access] | None]
+_routed: tuple[Config | None, dict[str, _Routing]] = (None, {})
+
+
+def _routing(config: Config, raw_path: str) -> _Routing:
+    """``request_path``, ``route_for`` and ``access_for`` of a path (without its query): a
+    pure function of the path and the configuration, so the answers for the paths clients
+    keep asking are remembered (refused paths raise each time)."""
+    global _routed
+    owner, known = _routed
+    if owner is not config:
+        owner, known = _routed = (config, {})
+    found = known.get(raw_path)
+    if found is None:
+        path = request_path(raw_path)
+        route = config.route_for(path)
+        found = (path, None if route is None else (route, access_for(config, path, route)))
+        if len(raw_path) <= _ROUTED_LENGTH:
+            if len(known) >= _ROUTED_PATHS:
+                known.clear()
+            known[raw_path] = found
+    return found
+
+
 def close_after_upgrade_attempt(request: web.Request, response: web.StreamResponse) -> None:
     """aiohttp's parser treats a connection that asked for an upgrade as taken over, whatever
     the answer, so it can carry no further request: close it after this response."""
@@ -194,7 +220,11 @@ def forward_headers(request: web.Request, identity: Identity | None, services: S
     if route.preserve_host and request.host:
         out["Host"] = request.host
     if identity is not None:
-        out.update(identity_headers(identity, config))
+        # the same for every request of this identity under this configuration
+        built = identity.memo.get("headers")
+        if built is None or built[0] is not config:
+            built = identity.memo["headers"] = (config, identity_headers(identity, config))
+        out.update(built[1])
         if services.asserter is not None:
             out[config.identity_assertion.header] = services.asserter.assertion(
                 identity.session, route.audience or route.origin)
@@ -215,12 +245,11 @@ def _undecodable(value: str) -> bool:
 async def handle(request: web.Request) -> web.StreamResponse:
     services = request.app[SERVICES].current
     request[ROUTE_LABEL] = "none"  # until a route matches: never the raw path (cardinality)
-    path = request_path(request.raw_path)
-    route = services.config.route_for(path)
-    if route is None:
+    path, matched = _routing(services.config, request.raw_path.partition("?")[0])
+    if matched is None:
         raise NotFound(f"no route for {path}")
+    route, access = matched
     request[ROUTE_LABEL] = route.label
-    access = access_for(services.config, path, route)
     identity = await _authenticate(request, access)
     headers = forward_headers(request, identity, services, route, request[REQUEST_ID])
     if websocket.is_upgrade(request):
@@ -242,10 +271,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
     deadline = (None if route.timeout is None
                 else asyncio.get_running_loop().time() + route.timeout)
     try:
-        async with asyncio.timeout_at(deadline):
-            upstream = await services.pool.send(
-                route.upstream, request.method, route.base_path + request.raw_path, headers,
-                body, route.connect_timeout, route.read_timeout)
+        upstream = await services.pool.send(
+            route.upstream, request.method, route.base_path + request.raw_path, headers, body,
+            route.connect_timeout, route.read_timeout, deadline)
     except TimeoutError:
         log.warning("upstream for %s timed out (read_timeout %gs, timeout %s)", route.path,
                     route.read_timeout, route.timeout)
@@ -355,7 +383,8 @@ def _next_read(deadline: float | None, read_timeout: float) -> float:
 
 async def _relay(request: web.Request, upstream: pool.Exchange, deadline: float | None,
                  read_timeout: float) -> web.StreamResponse:
-    drop = HOP_BY_HOP | connection_tokens(upstream.headers)
+    named = connection_tokens(upstream.headers)  # mostly "keep-alive": hop-by-hop already
+    drop = HOP_BY_HOP if named <= HOP_BY_HOP else HOP_BY_HOP | named
     headers = CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in drop)
     if any(not v.isascii() and _undecodable(v) for v in headers.values()):
         log.warning("upstream for %s sent a header value that is not UTF-8", request[ROUTE_LABEL])
@@ -366,14 +395,17 @@ async def _relay(request: web.Request, upstream: pool.Exchange, deadline: float 
         # A small body is read whole (bounded by its Content-Length) and sent with the
         # headers in one write; an upstream failing mid-body still gets an honest 502.
         try:
-            parts = []
-            while True:
-                async with asyncio.timeout_at(_next_read(deadline, read_timeout)):
-                    chunk = await upstream.body.readany()
-                if not chunk:
-                    break
-                parts.append(chunk)
-            body = b"".join(parts)
+            if upstream.body.is_eof():  # it came with the headers: no wait, no timer
+                body = upstream.body.read_nowait()
+            else:
+                parts = []
+                while True:
+                    async with asyncio.timeout_at(_next_read(deadline, read_timeout)):
+                        chunk = await upstream.body.readany()
+                    if not chunk:
+                        break
+                    parts.append(chunk)
+                body = b"".join(parts)
         except TimeoutError:
             raise UpstreamTimeout("the upstream did not finish its response in time") from None
         except pool.FAILURES:

@@ -27,7 +27,7 @@ naming the one that changed; pyproject.toml pins aiohttp's minor release for the
   are answered 431, other parse errors 400;
 - ``StreamWriter.output_size``: whether an answer has begun (no 408 or JSON error after it);
 - ``UrlMappingMatchInfo({}, route)``, ``add_app``, ``freeze`` and ``web.Request._match_info``
-  (the dispatcher): proxied requests skip the router with one prebuilt match;
+  (the dispatcher): proxied requests and `/auth/verify` skip the router, one prebuilt match each;
 - ``web.BaseRequest._version``/``_cache`` (``_refuse_version``): an HTTP/0.9 request is answered
   in HTTP/1.1, and ``version`` is a cached property.
 """
@@ -51,7 +51,7 @@ from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from aiohttp.web_urldispatcher import UrlMappingMatchInfo
 
-from . import proxy
+from . import endpoints, proxy
 from .admin import create_admin_app
 from .app import create_app, error_response, pipeline
 from .state import IN_FLIGHT, TLS_CONTEXT
@@ -472,21 +472,37 @@ def dispatcher(app: web.Application, routed: Callable[[web.BaseRequest], Awaitab
         return routed
     endpoint_paths = frozenset(r.resource.canonical for r in app.router.routes()
                                if r.resource is not None and r is not catch_all)
-    match_info = UrlMappingMatchInfo({}, catch_all)
-    match_info.add_app(app)
-    match_info.freeze()
+    match_info = _prebuilt_match(app, catch_all)
+    # /auth/verify is asked once per request by forward-auth callers: it skips the router
+    # too, unless an Expect header needs the router's expect handler.
+    verify = next(r for r in app.router.routes() if r.handler is endpoints.verify)
+    assert verify.resource is not None
+    verify_path, verify_match = verify.resource.canonical, _prebuilt_match(app, verify)
 
     async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
         assert isinstance(request, web.Request)  # the app's request_factory makes them
         if request.version not in (HttpVersion10, HttpVersion11):
             return _refuse_version(request)
         # path_safe: what the router itself matches endpoints on
-        if request.rel_url.path_safe in endpoint_paths:
+        path = request.rel_url.path_safe
+        if path in endpoint_paths:
+            if path == verify_path and "Expect" not in request.headers:
+                request._match_info = verify_match
+                return await pipeline(request, endpoints.verify)
             return await routed(request)
         request._match_info = match_info  # what the router would have set; request.app needs it
         return await pipeline(request, proxy.handle)
 
     return dispatch
+
+
+def _prebuilt_match(app: web.Application, route: web.AbstractRoute) -> UrlMappingMatchInfo:
+    """What the router would set on a request for ``route`` (a path without parameters):
+    one frozen match shared by every such request."""
+    match_info = UrlMappingMatchInfo({}, route)
+    match_info.add_app(app)
+    match_info.freeze()
+    return match_info
 
 
 def _refuse_version(request: web.Request) -> web.StreamResponse:

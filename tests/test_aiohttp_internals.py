@@ -64,7 +64,7 @@ INTERNALS: dict[str, tuple[str, str]] = {
         "gateway/server.py, gateway/proxy.py", "tells whether an answer has begun; proxy.py "
                                                "resets it after 100 Continue, as aiohttp does"),
     "UrlMappingMatchInfo(match_dict, route)/add_app/freeze": (
-        "gateway/server.py dispatcher", "proxied requests skip the router with a prebuilt match"),
+        "gateway/server.py dispatcher", "proxied requests and /auth/verify skip the router with a prebuilt match"),
     "web.Request._match_info": (
         "gateway/server.py dispatcher", "set where the router would; request.app reads it"),
     "web.BaseRequest._version/_cache": (

@@ -52,7 +52,7 @@ def test_rows_come_in_the_release_order_with_a_dash_for_each_one_not_measured() 
     names = [r[0] for r in table]
     assert names == [*bench.ROWS, "a row of someone's own"]
     by = {r[0]: r for r in table}
-    assert by["peer"][1:] == ["-"] * 8
+    assert by[bench.hot.PEER][1:] == ["-"] * 8
     assert by[bench.CACHE_1S][1:] == ["-"] * 8
     assert by["nginx proxy"][1] == "40,000"
     # 400,000 requests for 5 CPU-seconds of master + workers

@@ -9,7 +9,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from conftest import Upstream
+from checks import expect_error, metric_samples, value
+from conftest import APPID, Upstream
 from process import Launch
 
 pytestmark = pytest.mark.timeout(120)
@@ -41,3 +42,61 @@ async def test_endpoints_and_proxy_paths_are_told_apart_as_the_router_would(
     # Proxied requests still reach the metrics, labelled by route, not by raw path.
     assert 'wxgw_requests_total{route="/public/",status="200"} 1.0' in text
     assert 'wxgw_requests_total{route="none",status="404"} 1.0' in text
+
+
+async def test_verify_skips_the_router_yet_answers_as_the_router_did(
+        launch: Launch, config_dict: dict[str, Any]) -> None:
+    gw = await launch(config_dict)
+    async with aiohttp.ClientSession() as http:
+        await gw.wait_healthy(http)
+        login = await gw.login()
+        bearer = {"Authorization": f"Bearer {login['token']}"}
+        answers = []
+        # The answer is built once per identity: the second must be the first, but for its
+        # own request id. Forward-auth callers may send the original method; HEAD has no body.
+        for method, path in (("GET", "/auth/verify"), ("GET", "/auth/verify"),
+                             ("POST", "/auth/verify"), ("GET", "/auth/verif%79")):
+            async with http.request(method, f"{gw.url}{path}", headers=bearer) as resp:
+                assert resp.status == 200, await resp.text()
+                assert resp.headers["Content-Type"] == "application/json; charset=utf-8"
+                assert resp.headers["X-WX-OpenID"] == login["openid"]
+                assert resp.headers["X-WX-AppID"] == APPID
+                answers.append((await resp.json(), resp.headers["X-Request-ID"]))
+        bodies, request_ids = zip(*answers)
+        assert all(body == bodies[0] for body in bodies), bodies
+        assert bodies[0]["openid"] == login["openid"] and bodies[0]["appid"] == APPID
+        assert len(set(request_ids)) == len(request_ids), request_ids
+        async with http.head(f"{gw.url}/auth/verify", headers=bearer) as resp:
+            assert resp.status == 200
+            assert resp.headers["X-WX-OpenID"] == login["openid"]
+            assert await resp.read() == b""
+        # An Expect header still goes through the router's expect handler.
+        async with http.get(f"{gw.url}/auth/verify",
+                            headers={**bearer, "Expect": "100-continue"}) as resp:
+            assert resp.status == 200
+            assert resp.headers["X-WX-OpenID"] == login["openid"]
+        async with http.get(f"{gw.url}/auth/verify", headers={"Expect": "bogus"}) as resp:
+            await expect_error(resp, 417, "expectation_failed")
+        async with http.get(f"{gw.url}/auth/verify") as resp:
+            await expect_error(resp, 401, "unauthorized")
+            assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+            assert "X-WX-OpenID" not in resp.headers
+        # A client's own identity headers never come back as the verified ones.
+        async with http.get(f"{gw.url}/auth/verify",
+                            headers={**bearer, "X-WX-OpenID": "forged"}) as resp:
+            assert resp.headers.getall("X-WX-OpenID") == [login["openid"]]
+        async with http.post(f"{gw.url}/auth/logout", headers=bearer) as resp:
+            assert resp.status == 204
+        # The prebuilt answer went with the session.
+        async with http.get(f"{gw.url}/auth/verify", headers=bearer) as resp:
+            await expect_error(resp, 401, "unauthorized")
+            assert "X-WX-OpenID" not in resp.headers
+        async with http.get(f"{gw.url}/metrics") as resp:
+            samples = metric_samples(await resp.text())
+    assert value(samples, "wxgw_requests_total", route="/auth/verify", status="200") == 7
+    assert value(samples, "wxgw_requests_total", route="/auth/verify", status="401") == 2
+    assert value(samples, "wxgw_requests_total", route="/auth/verify", status="417") == 1
+    access = await gw.wait_for_line(
+        lambda line: "gateway.access" in line and "/auth/verif" in line, count=10)
+    assert len(access) == 10, access
+    assert sum("route=/auth/verify" in line and "auth=ok" in line for line in access) == 7

@@ -41,6 +41,7 @@ from checks import is_json, parse_json_lines, parse_lines
 from conftest import APPID, Upstream
 from gateway.testing import simulator
 from gateway import logs
+from gateway.config import LoggingConfig
 from gateway.testing.embedded import EmbeddedRedis, free_port
 from gateway.keys import Keyring
 from process import Client, GatewayProcess, Launch, Sent, launch_with_client
@@ -706,3 +707,54 @@ async def test_sigterm_writes_every_buffered_access_line(
     assert await gw.exit_code(within=15) == 0
     paths = {line["path"] for line in access_lines(gw)}
     assert {f"/public/n{i}" for i in range(50)} <= paths
+
+
+@pytest.mark.parametrize("formatter", [logs.TextFormatter(), logs.JsonFormatter()],
+                         ids=["text", "json"])
+def test_an_access_line_made_without_a_record_is_the_line_the_record_makes(
+        formatter: logs.TextFormatter | logs.JsonFormatter) -> None:
+    fields = {"request_id": "r1", "method": "GET", "path": "/api/caf%C3%A9", "route": "/api/",
+              "status": 200, "duration_ms": 1.25, "upstream_ms": None, "auth": "ok",
+              "appid": APPID, "client_ip": "127.0.0.1", "note": "é \"quoted\""}
+    for created in (1_700_000_000.0, 1_700_000_000.999, time.time()):
+        record = logging.LogRecord(logs.ACCESS, logging.INFO, __file__, 1, "%s %s %s",
+                                   ("GET", "/api/caf%C3%A9", 200), None)
+        record.created, record.msecs = created, logs._msecs(created)
+        setattr(record, "fields", fields)
+        direct = formatter.line(created, logs._msecs(created), "INFO", logs.ACCESS,
+                                "GET /api/caf%C3%A9 200", fields)
+        assert direct == formatter.format(record)
+    # the ms logging itself gives a record of that time
+    now = logging.LogRecord("x", logging.INFO, __file__, 1, "m", (), None)
+    assert logs._msecs(now.created) == int(now.msecs)
+    # None fields are left out of text lines, kept as null in JSON ones
+    assert ("upstream_ms" in direct) == isinstance(formatter, logs.JsonFormatter)
+
+
+def test_access_lines_go_through_logging_when_anything_else_listens() -> None:
+    root, access = logging.getLogger(), logging.getLogger(logs.ACCESS)
+    saved = root.handlers[:], root.level
+    try:
+        logs.setup(LoggingConfig())
+        handler = root.handlers[0]
+        assert logs._sole_handler(access) is handler
+        listener = logging.NullHandler()
+        for logger in (root, logging.getLogger("gateway"), access):
+            logger.addHandler(listener)
+            assert logs._sole_handler(access) is None, logger.name
+            logger.removeHandler(listener)
+        drop_all = logging.Filter("nothing")
+        for filtered in (access, handler, root):
+            filtered.addFilter(drop_all)
+            assert logs._sole_handler(access) is None
+            filtered.removeFilter(drop_all)
+        logs.setup(LoggingConfig(level="warning"))
+        assert logs._sole_handler(access) is None  # no access lines at all
+        logs.setup(LoggingConfig(format="json"))
+        assert logs._sole_handler(access) is root.handlers[0]
+    finally:
+        for old in root.handlers[:]:
+            root.removeHandler(old)
+        for old in saved[0]:
+            root.addHandler(old)
+        root.setLevel(saved[1])

@@ -39,8 +39,10 @@ from werkzeug.wrappers import Request as WerkzeugRequest
 from werkzeug.wrappers import Response as WerkzeugResponse
 
 from checks import expect_error
-from conftest import (APPID, APPID2, TWO_APPS, GatewayFactory, Upstream, closed_port_url, login,
-                      uvicorn_serving)
+from conftest import (APPID, APPID2, TWO_APPS, GatewayFactory, Upstream, base_config,
+                      closed_port_url, login, uvicorn_serving)
+from gateway import loader, proxy
+from gateway.errors import InvalidPath
 from gateway.testing.embedded import free_port
 from packages import debian_package
 from process import Launcher, child_env
@@ -504,3 +506,27 @@ async def test_a_fragment_is_refused_before_an_upstream_cuts_it_off(
     for target in ("/pub/admin#x", "/pub/admin#", "/pub/admin#/../x", "/pub/adm%69n#x"):
         await expect_error(await raw_request(gw, "GET", target), 400, "invalid_path")
     assert (await raw_request(gw, "GET", "/pub/x?y=#z")).body == b"other"
+
+
+def test_remembered_routing_is_per_configuration_bounded_and_never_for_refused_paths() -> None:
+    def config(auth: str) -> Any:
+        data = base_config("redis://127.0.0.1:1/0", "wxgw:", "http://127.0.0.1:1",
+                           "http://127.0.0.1:2")
+        data["routes"][0]["auth"] = auth
+        return loader.parse(data, environ={})
+
+    required, public = config("required"), config("public")
+    path, matched = proxy._routing(required, "/api/x")
+    assert path == "/api/x" and matched is not None and matched[1].auth == "required"
+    # the same path under another configuration is decided by that one
+    assert (matched := proxy._routing(public, "/api/x")[1]) and matched[1].auth == "public"
+    assert proxy._routing(public, "/nowhere")[1] is None
+    for _ in range(2):  # refused every time, never remembered as anything else
+        with pytest.raises(InvalidPath):
+            proxy._routing(public, "/api/../admin")
+    for i in range(proxy._ROUTED_PATHS + 10):
+        proxy._routing(public, f"/api/{i}")
+    long = "/api/" + "a" * proxy._ROUTED_LENGTH
+    assert proxy._routing(public, long)[0] == long
+    owner, known = proxy._routed
+    assert owner is public and len(known) <= proxy._ROUTED_PATHS and long not in known

@@ -213,6 +213,9 @@ async def test_identity_header_names_change(launch: Launch, make_config: Any,
                           expect=200)
         assert upstream.last.header("X-WX-OpenID") == [openid]
         assert upstream.last.header("X-Member-Id") == [forged]  # not an identity header yet
+        # /auth/verify's answer, built once per identity, is not served after the reload
+        verify = await client.call("GET", "/auth/verify", token=token, expect=200)
+        assert verify.headers.get("X-WX-OpenID") == openid
 
         new = copy.deepcopy(data)
         new["identity_headers"] = {"openid": "X-Member-Id", "appid": "X-Member-App"}
