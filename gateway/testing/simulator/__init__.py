@@ -53,7 +53,7 @@ from typing import Mapping
 
 from aiohttp import web
 
-from . import wechat
+from . import douyin, wechat
 
 PLATFORMS = ("wechat", "wecom", "qq", "douyin", "alipay")
 from .core import (CALLS, STATE, SimulatorState, encrypt_user_data, openid_for, phone_for,
@@ -73,6 +73,7 @@ def create_app(apps: Mapping[str, str], *, single_use: bool = False,
                                 force_interval=force_interval, platforms=dict(platforms or {}))
     app[CALLS] = Counter()
     wechat.add_routes(app)
+    douyin.add_routes(app)
     return app
 
 
