@@ -9,6 +9,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -309,3 +310,20 @@ async def test_session_key_check_is_not_on_douyin(gw: TestClient, sim: TestServe
     body = await expect_error(resp, 400, "not_on_platform")
     assert "douyin" in body["message"]
     assert sim.app[simulator.CALLS]["checksession"] == 0
+
+
+async def test_simulator_answers_as_douyin_does(sim: TestServer) -> None:
+    url = f"http://127.0.0.1:{sim.port}/api/apps/v2/jscode2session"
+    body = {"appid": DOUYIN_APPID, "secret": DOUYIN_SECRET}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(url, json={**body, "code": "d-1"}) as resp:
+            assert resp.content_type == "application/json"
+            ok = await resp.json()
+        async with http.post(url, json={**body, "code": "errcode-40018-x"}) as resp:
+            bad = await resp.json()
+        async with http.post(url, json={**body, "anonymous_code": "a-1"}) as resp:
+            anonymous = await resp.json()
+    assert ok["err_no"] == 0 and ok["data"]["openid"] == simulator.openid_for(DOUYIN_APPID, "d-1")
+    assert bad["err_no"] == 40018 and isinstance(bad["err_tips"], str)
+    assert anonymous["err_no"] == 0 and anonymous["data"]["openid"] == ""
+    assert anonymous["data"]["anonymous_openid"]
