@@ -5,8 +5,10 @@ decrypted with the session_key, and what the upstream receives."""
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -327,3 +329,19 @@ async def test_simulator_answers_as_douyin_does(sim: TestServer) -> None:
     assert bad["err_no"] == 40018 and isinstance(bad["err_tips"], str)
     assert anonymous["err_no"] == 0 and anonymous["data"]["openid"] == ""
     assert anonymous["data"]["anonymous_openid"]
+
+
+def documented_failures(platform: str) -> list[tuple[str, int, str]]:
+    """docs/simulator.md's rows for ``platform``: (code, login status, error)."""
+    page = (Path(__file__).resolve().parent.parent / "docs" / "simulator.md").read_text("utf-8")
+    rows = [(m.group(1), int(m.group(2)), m.group(3)) for m in re.finditer(
+        rf"^\| {platform} \| `([a-z0-9-]+-x)` \| [^|]+ \| (\d{{3}}) `(\w+)`", page, re.M)]
+    assert len(rows) >= 4, rows
+    return rows
+
+
+async def test_the_documented_douyin_failure_codes_give_the_documented_answers(
+        gw: TestClient) -> None:
+    for code, status, error in documented_failures("douyin"):
+        resp = await gw.post("/auth/login", json={"appid": DOUYIN_APPID, "code": code + fresh()})
+        await expect_error(resp, status, error)

@@ -15,6 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from checks import expect_error
 from conftest import APPID, SECRET, GatewayFactory, Upstream, bearer, fresh, login
 from gateway.testing import simulator
+from test_douyin import documented_failures
 from test_login import ScriptedWeChat, text_plain
 from test_profile import login_as, userdata
 
@@ -230,3 +231,9 @@ async def test_simulator_answers_a_qq_appid_as_qq_does(sim: TestServer) -> None:
             again = json.loads(await resp.text())
     assert first["errcode"] == 0 and first["openid"] == simulator.openid_for(QQ_APPID, "q-1")
     assert again["errcode"] == 40029  # used once: QQ has no "code been used" errcode
+
+
+async def test_the_documented_qq_failure_codes_give_the_documented_answers(gw: TestClient) -> None:
+    for code, status, error in documented_failures("qq"):
+        resp = await gw.post("/auth/login", json={"appid": QQ_APPID, "code": code + fresh()})
+        await expect_error(resp, status, error)

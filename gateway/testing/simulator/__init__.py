@@ -40,6 +40,12 @@ A code asks for a failure by its prefix (login and phone codes alike):
 =====================  ===================================================================
 
 With ``single_use=True`` a login code works once and then gets errcode 40163, as on WeChat.
+
+Other platforms' apps (``platforms``, or ``--app PLATFORM:APPID:SECRET``) are answered their
+platform's way: a QQ appid at ``/sns/jscode2session`` as QQ does (``simulator/qq.py``), Douyin's
+``POST /api/apps/v2/jscode2session`` (``simulator/douyin.py``). The prefixes above work there
+with the platform's own numbers; ``app-<appid>-...`` is a code another app's login gave, which
+every other app refuses as an invalid code.
 """
 
 from __future__ import annotations
