@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from checks import expect_error
 from conftest import APPID, SECRET, GatewayFactory, Served, Upstream, bearer, fresh, login
 from gateway.testing import simulator
+from test_config import minimal, problems, with_problem
 from test_profile import login_as, userdata
 
 DOUYIN_APPID = "tt5daf2b12c2857910"
@@ -181,7 +182,8 @@ async def scripted(aiohttp_server: Any) -> ScriptedDouyin:
 
 async def test_published_success_example_logs_in(make_gateway: GatewayFactory,
                                                  scripted: ScriptedDouyin) -> None:
-    scripted.reply = {"err_no": 0, "err_tips": "success", "data": {
+    scripted.reply = {"err_no": 0, "err_tips": "success", "log_id": "2024102117013250E8ABC6F2D070B",
+                      "data": {
         "session_key": "hZy6t19VPjFqm********", "openid": "V3xoQ3Z3OmQvHT******",
         "anonymous_openid": "", "unionid": "f7510d9ab***********"}}
     gw2 = await make_gateway(apps=apps(scripted.url))
@@ -345,3 +347,27 @@ async def test_the_documented_douyin_failure_codes_give_the_documented_answers(
     for code, status, error in documented_failures("douyin"):
         resp = await gw.post("/auth/login", json={"appid": DOUYIN_APPID, "code": code + fresh()})
         await expect_error(resp, status, error)
+
+
+async def test_long_code_with_dashes_logs_in(gw: TestClient) -> None:
+    # tt.login codes seen in the wild run to 123 characters with '-' inside
+    code = ("T9loKB1gsyl92x5s7wiTwKteJgeA5Pjq21JNWPtXfx1BUXz0PIzl2ruw2fnPjc9VDA97LlXkKvQW6qTM-"
+            "0jUNN-frfnVZ5nBluYdVos3FJw8mGe0iaH" + uuid.uuid4().hex[:8])
+    assert len(code) == 123
+    body = await login(gw, code, appid=DOUYIN_APPID)
+    assert body["openid"] == simulator.openid_for(DOUYIN_APPID, code)
+
+
+@pytest.mark.parametrize("platform", ["tiktok", "Douyin", "toutiao", "bytedance"])
+def test_a_platform_the_gateway_does_not_know_is_a_config_error(platform: str) -> None:
+    data = minimal()
+    data["apps"] = [{"appid": APPID, "secret": SECRET},
+                    {"appid": DOUYIN_APPID, "secret": DOUYIN_SECRET, "platform": platform}]
+    with_problem(problems(data), "apps[1].platform", "douyin")
+
+
+def test_a_wecom_key_on_a_douyin_app_is_a_config_error() -> None:
+    data = minimal()
+    data["apps"] = [{"appid": DOUYIN_APPID, "secret": DOUYIN_SECRET, "platform": "douyin",
+                     "corpid": "ww1234567890abcdef"}]
+    with_problem(problems(data), "apps[0].corpid", "wecom", "douyin")
