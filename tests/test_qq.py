@@ -15,6 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from checks import expect_error
 from conftest import APPID, SECRET, GatewayFactory, Upstream, bearer, fresh, login
 from gateway.testing import simulator
+from process import Launch, launch_with_client
 from test_douyin import documented_failures
 from test_login import ScriptedWeChat, text_plain
 from test_profile import login_as, userdata
@@ -237,3 +238,20 @@ async def test_the_documented_qq_failure_codes_give_the_documented_answers(gw: T
     for code, status, error in documented_failures("qq"):
         resp = await gw.post("/auth/login", json={"appid": QQ_APPID, "code": code + fresh()})
         await expect_error(resp, status, error)
+
+
+async def test_a_real_gateway_process_serves_qq_and_wechat_apps(
+        launch: Launch, config_dict: dict[str, Any], sim: TestServer,
+        upstream: Upstream) -> None:
+    base = f"http://127.0.0.1:{sim.port}"
+    data = {**config_dict, "wechat": {"api_base": base, "timeout": "2s"}, "apps": apps(base)}
+    async with aiohttp.ClientSession() as http:
+        _, client = await launch_with_client(launch, data, http)
+        for appid, platform in ((QQ_APPID, "qq"), (APPID, "wechat")):
+            session = (await client.login(fresh(), appid=appid)).json()
+            await client.call("GET", "/api/me", token=session["token"], route="/api/",
+                              auth="required", headers={"X-MP-Platform": "forged"},
+                              appid=appid, openid=session["openid"], upstream=True, expect=200)
+            assert upstream.last.header("X-MP-Platform") == [platform]
+            assert upstream.last.header("X-WX-OpenID") == [session["openid"]]
+        await client.login(f"errcode-45011-{fresh()}", appid=QQ_APPID, expect=429)
