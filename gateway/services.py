@@ -24,6 +24,7 @@ from .sessions import SessionStore
 from .session_tokens import TokenCodec
 from .platform import Login
 from .wechat import WeChatClient
+from . import douyin, qq
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +65,9 @@ class Services:
         codec = TokenCodec(keyring, tuple(a.appid for a in config.apps))
         wechat = WeChatClient(c.wechat_http, config.wechat.api_base, config.wechat.timeout,
                               c.metrics)
+        timeout = config.wechat.timeout
+        qq_login = qq.QQClient(c.wechat_http, qq.API_BASE, timeout, c.metrics)
+        douyin_login = douyin.DouyinClient(c.wechat_http, douyin.API_BASE, timeout, c.metrics)
         return cls(
             config=config, pool=c.pool, http=c.http, wechat=wechat, keyring=keyring, sessions=store,
             tokens=codec, authenticator=Authenticator(codec, store, c.cache), metrics=c.metrics,
@@ -72,7 +76,8 @@ class Services:
                                        lock_ttl=2 * config.wechat.timeout + 1,
                                        force_refresh=config.wechat.force_refresh),
             limiter=LoginLimiter(c.redis, config.redis.key_prefix, config.rate_limit),
-            asserter=_asserter(config), logins={"wechat": wechat},
+            asserter=_asserter(config), logins={"wechat": wechat, "qq": qq_login,
+                                                    "douyin": douyin_login},
             login_hook=(LoginHook(c.hook_http, config.login_hook, c.metrics)
                         if config.login_hook is not None and c.hook_http is not None
                         else None))

@@ -14,10 +14,18 @@ from .crypto import decrypt as decrypt_user_data
 from .crypto import signature_matches
 
 MAX_CODE_LENGTH = 128
+# Platforms whose getPhoneNumber hands the mini-program encryptedData+iv under the session_key
+# (no code to exchange): the number is user data, read with /auth/decrypt.
+PHONE_BY_DECRYPTION = frozenset({"qq", "douyin"})
 
 
 async def phone(s: Services, identity: Identity, body: dict[str, Any]) -> dict[str, Any]:
     code = _string(body, "code", MAX_CODE_LENGTH)
+    platform = _app(s, identity).platform
+    if platform in PHONE_BY_DECRYPTION:
+        raise NotOnPlatform(f"phone numbers by code (/auth/phone) are not available on platform "
+                            f"{platform}: send getPhoneNumber's encrypted_data and iv to "
+                            f"/auth/decrypt")
     app = _wechat_app(s, identity, "phone numbers by code (/auth/phone)")
     info = await s.access_tokens.call(app, lambda token: s.wechat.phone_number(app, token, code))
     watermark = info.get("watermark")

@@ -11,6 +11,7 @@ import sys
 
 import aiohttp
 
+from gateway.testing.demo import DEMO_APPID, DOUYIN_APPID
 from gateway.testing.embedded import free_port
 from packages import debian_package
 
@@ -42,9 +43,19 @@ async def test_demo_serves_login_and_protected_call_then_stops_cleanly() -> None
         base = f"http://127.0.0.1:{port}"
         assert f"curl -s -X POST {base}/auth/login".encode() in banner
         async with aiohttp.ClientSession() as http:
-            async with http.post(f"{base}/auth/login", json={"code": "alice"}) as resp:
+            async with http.post(f"{base}/auth/login",
+                                 json={"appid": DEMO_APPID, "code": "alice"}) as resp:
                 assert resp.status == 200
                 login = await resp.json()
+            async with http.post(f"{base}/auth/login",
+                                 json={"appid": DOUYIN_APPID, "code": "alice"}) as resp:
+                assert resp.status == 200
+                douyin = await resp.json()
+            async with http.get(f"{base}/api/me",
+                                headers={"Authorization": f"Bearer {douyin['token']}",
+                                         "X-MP-Platform": "wechat"}) as resp:
+                assert resp.status == 200
+                echoed_douyin = await resp.json()
             async with http.get(f"{base}/api/orders?page=1",
                                 headers={"Authorization": f"Bearer {login['token']}",
                                          "X-WX-OpenID": "forged"}) as resp:
@@ -62,6 +73,11 @@ async def test_demo_serves_login_and_protected_call_then_stops_cleanly() -> None
         assert echoed["headers"]["X-User-ID"] == f"u-{login['openid'][:8]}"
         assert echoed["headers"]["X-User-Roles"] == "user"
         assert "Authorization" not in echoed["headers"]
+        # two platforms side by side: each user arrives with their own
+        assert echoed["headers"]["X-MP-Platform"] == "wechat"
+        assert echoed_douyin["headers"]["X-MP-Platform"] == "douyin"
+        assert echoed_douyin["headers"]["X-WX-OpenID"] == douyin["openid"] != login["openid"]
+        assert echoed_douyin["headers"]["X-WX-AppID"] == DOUYIN_APPID
         proc.send_signal(signal.SIGINT)
         async with asyncio.timeout(15):
             assert await proc.wait() == 0
@@ -99,6 +115,8 @@ async def test_every_printed_command_answers_as_the_walkthrough_says_when_pasted
             out.decode())
         assert len(statuses) == len(steps), err.decode()
         assert "X-WX-OpenID" in out.decode() and "forged" not in out.decode()
+        assert '"X-MP-Platform": "wechat"' in out.decode()
+        assert '"X-MP-Platform": "douyin"' in out.decode()
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGINT)

@@ -1,6 +1,6 @@
 """``python -m gateway.testing.demo``: the whole gateway on one machine, nothing to install or sign up for.
 
-Starts an embedded Redis, the WeChat simulator, a login hook (the app's own user directory)
+Starts an embedded Redis, the simulator (a WeChat and a Douyin mini-program), a login hook (the app's own user directory)
 and an echo upstream that shows the headers it receives, then the gateway in front of them,
 and prints curl commands to try it.
 """
@@ -25,6 +25,9 @@ from .embedded import EmbeddedRedis, free_port
 
 DEMO_APPID = "wxdemo0000000001"
 DEMO_SECRET = "demo-secret"
+# A second platform beside WeChat, in the same gateway: a Douyin (ByteDance) mini-program.
+DOUYIN_APPID = "ttdemo0000000001"
+DOUYIN_SECRET = "demo-douyin-secret"
 
 
 def echo_app() -> web.Application:
@@ -70,7 +73,9 @@ def demo_config(redis_url: str, api_base: str, upstream: str, listen: str,
         "listen": listen,
         "redis": {"url": redis_url, "key_prefix": "wxgw-demo:"},
         "wechat": {"api_base": api_base, "timeout": "5s"},
-        "apps": [{"appid": DEMO_APPID, "secret": DEMO_SECRET}],
+        "apps": [{"appid": DEMO_APPID, "secret": DEMO_SECRET},
+                 {"appid": DOUYIN_APPID, "secret": DOUYIN_SECRET, "platform": "douyin",
+                  "api_base": api_base}],
         "session": {"signing_keys": [secrets.token_urlsafe(32)], "ttl": "1h",
                     "store_phone": True},
         "routes": [
@@ -89,7 +94,9 @@ async def run(host: str, port: int) -> None:
     with EmbeddedRedis(persist=False) as redis:
         wechat_port, upstream_port, hook_port = free_port(), free_port(), free_port()
         runners = [
-            await _serve(simulator.create_app({DEMO_APPID: DEMO_SECRET}), "127.0.0.1", wechat_port),
+            await _serve(simulator.create_app({DEMO_APPID: DEMO_SECRET, DOUYIN_APPID: DOUYIN_SECRET},
+                                              platforms={DOUYIN_APPID: "douyin"}),
+                         "127.0.0.1", wechat_port),
             await _serve(echo_app(), "127.0.0.1", upstream_port),
             await _serve(hook_app(), "127.0.0.1", hook_port)]
         config = demo_config(redis.url, f"http://127.0.0.1:{wechat_port}",
@@ -108,24 +115,31 @@ def _instructions(base: str, wechat: str) -> str:
     # Every command works pasted in order into one shell: they share $TOKEN, so logging out
     # comes last. The "# NNN" after each is the HTTP status it answers (the demo's test runs
     # them as printed and checks it).
-    appid = DEMO_APPID
+    appid, douyin = DEMO_APPID, DOUYIN_APPID
     token = "python3 -c 'import json,sys; print(json.load(sys.stdin)[\"token\"])'"
     return f"""
 wx-gateway demo is running on {base}
-  Redis: embedded   WeChat: built-in simulator   upstream: echo server (shows what it receives)
+  Redis: embedded   WeChat and Douyin: built-in simulator   upstream: echo server (shows what
+  it receives)   apps: {appid} (WeChat), {douyin} (Douyin)
   login hook: every user gets X-User-ID and the role "user"
   routes: /api/ (auth: required)  /public/ (auth: public)  /maybe/ (auth: optional)
           /admin/ (auth: required, role admin)
 
 Paste these into one shell, in order (the number after # is the HTTP status to expect):
 
-1. Log in with any code (the simulator turns each code into a stable fake user):
-   curl -s -X POST {base}/auth/login -H 'Content-Type: application/json' -d '{{"code": "alice"}}'  # 200
+1. Log in to the WeChat app with any code (the simulator turns each code into a stable fake
+   user):
+   curl -s -X POST {base}/auth/login -H 'Content-Type: application/json' -d '{{"appid": "{appid}", "code": "alice"}}'  # 200
 
 2. Call a protected route with the token (the upstream sees X-WX-OpenID, X-User-ID and
    X-User-Roles from the login hook, never the token):
-   TOKEN=$(curl -s -X POST {base}/auth/login -d '{{"code": "alice"}}' | {token})  # 200
+   TOKEN=$(curl -s -X POST {base}/auth/login -d '{{"appid": "{appid}", "code": "alice"}}' | {token})  # 200
    curl -s '{base}/api/orders?page=1' -H "Authorization: Bearer $TOKEN"  # 200
+
+   The same gateway serves a Douyin mini-program: its code (tt.login) goes to Douyin, and the
+   upstream sees X-MP-Platform: douyin instead of wechat:
+   DOUYIN=$(curl -s -X POST {base}/auth/login -d '{{"appid": "{douyin}", "code": "bob"}}' | {token})  # 200
+   curl -s '{base}/api/orders?page=1' -H "Authorization: Bearer $DOUYIN"  # 200
 
 3. Without a token, with forged identity headers, without the role a route needs:
    curl -s -i {base}/api/orders  # 401
@@ -151,7 +165,8 @@ Paste these into one shell, in order (the number after # is the HTTP status to e
    curl -s -i {base}/auth/session -H "Authorization: Bearer $TOKEN"  # 401
 
 WeChat errors on request: code "errcode-40029-x" (invalid code), "errcode-40226-x" (blocked),
-"errcode-45011-x" (rate limited), "errcode--1-x" (busy), "slow-6000-x" (timeout).
+"errcode-45011-x" (rate limited), "errcode--1-x" (busy), "slow-6000-x" (timeout); Douyin's
+invalid code is "errcode-40018-x".
 Press Ctrl+C to stop.
 """
 

@@ -40,6 +40,12 @@ A code asks for a failure by its prefix (login and phone codes alike):
 =====================  ===================================================================
 
 With ``single_use=True`` a login code works once and then gets errcode 40163, as on WeChat.
+
+Other platforms' apps (``platforms``, or ``--app PLATFORM:APPID:SECRET``) are answered their
+platform's way: a QQ appid at ``/sns/jscode2session`` as QQ does (``simulator/qq.py``), Douyin's
+``POST /api/apps/v2/jscode2session`` (``simulator/douyin.py``). The prefixes above work there
+with the platform's own numbers; ``app-<appid>-...`` is a code another app's login gave, which
+every other app refuses as an invalid code.
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ from typing import Mapping
 
 from aiohttp import web
 
-from . import wechat
+from . import douyin, wechat
 
 PLATFORMS = ("wechat", "wecom", "qq", "douyin", "alipay")
 from .core import (CALLS, STATE, SimulatorState, encrypt_user_data, openid_for, phone_for,
@@ -73,6 +79,7 @@ def create_app(apps: Mapping[str, str], *, single_use: bool = False,
                                 force_interval=force_interval, platforms=dict(platforms or {}))
     app[CALLS] = Counter()
     wechat.add_routes(app)
+    douyin.add_routes(app)
     return app
 
 

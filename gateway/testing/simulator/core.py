@@ -140,3 +140,23 @@ def current_token(state: SimulatorState, appid: str, now: float) -> tuple[str, f
     token = f"AT.{appid}.{base64.urlsafe_b64encode(os.urandom(12)).decode()}"
     state.tokens[token] = (appid, now + state.token_ttl)
     return token, now + state.token_ttl
+
+
+def asked_error(code: str) -> int | str | None:
+    """The error number an ``errcode-<N>-`` (int) or ``errstr-<S>-`` (string) code asks for,
+    for platforms whose replies name it otherwise than WeChat's ``errcode``."""
+    text = _ERRSTR.match(code)
+    if text:
+        return text.group(1)
+    match = _PREFIXED.match(code)
+    return int(match.group(2)) if match and match.group(1) == "errcode" else None
+
+
+_FOR_APP = re.compile(r"^app-([^-]+)-")
+
+
+def for_other_app(code: str, appid: str) -> bool:
+    """An ``app-<appid>-...`` code is one another app's ``login()`` gave: every platform refuses
+    it for any other appid, as an invalid code."""
+    match = _FOR_APP.match(code)
+    return match is not None and match.group(1) != appid

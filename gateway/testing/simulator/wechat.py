@@ -10,6 +10,7 @@ import time
 
 from aiohttp import web
 
+from . import qq
 from .core import (CALLS, STATE, current_token, encrypt_user_data, fault, openid_for, phone_for,
                    reply, session_key_for, token_app, unionid_for)
 
@@ -23,6 +24,8 @@ def add_routes(app: web.Application) -> None:
 
 
 async def jscode2session(request: web.Request) -> web.StreamResponse:
+    if request.app[STATE].platform(request.query.get("appid", "")) == "qq":
+        return await qq.jscode2session(request)  # QQ's login is WeChat's path on its own host
     request.app[CALLS]["jscode2session"] += 1
     state, q = request.app[STATE], request.query
     appid, secret, code = q.get("appid", ""), q.get("secret", ""), q.get("js_code", "")
