@@ -38,6 +38,10 @@ class DouyinClient(Exchange):
     platform = "Douyin"
 
     async def code2session(self, app: App, code: str) -> Code2Session:
+        with self.measured("douyin.jscode2session"):
+            return await self._code2session(app, code)
+
+    async def _code2session(self, app: App, code: str) -> Code2Session:
         # Only ``code``: tt.login gives it to users logged in to the host app. An
         # ``anonymous_code`` alone yields only ``anonymous_openid``, a device, not a user, and
         # the gateway does not make sessions for it.

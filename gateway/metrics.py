@@ -30,7 +30,7 @@ class Metrics:
             "wxgw_logins", "Login attempts by outcome (ok or the error code)", ["outcome"],
             registry=self.registry)
         self.wechat_seconds = Histogram(
-            "wxgw_wechat_duration_seconds", "WeChat API calls by endpoint and outcome",
+            "wxgw_wechat_duration_seconds", "Calls to WeChat's (and the other platforms') server APIs by endpoint and outcome",
             ["endpoint", "outcome"], buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.login_hook_seconds = Histogram(
             "wxgw_login_hook_duration_seconds", "Calls to the login hook, answered or not",

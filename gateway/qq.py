@@ -31,6 +31,10 @@ class QQClient(Exchange):
     platform = "QQ"
 
     async def code2session(self, app: App, code: str) -> Code2Session:
+        with self.measured("qq.jscode2session"):
+            return await self._code2session(app, code)
+
+    async def _code2session(self, app: App, code: str) -> Code2Session:
         raw = await self.fetch("GET", self.url(app, "sns/jscode2session"), "jscode2session",
                                query={"appid": app.appid, "secret": app.secret, "js_code": code,
                                       "grant_type": "authorization_code"})

@@ -56,6 +56,17 @@ async def test_login_gives_a_qq_session(gw: TestClient, sim: TestServer) -> None
     assert calls(sim) == 1 and calls(sim, "jscode2session") == 0
 
 
+async def test_qq_calls_are_timed_under_their_own_name(gw: TestClient) -> None:
+    await login(gw, appid=QQ_APPID)
+    resp = await gw.post("/auth/login", json={"appid": QQ_APPID, "code": "errcode-40029-x"})
+    await expect_error(resp, 401, "invalid_code")
+    text = await (await gw.get("/metrics")).text()
+    for outcome in ("ok", "invalid_code"):
+        assert ('wxgw_wechat_duration_seconds_count{endpoint="qq.jscode2session",'
+                f'outcome="{outcome}"}} 1.0') in text, outcome
+    assert 'endpoint="jscode2session"' not in text
+
+
 async def test_upstream_receives_the_qq_identity_and_never_a_forged_one(
         gw: TestClient, upstream: Upstream) -> None:
     session = await login(gw, appid=QQ_APPID)
