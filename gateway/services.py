@@ -24,6 +24,7 @@ from .sessions import SessionStore
 from .session_tokens import TokenCodec
 from .platform import Login
 from .wechat import WeChatClient
+from .wecom import WECOM_API, WeComClient, WeComLogin
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +65,10 @@ class Services:
         codec = TokenCodec(keyring, tuple(a.appid for a in config.apps))
         wechat = WeChatClient(c.wechat_http, config.wechat.api_base, config.wechat.timeout,
                               c.metrics)
+        wecom = WeComClient(c.wechat_http, WECOM_API, config.wechat.timeout, c.metrics)
+        wecom_tokens = AccessTokens(c.redis, config.redis.key_prefix, keyring, None,
+                                    lock_ttl=config.wechat.timeout + 1, fetch=wecom.gettoken,
+                                    namespace="wecom_access_token")
         return cls(
             config=config, pool=c.pool, http=c.http, wechat=wechat, keyring=keyring, sessions=store,
             tokens=codec, authenticator=Authenticator(codec, store, c.cache), metrics=c.metrics,
@@ -72,7 +77,8 @@ class Services:
                                        lock_ttl=2 * config.wechat.timeout + 1,
                                        force_refresh=config.wechat.force_refresh),
             limiter=LoginLimiter(c.redis, config.redis.key_prefix, config.rate_limit),
-            asserter=_asserter(config), logins={"wechat": wechat},
+            asserter=_asserter(config),
+            logins={"wechat": wechat, "wecom": WeComLogin(wecom, wecom_tokens)},
             login_hook=(LoginHook(c.hook_http, config.login_hook, c.metrics)
                         if config.login_hook is not None and c.hook_http is not None
                         else None))
