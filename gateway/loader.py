@@ -442,7 +442,7 @@ class _ConfigReader(Reader):
     def platform_keys(self, key: str, values: Mapping[str, Any]) -> bool:
         """The keys an app's platform needs are there, and no key of another platform."""
         platform = values["platform"]
-        if platform == "wecom" and not values["corpid"]:
+        if platform == "wecom" and values["corpid"] is None:
             self.fail(f"{key}.corpid", "is required when platform is wecom")
             return False
         if platform != "wecom" and values["corpid"] is not None:
