@@ -21,6 +21,9 @@ It answers, like WeChat (JSON labelled ``text/plain``):
 - ``POST /wxa/business/getuserphonenumber``: a stable fake phone number per code.
 - ``GET /wxa/checksession``: errcode 87009 unless the signature matches the user's current
   session_key (``SimulatorState.revoke_session_key`` makes it stale).
+- For an app on platform ``wecom`` (``--app wecom:APPID:SECRET``, its corp ``--corpid
+  APPID=CORPID`` or derived: ``corpid_for(appid)``): WeCom's ``GET /cgi-bin/gettoken`` and
+  ``GET /cgi-bin/miniprogram/jscode2session`` (``testing/simulator/wecom.py``).
 - ``GET /_simulator/userdata?appid=&code=``: not WeChat's: what a mini-program would get from
   ``wx.getUserInfo`` for that login code (``encrypted_data``, ``iv``, ``raw_data``,
   ``signature``), to try ``/auth/decrypt`` and ``/auth/check-signature`` by hand.

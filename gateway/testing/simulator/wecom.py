@@ -28,7 +28,8 @@ async def gettoken(request: web.Request) -> web.StreamResponse:
     appid = next((a for a in apps if state.apps[a] == secret), None)
     if appid is None:
         return web.json_response({"errcode": 40001, "errmsg": "invalid credential"})
-    # "有效期内重复获取返回相同结果,过期后获取会返回新的access_token"
+    # "有效期内重复获取返回相同结果,过期后获取会返回新的access_token" (获取access_token); like
+    # WeChat's, the next token is issued a little before the current one expires.
     now = time.time()
     token, expires = current_token(state, appid, now)
     return web.json_response({"errcode": 0, "errmsg": "ok", "access_token": token,
