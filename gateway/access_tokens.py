@@ -63,9 +63,11 @@ class AccessTokens:
     def __init__(self, client: aioredis.Redis, key_prefix: str, keyring: Keyring,
                  wechat: WeChatClient | None, lock_ttl: float, force_refresh: bool = True, *,
                  fetch: Callable[[App], Awaitable[AccessToken]] | None = None,
-                 namespace: str = "access_token") -> None:
+                 namespace: str = "access_token",
+                 scope: Callable[[App], str] | None = None) -> None:
         """WeChat's tokens from ``wechat``; or, with ``wechat`` None, another platform's from
-        ``fetch``, kept under ``namespace`` (no forced refresh)."""
+        ``fetch``, kept under ``namespace`` (no forced refresh). ``scope(app)`` names whose
+        token it is in keys (default: the appid)."""
         if wechat is None and fetch is None:
             raise ValueError("AccessTokens needs the WeChat client or a fetch")
         self._redis = client
@@ -74,6 +76,7 @@ class AccessTokens:
         self._wechat = wechat
         self._normal = fetch if fetch is not None else self._stable_token
         self._namespace = namespace
+        self._scope = scope if scope is not None else _appid
         self._lock_ttl = lock_ttl
         self._force_refresh = force_refresh
         self._release = client.register_script(_RELEASE)
@@ -127,7 +130,7 @@ class AccessTokens:
         return await asyncio.shield(flight)
 
     async def _refresh(self, app: App, rejected: str | None) -> str:
-        lock = f"{self._prefix}{self._namespace}_lock:{app.appid}"
+        lock = f"{self._prefix}{self._namespace}_lock:{self._scope(app)}"
         owner = secrets.token_hex(16)
         deadline = time.monotonic() + self._lock_ttl * 2
         while True:
@@ -203,11 +206,15 @@ class AccessTokens:
         return cached if time.time() < cached.expires_at else None
 
     def _force_key(self, app: App) -> str:
-        return f"{self._prefix}{self._namespace}_force:{app.appid}"
+        return f"{self._prefix}{self._namespace}_force:{self._scope(app)}"
 
     def _key(self, app: App) -> str:
-        return f"{self._prefix}{self._namespace}:{app.appid}"
+        return f"{self._prefix}{self._namespace}:{self._scope(app)}"
 
     def _context(self, app: App) -> bytes:
-        return f"{self._namespace}/{app.appid}".encode()
+        return f"{self._namespace}/{self._scope(app)}".encode()
+
+
+def _appid(app: App) -> str:
+    return app.appid
 

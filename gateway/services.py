@@ -24,7 +24,7 @@ from .sessions import SessionStore
 from .session_tokens import TokenCodec
 from .platform import Login
 from .wechat import WeChatClient
-from .wecom import WECOM_API, WeComClient, WeComLogin
+from .wecom import WECOM_API, WeComClient, WeComLogin, corp_app
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +68,7 @@ class Services:
         wecom = WeComClient(c.wechat_http, WECOM_API, config.wechat.timeout, c.metrics)
         wecom_tokens = AccessTokens(c.redis, config.redis.key_prefix, keyring, None,
                                     lock_ttl=config.wechat.timeout + 1, fetch=wecom.gettoken,
-                                    namespace="wecom_access_token")
+                                    namespace="wecom_access_token", scope=corp_app)
         return cls(
             config=config, pool=c.pool, http=c.http, wechat=wechat, keyring=keyring, sessions=store,
             tokens=codec, authenticator=Authenticator(codec, store, c.cache), metrics=c.metrics,

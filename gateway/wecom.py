@@ -12,6 +12,7 @@ developer.work.weixin.qq.com/document/path/91039). The reply names the user by `
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, Awaitable, Callable, Mapping, Protocol, TypeVar
 
 from yarl import URL
@@ -21,7 +22,7 @@ from .errors import GatewayError, InvalidCode, RateLimited, WeChatError, WeChatU
 from .platform import Code2Session, Exchange, error_number, text
 from .wechat import AccessToken, AccessTokenRejected
 
-__all__ = ["WECOM_API", "WeComClient", "WeComLogin"]
+__all__ = ["WECOM_API", "WeComClient", "WeComLogin", "corp_app"]
 log = logging.getLogger("gateway.wecom")
 WECOM_API = URL("https://qyapi.weixin.qq.com")
 Errcodes = Mapping[int, tuple[type[GatewayError], str]]
@@ -53,6 +54,10 @@ _LOGIN: Errcodes = {
 # for 42001/40001/40014 ("企业微信可能会出于运营需要,提前使access_token失效,开发者应实现
 # access_token失效时重新获取的逻辑", 获取access_token).
 TOKEN_REJECTED = frozenset({40014, 42001, 40001})
+# A member's UserID is 1 to 64 bytes of letters, digits and "_-@." ("创建成员",
+# developer.work.weixin.qq.com/document/path/90195); any printable ASCII is let through, in case
+# older accounts differ, but no space, control character or anything longer.
+_USERID = re.compile(r"[!-~]{1,64}")
 
 
 class TokenCalls(Protocol):
@@ -87,6 +92,11 @@ class WeComClient(Exchange):
             log.warning("WeCom jscode2session reply for appid %s lacks userid/session_key",
                         app.appid)
             raise WeChatError("WeCom's reply had no userid or session_key")
+        if not _USERID.fullmatch(userid):
+            # It becomes the openid header and the token's subject: nothing else gets through.
+            log.warning("WeCom jscode2session reply for appid %s has a malformed userid",
+                        app.appid)
+            raise WeChatError("WeCom's reply had a malformed userid")
         corpid = reply.get("corpid")
         if corpid != app.corpid:
             # The token is the configured corp's, so WeCom answers that corp's users; any other
@@ -114,6 +124,12 @@ class WeComClient(Exchange):
                                                       f"WeCom answered errcode {errcode}")
             raise kind(message)
         return reply
+
+
+def corp_app(app: App) -> str:
+    """Whose token a WeCom app's is, in cache keys: a token of the corp an app was configured
+    with before a reload must not serve it after (it would answer for the other corp)."""
+    return f"{app.corpid}/{app.appid}"
 
 
 class WeComLogin:

@@ -168,6 +168,16 @@ async def test_token_rejected_but_still_handed_out_fails_503_without_looping(
     assert calls(sim, "wecom_jscode2session") == 2
 
 
+async def test_a_token_of_the_previously_configured_corp_is_not_reused(
+        make_gateway: GatewayFactory, sim: TestServer) -> None:
+    assert (await wecom_login(await make_gateway(apps=[wecom_app(sim_url(sim))]))).status == 200
+    # The mini-program now belongs to another corp, and the configuration says so.
+    sim.app[simulator.STATE].corpids[WECOM_APPID] = "ww1111111111111111"
+    moved = await make_gateway(apps=[wecom_app(sim_url(sim), corpid="ww1111111111111111")])
+    assert (await wecom_login(moved)).status == 200
+    assert calls(sim, "wecom_gettoken") == 2
+
+
 @pytest.mark.parametrize("override, says", [
     ({"secret": "wrong-secret"}, "secret"),  # gettoken errcode 40001
     ({"corpid": "ww9999999999999999"}, "corpid"),  # gettoken errcode 40013
@@ -244,6 +254,9 @@ async def test_documented_error_reply(make_gateway: GatewayFactory,
     {"errcode": 0, "errmsg": "ok", "userid": "USERID", "session_key": "a2V5"},  # no corpid
     {"errcode": 0, "errmsg": "ok", "corpid": "corpid", "userid": "USERID", "session_key": "a2V5"},
     {"errcode": 0, "errmsg": "ok", "corpid": "CORPID", "userid": "USERID"},  # no session_key
+    {"errcode": 0, "corpid": "CORPID", "userid": "a\r\nX-WX-CorpID: ww1", "session_key": "a2V5"},
+    {"errcode": 0, "corpid": "CORPID", "userid": "u" * 65, "session_key": "a2V5"},
+    {"errcode": 0, "corpid": "CORPID", "userid": "Zhang San", "session_key": "a2V5"},
     {"errcode": True, "corpid": "CORPID", "userid": "USERID", "session_key": "a2V5"},
     ["not", "an", "object"],
 ])
