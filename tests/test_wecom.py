@@ -315,3 +315,11 @@ def test_check_accepts_a_wecom_app(tmp_path: Path) -> None:
     result = run(["--config", str(write_config(tmp_path / "gw.yaml", data)), "--check"],
                  tmp_path)
     assert result.returncode == 0, result.stderr
+
+
+def test_check_names_an_unknown_platform(tmp_path: Path) -> None:
+    data = valid_config(apps=[{**wecom_app("http://127.0.0.1:1"), "platform": "wework"}])
+    result = run(["--config", str(write_config(tmp_path / "gw.yaml", data)), "--check"],
+                 tmp_path)
+    assert_problems(result, ["apps[0].platform"])
+    assert "wework" in result.stderr
