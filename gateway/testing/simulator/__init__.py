@@ -56,15 +56,16 @@ from typing import Mapping
 
 from aiohttp import web
 
-from . import wechat, wecom
+from . import wechat
+from . import wecom
 
 PLATFORMS = ("wechat", "wecom", "qq", "douyin", "alipay")
-from .core import (CALLS, STATE, SimulatorState, corpid_for, encrypt_user_data, openid_for,
-                   phone_for, session_key_for, unionid_for)
+from .core import (CALLS, STATE, SimulatorState, encrypt_user_data, openid_for, phone_for,
+                   session_key_for, unionid_for)
+from .core import corpid_for
 
-__all__ = ["CALLS", "STATE", "SimulatorState", "corpid_for", "create_app", "encrypt_user_data",
-           "main",
-           "openid_for", "phone_for", "serve", "session_key_for", "unionid_for"]
+__all__ = ["CALLS", "STATE", "SimulatorState", "create_app", "encrypt_user_data", "main",
+           "openid_for", "phone_for", "serve", "session_key_for", "unionid_for", "corpid_for"]
 
 
 def create_app(apps: Mapping[str, str], *, single_use: bool = False,
