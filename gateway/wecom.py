@@ -51,8 +51,8 @@ _LOGIN: Errcodes = {
     40163: (InvalidCode, "the login code has already been used"),
 }
 # The token itself is bad: refresh it and try once more, as WxJava's BaseWxCpServiceImpl does
-# for 42001/40001/40014 ("企业微信可能会出于运营需要,提前使access_token失效,开发者应实现
-# access_token失效时重新获取的逻辑", 获取access_token).
+# for WxConsts.ACCESS_TOKEN_ERROR_CODES (40001, 40014, 42001). WeCom: "企业微信可能会出于运营
+# 需要,提前使access_token失效,开发者应实现access_token失效时重新获取的逻辑" (获取access_token).
 TOKEN_REJECTED = frozenset({40014, 42001, 40001})
 # A member's UserID is 1 to 64 bytes of letters, digits and "_-@." ("创建成员",
 # developer.work.weixin.qq.com/document/path/90195); any printable ASCII is let through, in case
