@@ -14,6 +14,10 @@ within 30 s of the previous one ("获取稳定版接口调用凭据", developers
 api/base/api_getstableaccesstoken.html). So it is used only when normal mode hands back the very
 token just rejected, at most once per ``FORCE_INTERVAL`` per appid for the whole deployment, and
 never when ``wechat.force_refresh`` is false; otherwise the call fails with 503.
+
+Another platform's corp or app token (WeCom's ``gettoken``) goes through the same cache and lock
+under its own key ``namespace``, with its ``fetch`` in place of ``stable_token``; such a platform
+has no forced refresh, so a rejected token it keeps handing out fails the call with 503.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from .config import App
 from .errors import GatewayError, WeChatUnavailable
 from .keys import Keyring
 from .store import guarded
-from .wechat import AccessTokenRejected, WeChatClient
+from .wechat import AccessToken, AccessTokenRejected, WeChatClient
 
 log = logging.getLogger("gateway.access_tokens")
 REFRESH_AT = 0.8
@@ -57,11 +61,22 @@ class _Cached:
 
 class AccessTokens:
     def __init__(self, client: aioredis.Redis, key_prefix: str, keyring: Keyring,
-                 wechat: WeChatClient, lock_ttl: float, force_refresh: bool = True) -> None:
+                 wechat: WeChatClient | None, lock_ttl: float, force_refresh: bool = True, *,
+                 fetch: Callable[[App], Awaitable[AccessToken]] | None = None,
+                 namespace: str = "access_token",
+                 scope: Callable[[App], str] | None = None) -> None:
+        """WeChat's tokens from ``wechat``; or, with ``wechat`` None, another platform's from
+        ``fetch``, kept under ``namespace`` (no forced refresh). ``scope(app)`` names whose
+        token it is in keys (default: the appid)."""
+        if wechat is None and fetch is None:
+            raise ValueError("AccessTokens needs the WeChat client or a fetch")
         self._redis = client
         self._prefix = key_prefix
         self._keyring = keyring
         self._wechat = wechat
+        self._normal = fetch if fetch is not None else self._stable_token
+        self._namespace = namespace
+        self._scope = scope if scope is not None else _appid
         self._lock_ttl = lock_ttl
         self._force_refresh = force_refresh
         self._release = client.register_script(_RELEASE)
@@ -115,7 +130,7 @@ class AccessTokens:
         return await asyncio.shield(flight)
 
     async def _refresh(self, app: App, rejected: str | None) -> str:
-        lock = f"{self._prefix}access_token_lock:{app.appid}"
+        lock = f"{self._prefix}{self._namespace}_lock:{self._scope(app)}"
         owner = secrets.token_hex(16)
         deadline = time.monotonic() + self._lock_ttl * 2
         while True:
@@ -138,12 +153,12 @@ class AccessTokens:
         cached = await self._read(app)
         if cached is not None and cached.token != rejected and time.time() < cached.refresh_at:
             return cached.token
-        fresh = await self._wechat.stable_token(app)
+        fresh = await self._normal(app)
         if rejected is not None and fresh.token == rejected:
-            await self._allow_force(app, rejected)
+            wechat = await self._allow_force(app, rejected)
             log.warning("WeChat rejects the access_token for %s that it still hands out; "
                         "forcing a new one (this revokes it for every other holder)", app.appid)
-            fresh = await self._wechat.stable_token(app, force_refresh=True)
+            fresh = await wechat.stable_token(app, force_refresh=True)
             if fresh.token == rejected:
                 # WeChat ignores a force within 30 s of another holder's: nothing to retry with.
                 log.warning("WeChat ignored the forced access_token refresh for %s", app.appid)
@@ -155,17 +170,23 @@ class AccessTokens:
         sealed = self._keyring.seal(json.dumps(entry).encode(), self._context(app))
         await guarded(lambda: self._redis.set(self._key(app), sealed,
                                                   pxat=int(entry["expires_at"] * 1000)))
-        log.info("refreshed the WeChat access_token for %s (valid %ds)", app.appid,
+        log.info("refreshed the %s for %s (valid %ds)", self._namespace, app.appid,
                  fresh.expires_in)
         return fresh.token
 
-    async def _allow_force(self, app: App, rejected: str) -> None:
-        """Return if this replica may force a refresh now; raise WeChatUnavailable if not."""
-        if not self._force_refresh:
+    async def _stable_token(self, app: App) -> AccessToken:
+        assert self._wechat is not None
+        return await self._wechat.stable_token(app)
+
+    async def _allow_force(self, app: App, rejected: str) -> WeChatClient:
+        """The client to force a refresh with, if this replica may now; else WeChatUnavailable."""
+        if self._wechat is None:
+            reason = f"{app.platform} has no forced refresh"
+        elif not self._force_refresh:
             reason = "wechat.force_refresh is off"
         elif await guarded(lambda: self._redis.set(self._force_key(app), "1", nx=True,
                                                    px=int(FORCE_INTERVAL * 1000))):
-            return
+            return self._wechat
         else:
             reason = f"it was forced less than {FORCE_INTERVAL:.0f}s ago"
         log.warning("WeChat rejects the access_token for %s that it still hands out, and %s",
@@ -185,12 +206,15 @@ class AccessTokens:
         return cached if time.time() < cached.expires_at else None
 
     def _force_key(self, app: App) -> str:
-        return f"{self._prefix}access_token_force:{app.appid}"
+        return f"{self._prefix}{self._namespace}_force:{self._scope(app)}"
 
     def _key(self, app: App) -> str:
-        return f"{self._prefix}access_token:{app.appid}"
+        return f"{self._prefix}{self._namespace}:{self._scope(app)}"
 
-    @staticmethod
-    def _context(app: App) -> bytes:
-        return f"access_token/{app.appid}".encode()
+    def _context(self, app: App) -> bytes:
+        return f"{self._namespace}/{self._scope(app)}".encode()
+
+
+def _appid(app: App) -> str:
+    return app.appid
 

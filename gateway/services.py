@@ -25,6 +25,7 @@ from .session_tokens import TokenCodec
 from .platform import Login
 from .wechat import WeChatClient
 from . import douyin, qq
+from .wecom import WECOM_API, WeComClient, WeComLogin, corp_app
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +69,10 @@ class Services:
         timeout = config.wechat.timeout
         qq_login = qq.QQClient(c.wechat_http, qq.API_BASE, timeout, c.metrics)
         douyin_login = douyin.DouyinClient(c.wechat_http, douyin.API_BASE, timeout, c.metrics)
+        wecom = WeComClient(c.wechat_http, WECOM_API, config.wechat.timeout, c.metrics)
+        wecom_tokens = AccessTokens(c.redis, config.redis.key_prefix, keyring, None,
+                                    lock_ttl=config.wechat.timeout + 1, fetch=wecom.gettoken,
+                                    namespace="wecom_access_token", scope=corp_app)
         return cls(
             config=config, pool=c.pool, http=c.http, wechat=wechat, keyring=keyring, sessions=store,
             tokens=codec, authenticator=Authenticator(codec, store, c.cache), metrics=c.metrics,
@@ -76,8 +81,9 @@ class Services:
                                        lock_ttl=2 * config.wechat.timeout + 1,
                                        force_refresh=config.wechat.force_refresh),
             limiter=LoginLimiter(c.redis, config.redis.key_prefix, config.rate_limit),
-            asserter=_asserter(config), logins={"wechat": wechat, "qq": qq_login,
-                                                    "douyin": douyin_login},
+            asserter=_asserter(config),
+            logins={"wechat": wechat, "qq": qq_login, "douyin": douyin_login,
+                    "wecom": WeComLogin(wecom, wecom_tokens)},
             login_hook=(LoginHook(c.hook_http, config.login_hook, c.metrics)
                         if config.login_hook is not None and c.hook_http is not None
                         else None))

@@ -20,6 +20,7 @@ LAYERS: dict[str, int] = {
     "config": 1, "loader": 2,
     # stores and clients
     "store": 3, "sessions": 3, "session_tokens": 3, "cache": 4, "platform": 3, "wechat": 3, "pool": 3,
+    "wecom": 3,
     "access_tokens": 4, "ratelimit": 4, "assertion": 4, "forwarded": 3, "logs": 4,
     "login_hook": 4,
     "qq": 3, "douyin": 3,

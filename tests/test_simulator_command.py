@@ -55,6 +55,40 @@ async def test_a_gateway_pointed_at_the_command_logs_in_each_app_then_it_stops_o
     assert await sim.stop() == 0
 
 
+async def test_wecom_apps_log_in_through_the_command_with_given_or_printed_corpids(
+        launcher: Launcher, launch: Launch, redis_server: EmbeddedRedis, key_prefix: str,
+        ) -> None:
+    corpid = "ww0123456789abcdef"
+    sim, port = await _start(launcher, "--app", f"wecom:{APPID}:{SECRET}", "--app",
+                             f"wecom:{APPID2}:{SECRET2}", "--corpid", f"{APPID}={corpid}")
+    derived = simulator.corpid_for(APPID2)
+    assert f"WeCom app {APPID2}: corpid {derived}" in sim.output()
+    data = base_config(redis_server.url, key_prefix, "http://127.0.0.1:9", "http://127.0.0.1:9")
+    data["apps"] = [{**app, "platform": "wecom", "corpid": c,
+                     "api_base": f"http://127.0.0.1:{port}"}
+                    for app, c in zip(TWO_APPS, (corpid, derived))]
+    async with aiohttp.ClientSession() as http:
+        _, client = await launch_with_client(launch, data, http)
+        code = fresh("sim-")
+        for appid in (APPID, APPID2):
+            login = (await client.login(code, appid)).json()
+            assert login["openid"] == simulator.openid_for(appid, code)
+            assert login["unionid"] is None
+        refused = await client.login("othercorp-x", APPID, expect=502)
+        assert refused.json()["error"] == "wechat_error"
+
+
+@pytest.mark.parametrize("corpid", ["wx1234567890abcdef", "=ww01", "wx1234567890abcdef="])
+async def test_a_corpid_without_appid_or_value_is_a_usage_error(launcher: Launcher,
+                                                                corpid: str) -> None:
+    sim = await launcher.run([*SIMULATOR, "--port", str(free_port()), "--app",
+                              f"wecom:{APPID}:{SECRET}", "--corpid", corpid],
+                             env=child_env(), cwd=launcher.directory,
+                             log=launcher.directory / "simulator-bad.log")
+    assert await sim.exit_code(within=15) == 2
+    assert "expected APPID=CORPID" in sim.output()
+
+
 async def test_a_secret_it_was_not_given_is_refused_like_wechat(
         launcher: Launcher, launch: Launch, redis_server: EmbeddedRedis, key_prefix: str,
         ) -> None:

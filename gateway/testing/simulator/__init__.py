@@ -21,6 +21,9 @@ It answers, like WeChat (JSON labelled ``text/plain``):
 - ``POST /wxa/business/getuserphonenumber``: a stable fake phone number per code.
 - ``GET /wxa/checksession``: errcode 87009 unless the signature matches the user's current
   session_key (``SimulatorState.revoke_session_key`` makes it stale).
+- For an app on platform ``wecom`` (``--app wecom:APPID:SECRET``, its corp ``--corpid
+  APPID=CORPID`` or derived: ``corpid_for(appid)``): WeCom's ``GET /cgi-bin/gettoken`` and
+  ``GET /cgi-bin/miniprogram/jscode2session`` (``testing/simulator/wecom.py``).
 - ``GET /_simulator/userdata?appid=&code=``: not WeChat's: what a mini-program would get from
   ``wx.getUserInfo`` for that login code (``encrypted_data``, ``iv``, ``raw_data``,
   ``signature``), to try ``/auth/decrypt`` and ``/auth/check-signature`` by hand.
@@ -59,27 +62,32 @@ from typing import Mapping
 
 from aiohttp import web
 
-from . import douyin, wechat
+from . import douyin, wechat, wecom
 
 PLATFORMS = ("wechat", "wecom", "qq", "douyin", "alipay")
 from .core import (CALLS, STATE, SimulatorState, encrypt_user_data, openid_for, phone_for,
                    session_key_for, unionid_for)
+from .core import corpid_for
 
 __all__ = ["CALLS", "STATE", "SimulatorState", "create_app", "encrypt_user_data", "main",
-           "openid_for", "phone_for", "serve", "session_key_for", "unionid_for"]
+           "openid_for", "phone_for", "serve", "session_key_for", "unionid_for", "corpid_for"]
 
 
 def create_app(apps: Mapping[str, str], *, single_use: bool = False,
                token_ttl: int = 7200, force_interval: float = 30.0,
-               platforms: Mapping[str, str] | None = None) -> web.Application:
+               platforms: Mapping[str, str] | None = None,
+               corpids: Mapping[str, str] | None = None) -> web.Application:
     """A simulator that knows ``apps`` (appid → secret), each on its platform (appid →
-    ``wechat``, ``wecom``, ``qq``, ``douyin`` or ``alipay``; absent: ``wechat``)."""
+    ``wechat``, ``wecom``, ``qq``, ``douyin`` or ``alipay``; absent: ``wechat``); a WeCom app's
+    corp is ``corpids[appid]``, else ``corpid_for(appid)``."""
     app = web.Application()
     app[STATE] = SimulatorState(dict(apps), single_use, token_ttl,
-                                force_interval=force_interval, platforms=dict(platforms or {}))
+                                force_interval=force_interval, platforms=dict(platforms or {}),
+                                corpids=dict(corpids or {}))
     app[CALLS] = Counter()
     wechat.add_routes(app)
     douyin.add_routes(app)
+    wecom.add_routes(app)
     return app
 
 
@@ -94,22 +102,33 @@ def _app_arg(text: str) -> tuple[str, str, str]:
     return head, rest, platform
 
 
+def _corpid_arg(text: str) -> tuple[str, str]:
+    appid, sep, corpid = text.partition("=")
+    if not sep or not appid or not corpid:
+        raise argparse.ArgumentTypeError(f"expected APPID=CORPID, got {text!r}")
+    return appid, corpid
+
+
 async def serve(apps: Mapping[str, str], host: str, port: int, *,
                 single_use: bool = False, token_ttl: int = 7200,
-                platforms: Mapping[str, str] | None = None) -> None:
+                platforms: Mapping[str, str] | None = None,
+                corpids: Mapping[str, str] | None = None) -> None:
     """Serve the simulator on ``host:port`` until SIGTERM or SIGINT."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    runner = web.AppRunner(create_app(apps, single_use=single_use, token_ttl=token_ttl,
-                                      platforms=platforms),
-                           shutdown_timeout=2)
+    simulator = create_app(apps, single_use=single_use, token_ttl=token_ttl,
+                           platforms=platforms, corpids=corpids)
+    runner = web.AppRunner(simulator, shutdown_timeout=2)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()
         print(f"WeChat simulator listening on http://{host}:{port} "
               f"(apps: {', '.join(apps)}): set wechat.api_base to it", flush=True)
+        state = simulator[STATE]
+        for appid in (a for a in apps if state.platform(a) == "wecom"):
+            print(f"WeCom app {appid}: corpid {state.corpid(appid)}", flush=True)
         await stop.wait()
     finally:
         await runner.cleanup()
@@ -130,11 +149,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="a login code works once, then errcode 40163 (as on WeChat)")
     parser.add_argument("--token-ttl", type=int, default=7200,
                         help="access token lifetime in seconds (default 7200)")
+    parser.add_argument("--corpid", type=_corpid_arg, action="append", default=[],
+                        metavar="APPID=CORPID",
+                        help="a WeCom app's corpid (repeatable; default: derived from the "
+                             "appid and printed at start)")
     args = parser.parse_args(argv)
     try:
         asyncio.run(serve({appid: secret for appid, secret, _ in args.app}, args.host,
                           args.port, single_use=args.single_use, token_ttl=args.token_ttl,
-                          platforms={appid: p for appid, _, p in args.app}))
+                          platforms={appid: p for appid, _, p in args.app},
+                          corpids=dict(args.corpid)))
     except OSError as exc:
         print(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}",
               file=sys.stderr)

@@ -37,9 +37,14 @@ class SimulatorState:
     forced_at: dict[str, list[float]] = field(default_factory=dict)  # appid → effective forces
     rejected: set[str] = field(default_factory=set)  # refused by the APIs, still handed out
     platforms: dict[str, str] = field(default_factory=dict)  # appid → platform; absent: wechat
+    corpids: dict[str, str] = field(default_factory=dict)  # WeCom appid → corpid; absent: derived
 
     def platform(self, appid: str) -> str:
         return self.platforms.get(appid, "wechat")
+
+    def corpid(self, appid: str) -> str:
+        """The corp a WeCom app belongs to: as given, else ``corpid_for(appid)``."""
+        return self.corpids.get(appid) or corpid_for(appid)
 
     def expire_access_tokens(self) -> None:
         """Make every issued access_token invalid (WeChat then answers 40001)."""
@@ -62,6 +67,11 @@ STATE = web.AppKey("state", SimulatorState)
 
 def openid_for(appid: str, code: str) -> str:
     return "o" + digest(f"openid/{appid}/{code}")[:27]
+
+
+def corpid_for(appid: str) -> str:
+    """A WeCom app's corpid when none is given: "ww" and 16 hex digits, like real ones."""
+    return "ww" + hashlib.sha256(f"corpid/{appid}".encode()).hexdigest()[:16]
 
 
 def unionid_for(code: str) -> str:
