@@ -24,6 +24,7 @@ from .sessions import SessionStore
 from .session_tokens import TokenCodec
 from .platform import Login
 from .wechat import WeChatClient
+from .alipay import ALIPAY_API, AlipayClient
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +73,10 @@ class Services:
                                        lock_ttl=2 * config.wechat.timeout + 1,
                                        force_refresh=config.wechat.force_refresh),
             limiter=LoginLimiter(c.redis, config.redis.key_prefix, config.rate_limit),
-            asserter=_asserter(config), logins={"wechat": wechat},
+            asserter=_asserter(config), logins={
+                "wechat": wechat,
+                "alipay": AlipayClient(c.wechat_http, ALIPAY_API, config.wechat.timeout,
+                                       c.metrics, config.apps)},
             login_hook=(LoginHook(c.hook_http, config.login_hook, c.metrics)
                         if config.login_hook is not None and c.hook_http is not None
                         else None))

@@ -22,6 +22,7 @@ LAYERS: dict[str, int] = {
     "store": 3, "sessions": 3, "session_tokens": 3, "cache": 4, "platform": 3, "wechat": 3, "pool": 3,
     "access_tokens": 4, "ratelimit": 4, "assertion": 4, "forwarded": 3, "logs": 4,
     "login_hook": 4,
+    "alipay": 3,
     # authentication, and the wiring of everything a request needs
     "auth": 5, "services": 6,
     # endpoints and the proxy pipeline
