@@ -28,7 +28,7 @@ from .keys import load_rsa_private_key, load_rsa_public_key
 from .metrics import Metrics
 from .platform import Code2Session, Exchange, error_number, text
 
-__all__ = ["ALIPAY_API", "AlipayClient", "sign_content", "signed_span", "rsa2_sign",
+__all__ = ["ALIPAY_API", "BEIJING", "AlipayClient", "sign_content", "signed_span", "rsa2_sign",
            "rsa2_verify"]
 log = logging.getLogger("gateway.alipay")
 ALIPAY_API = URL("https://openapi.alipay.com")  # the gateway is its /gateway.do
@@ -36,7 +36,7 @@ METHOD = "alipay.system.oauth.token"
 NODE = METHOD.replace(".", "_") + "_response"  # how every SDK names the reply's object
 # Alipay stamps requests in Beijing time ("yyyy-MM-dd HH:mm:ss"); China has kept UTC+8
 # without daylight saving since 1991, so a fixed offset needs no tz database.
-_BEIJING = timezone(timedelta(hours=8))
+BEIJING = timezone(timedelta(hours=8))
 _WHITESPACE = " \t\n\r"
 
 
@@ -130,7 +130,7 @@ class AlipayClient(Exchange):
         private_key, public_key = self._keys[app.appid]
         params = {"app_id": app.appid, "method": METHOD, "format": "JSON", "charset": "utf-8",
                   "sign_type": "RSA2", "version": "1.0",
-                  "timestamp": datetime.now(_BEIJING).strftime("%Y-%m-%d %H:%M:%S"),
+                  "timestamp": datetime.now(BEIJING).strftime("%Y-%m-%d %H:%M:%S"),
                   "grant_type": "authorization_code", "code": code}
         params["sign"] = rsa2_sign(private_key, sign_content(params))
         raw = await self.fetch("POST", self.url(app, "gateway.do"), "oauth_token", form=params)
