@@ -24,7 +24,8 @@ from gateway.testing.simulator.alipay import AlipayKeys, private_pem, public_pem
 
 from checks import expect_error
 from conftest import APPID, SECRET, GatewayFactory, Upstream, bearer, fresh
-from process import Launch
+from process import Launch, Launcher, launch_with_client
+from test_simulator_command import _start
 
 ALIPAY = "2021000000000001"
 KEYS = AlipayKeys.generate([ALIPAY])
@@ -329,32 +330,37 @@ def test_only_alipay_apps_go_without_a_secret_and_only_they_take_rsa_keys(
     assert problems == ["apps[0].alipay_public_key: applies only to platform alipay, not wechat"]
 
 
-# --- a real gateway process and the simulator's key files -----------------------------------
+# --- a real gateway process and the simulator command's key files ---------------------------
 
-async def test_a_gateway_process_logs_in_with_the_simulators_key_files(
-        launch: Launch, config_dict: dict[str, Any], tmp_path: Path,
-        aiohttp_server: Any) -> None:
+async def test_a_gateway_process_logs_in_through_the_simulator_command_and_its_key_files(
+        launcher: Launcher, launch: Launch, config_dict: dict[str, Any],
+        tmp_path: Path) -> None:
     keys_dir = tmp_path / "alipay-keys"
-    keys = AlipayKeys.directory(keys_dir, [ALIPAY])
-    assert AlipayKeys.directory(keys_dir, [ALIPAY]).private_key.private_numbers() == \
-        keys.private_key.private_numbers()  # the files are reused, not remade
-    server = await aiohttp_server(simulator.create_app({}, platforms={ALIPAY: "alipay"},
-                                                       alipay_keys=keys))
-    url = f"http://127.0.0.1:{server.port}"
+    sim, port = await _start(launcher, "--app", f"alipay:{ALIPAY}", "--alipay-keys",
+                             str(keys_dir))
+    made = sorted(p.name for p in keys_dir.iterdir())
+    assert made == [f"{ALIPAY}_private_key.pem", "alipay_private_key.pem",
+                    "alipay_public_key.pem"]
+    assert (keys_dir / "alipay_private_key.pem").stat().st_mode & 0o077 == 0
     data = {**config_dict, "apps": [{
-        "appid": ALIPAY, "platform": "alipay", "api_base": url,
+        "appid": ALIPAY, "platform": "alipay", "api_base": f"http://127.0.0.1:{port}",
         "private_key": str(keys_dir / f"{ALIPAY}_private_key.pem"),
         "alipay_public_key": str(keys_dir / "alipay_public_key.pem")}]}
-    gw = await launch(data)
     async with aiohttp.ClientSession() as http:
-        await gw.wait_healthy(http)
+        gw, client = await launch_with_client(launch, data, http)
         code = fresh()
-        async with http.post(f"{gw.url}/auth/login",
-                             json={"code": code, "appid": ALIPAY}) as resp:
-            assert resp.status == 200, await resp.text()
-            assert (await resp.json())["openid"] == simulator.openid_for(ALIPAY, code)
+        login = (await client.login(code, ALIPAY)).json()
+        assert login["openid"] == simulator.openid_for(ALIPAY, code)
+        assert login["unionid"] == simulator.unionid_for(code)
+        assert (await client.login(fresh("errcode-40002-"), ALIPAY, expect=401)).json()[
+            "error"] == "invalid_code"
         mark = gw.mark()
-        async with http.post(f"{gw.url}/auth/login",
-                             json={"code": fresh("badsign-"), "appid": ALIPAY}) as resp:
-            await expect_error(resp, 502, "wechat_error")
+        assert (await client.login(fresh("badsign-"), ALIPAY, expect=502)).json()[
+            "error"] == "wechat_error"
         await gw.wait_for_line(lambda line: "Alipay signature failure" in line, after=mark)
+    sim.terminate()
+    assert await sim.exit_code(within=15) == 0
+    # a second start reuses the files: the gateway's configuration stays valid
+    before = (keys_dir / "alipay_public_key.pem").read_text()
+    await _start(launcher, "--app", f"alipay:{ALIPAY}", "--alipay-keys", str(keys_dir))
+    assert (keys_dir / "alipay_public_key.pem").read_text() == before
