@@ -4,8 +4,11 @@ and a login through a real gateway process against the simulator."""
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +68,24 @@ def test_the_signed_string_is_every_non_empty_parameter_but_sign_sorted_by_name(
               "sign": "x", "method": "alipay.system.oauth.token", "code": "", "charset": "utf-8"}
     assert sign_content(params) == ("app_id=2014072300007148&charset=utf-8&"
                                     "method=alipay.system.oauth.token&timestamp=2014-07-24 03:07:50")
+
+
+def test_the_request_signature_is_what_openssl_makes_of_the_signed_string(
+        tmp_path: Path) -> None:
+    """SHA256withRSA, PKCS#1 v1.5, is deterministic: an independent signer must agree."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("no openssl command")
+    content = sign_content({"app_id": ALIPAY, "method": "alipay.system.oauth.token",
+                            "charset": "utf-8", "sign_type": "RSA2", "version": "1.0",
+                            "timestamp": "2014-07-24 03:07:50", "code": "4b203fe6c115",
+                            "grant_type": "authorization_code", "format": "JSON"})
+    (tmp_path / "key.pem").write_text(private_pem(APP_KEY))
+    (tmp_path / "content").write_text(content)
+    subprocess.run([openssl, "dgst", "-sha256", "-sign", str(tmp_path / "key.pem"), "-out",
+                    str(tmp_path / "sig"), str(tmp_path / "content")], check=True)
+    assert rsa2_sign(APP_KEY, content) == base64.b64encode(
+        (tmp_path / "sig").read_bytes()).decode()
 
 
 def test_alipays_published_reply_verifies_over_its_raw_text_and_not_once_altered() -> None:
