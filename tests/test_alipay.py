@@ -28,6 +28,7 @@ from gateway.testing.simulator.alipay import AlipayKeys, private_pem, public_pem
 from checks import expect_error
 from conftest import APPID, SECRET, GatewayFactory, Upstream, bearer, fresh
 from process import Launch, Launcher, launch_with_client
+from test_reload import reload
 from test_simulator_command import _start
 
 ALIPAY = "2021000000000001"
@@ -385,3 +386,26 @@ async def test_a_gateway_process_logs_in_through_the_simulator_command_and_its_k
     before = (keys_dir / "alipay_public_key.pem").read_text()
     await _start(launcher, "--app", f"alipay:{ALIPAY}", "--alipay-keys", str(keys_dir))
     assert (keys_dir / "alipay_public_key.pem").read_text() == before
+
+
+async def test_a_reload_reads_rotated_key_files(launch: Launch, config_dict: dict[str, Any],
+                                              tmp_path: Path, aiohttp_server: Any) -> None:
+    keys = AlipayKeys.generate([ALIPAY])
+    server = await aiohttp_server(simulator.create_app({}, platforms={ALIPAY: "alipay"},
+                                                       alipay_keys=keys))
+    key_file = tmp_path / "app_private_key.pem"
+    key_file.write_text(private_pem(keys.app_private_keys[ALIPAY]))
+    data = {**config_dict, "apps": [{
+        "appid": ALIPAY, "platform": "alipay", "api_base": f"http://127.0.0.1:{server.port}",
+        "private_key": str(key_file),
+        "alipay_public_key": public_pem(keys.private_key.public_key())}]}
+    async with aiohttp.ClientSession() as http:
+        gw, client = await launch_with_client(launch, data, http)
+        await client.login(fresh(), ALIPAY)
+        # the app's key pair is replaced in Alipay's console: the old key no longer signs
+        rotated = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        keys.apps[ALIPAY] = rotated.public_key()
+        await client.login(fresh(), ALIPAY, expect=502)
+        key_file.write_text(private_pem(rotated))
+        await reload(gw, data)
+        await client.login(fresh(), ALIPAY)
