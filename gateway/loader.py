@@ -664,7 +664,9 @@ class _ConfigReader(Reader):
             try:  # a file holding the key
                 text = Path(text).read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as exc:
-                self.fail(key, f"neither a PEM or base64 key nor a readable file ({exc})")
+                # not the exception itself: its file name would be a mis-pasted key's text
+                why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+                self.fail(key, f"neither a PEM or base64 key nor a readable file ({why})")
                 return None
         try:
             load(text)

@@ -344,6 +344,13 @@ def test_a_bad_or_missing_alipay_key_is_a_config_error_naming_it(
     assert any(p.startswith(problem) for p in problems), problems
 
 
+def test_a_key_pasted_wrongly_is_not_echoed_in_the_error(config_dict: dict[str, Any]) -> None:
+    mangled = private_pem(APP_KEY).replace("\n", "\\n").replace("-----BEGIN", "BEGIN")
+    problems = parse_apps(config_dict, alipay_app("http://x", private_key=mangled))
+    assert len(problems) == 1 and problems[0].startswith("apps[0].private_key: neither"), problems
+    assert mangled[40:80] not in problems[0]
+
+
 def test_only_alipay_apps_go_without_a_secret_and_only_they_take_rsa_keys(
         config_dict: dict[str, Any]) -> None:
     assert parse_apps(config_dict, {"appid": APPID}) == ["apps[0].secret: is required"]
@@ -407,5 +414,5 @@ async def test_a_reload_reads_rotated_key_files(launch: Launch, config_dict: dic
         keys.apps[ALIPAY] = rotated.public_key()
         await client.login(fresh(), ALIPAY, expect=502)
         key_file.write_text(private_pem(rotated))
-        await reload(gw, data)
+        await reload(gw, {**data, "listen": f"127.0.0.1:{gw.port}"})
         await client.login(fresh(), ALIPAY)
