@@ -260,6 +260,9 @@ DOC_ERROR = ('{"code":"40002","msg":"Invalid Arguments","sub_code":"isv.code-inv
     (NODE, DOC_SUCCESS.replace('"user_id":"2088102150477652"',
                                '"open_id":"074a1CcTG1LelxKe4xQC0zgNdId0nxi95b5lsNpazWYoCo5"'),
      200, None),
+    # Alipay escapes "/": the signature holds over the escaped text only
+    (NODE, DOC_SUCCESS.replace('"auth_start"', '"avatar":"https:\\/\\/tfs.alipayobjects.com'
+                                               '\\/images\\/a.png","auth_start"'), 200, None),
     ("error_response", DOC_ERROR, 401, "invalid_code"),
     (NODE, DOC_ERROR, 401, "invalid_code"),  # an error under the method's own object
     ("error_response", DOC_ERROR.replace('"40002"', "40002"), 401, "invalid_code"),
