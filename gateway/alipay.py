@@ -1,9 +1,9 @@
 """Alipay's open API (支付宝开放平台): a mini-program's ``my.getAuthCode`` code exchanged with
 ``alipay.system.oauth.token``, requests signed and replies verified with RSA2.
 
-Alipay docs: "换取授权访问令牌" (opendocs.alipay.com/open/02ailc, alipay.system.oauth.token),
-"公共错误码" (opendocs.alipay.com/common/02km9f) and "自行实现验签"
-(opendocs.alipay.com/common/02mse7). Public key mode only (公钥模式): certificate mode
+Alipay docs: "换取授权访问令牌" (opendocs.alipay.com/apis/api_9/alipay.system.oauth.token),
+"公共错误码" (the open platform's common error codes) and "自行实现验签" (verifying a reply
+without the SDK). Public key mode only (公钥模式): certificate mode
 (公钥证书, ``app_cert_sn``/``alipay_root_cert_sn``) is not supported.
 """
 

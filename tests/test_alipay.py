@@ -67,8 +67,9 @@ def alipay_app(api_base: str, **extra: Any) -> dict[str, Any]:
 def test_the_signed_string_is_every_non_empty_parameter_but_sign_sorted_by_name() -> None:
     params = {"timestamp": "2014-07-24 03:07:50", "app_id": "2014072300007148",
               "sign": "x", "method": "alipay.system.oauth.token", "code": "", "charset": "utf-8"}
-    assert sign_content(params) == ("app_id=2014072300007148&charset=utf-8&"
-                                    "method=alipay.system.oauth.token&timestamp=2014-07-24 03:07:50")
+    assert sign_content(params) == (
+        "app_id=2014072300007148&charset=utf-8&method=alipay.system.oauth.token&"
+        "timestamp=2014-07-24 03:07:50")
 
 
 def test_the_request_signature_is_what_openssl_makes_of_the_signed_string(

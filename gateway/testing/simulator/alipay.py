@@ -1,7 +1,8 @@
-"""Alipay's open API gateway as documented: ``/gateway.do`` answering ``alipay.system.oauth.token``
-("换取授权访问令牌", opendocs.alipay.com/open/02ailc), requests verified with the app's public
-key (应用公钥), replies signed with the simulator's own key (its 支付宝公钥 is what the gateway's
-``alipay_public_key`` names)."""
+"""Alipay's open API gateway as documented: ``/gateway.do`` answering
+``alipay.system.oauth.token`` ("换取授权访问令牌",
+opendocs.alipay.com/apis/api_9/alipay.system.oauth.token), requests verified with the app's
+public key (应用公钥), replies signed with the simulator's own key (its 支付宝公钥 is what the
+gateway's ``alipay_public_key`` names)."""
 
 from __future__ import annotations
 
@@ -95,8 +96,8 @@ def add_routes(app: web.Application, keys: AlipayKeys) -> None:
     app.router.add_route("*", "/gateway.do", gateway)
 
 
-# The public error codes ("公共错误码", opendocs.alipay.com/common/02km9f) an ``errcode-<N>-``
-# code asks for, each with a sub_code the gateway maps; 40002's is the invalid login code.
+# The public error codes ("公共错误码") an ``errcode-<N>-`` code asks for, each with a
+# sub_code the gateway maps; 40002's is the invalid login code.
 _ERRORS: Mapping[str, tuple[str, str, str]] = {
     "20000": ("Service Currently Unavailable", "isp.unknow-error", "服务暂不可用"),
     "20001": ("Insufficient Token Permissions", "aop.invalid-auth-token", "无效的访问令牌"),
