@@ -107,12 +107,17 @@ class LoginHookConfig:
 @dataclass(frozen=True, slots=True)
 class App:
     appid: str = option(check=_appid)
-    secret: str = option(repr=False)
+    # required on every platform but alipay, whose apps sign with private_key instead
+    secret: str = option("", repr=False)
     platform: Platform = "wechat"
     # the platform's server API; None: its public host (wechat: wechat.api_base)
     api_base: URL | None = None
     # WeCom: the corp whose access token exchanges the login code
     corpid: str | None = None
+    # Alipay: the app's RSA2 private key that signs requests, and Alipay's public key (支付宝公钥)
+    # its replies are verified with; each a PEM or bare base64 key, or a file holding one
+    private_key: str | None = option(None, read="alipay_private_key", repr=False)
+    alipay_public_key: str | None = option(None, read="alipay_public_key")
 
 
 @dataclass(frozen=True, slots=True)

@@ -99,3 +99,45 @@ def load_private_key(pem: str, algorithm: str) -> PrivateKey:
     if isinstance(key, rsa.RSAPrivateKey) and key.key_size < 2048:
         raise ValueError("RS256 needs an RSA key of at least 2048 bits")
     return key  # type: ignore[return-value]
+
+
+# Alipay's RSA2 keys (apps[].private_key, apps[].alipay_public_key). Alipay's console and key
+# tool hand them out as bare base64 (DER, PKCS#8 or PKCS#1) as well as PEM; both are taken.
+def _rsa_der(text: str) -> bytes | None:
+    """The DER bytes of a bare base64 key, None when ``text`` is PEM."""
+    if text.lstrip().startswith("-----BEGIN"):
+        return None
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except ValueError:
+        raise ValueError("neither a PEM key nor base64") from None
+
+
+def load_rsa_private_key(text: str) -> rsa.RSAPrivateKey:
+    """An unencrypted RSA private key of at least 2048 bits; ValueError naming what is wrong."""
+    der = _rsa_der(text)
+    try:
+        key = (serialization.load_pem_private_key(text.encode(), password=None) if der is None
+               else serialization.load_der_private_key(der, password=None))
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"not an unencrypted RSA private key ({exc})") from None
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise ValueError("is not an RSA private key (RSA2 signs with RSA)")
+    if key.key_size < 2048:
+        raise ValueError("RSA2 needs an RSA key of at least 2048 bits")
+    return key
+
+
+def load_rsa_public_key(text: str) -> rsa.RSAPublicKey:
+    """An RSA public key of at least 2048 bits; ValueError naming what is wrong."""
+    der = _rsa_der(text)
+    try:
+        key = (serialization.load_pem_public_key(text.encode()) if der is None
+               else serialization.load_der_public_key(der))
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"not an RSA public key ({exc})") from None
+    if not isinstance(key, rsa.RSAPublicKey):
+        raise ValueError("is not an RSA public key (RSA2 verifies with RSA)")
+    if key.key_size < 2048:
+        raise ValueError("RSA2 needs an RSA key of at least 2048 bits")
+    return key

@@ -28,7 +28,7 @@ from .config import (AUTH_ENDPOINTS, GATEWAY_PATHS, LOG_LEVELS, MIN_SIGNING_KEY_
 from .errors import ConfigError
 from .headers import (CLAIM_SPELLING, MAX_ROLE, NAME as HEADER_NAME, RESERVED_SPELLINGS,
                       spelling, valid_role)
-from .keys import load_private_key
+from .keys import load_private_key, load_rsa_private_key, load_rsa_public_key
 from .tls import server_context
 
 __all__ = ["ConfigError", "load", "parse", "parse_duration"]
@@ -38,6 +38,8 @@ _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 MAX_DURATION = 365 * 86400.0
 _ZERO = re.compile(r"^\s*0+(?:\.0*)?\s*(?:ms|s|m|h|d)?\s*$")
+# a bare base64 DER key as Alipay's console shows it: a DER SEQUENCE's base64 starts "MI"
+_BASE64_KEY = re.compile(r"\s*MI[A-Za-z0-9+/=\s]{100,}")
 _MISSING: Any = object()  # an unset ${VAR}: already reported, not to be validated further
 
 
@@ -448,7 +450,27 @@ class _ConfigReader(Reader):
         if platform != "wecom" and values["corpid"] is not None:
             self.fail(f"{key}.corpid", f"applies only to platform wecom, not {platform}")
             return False
-        return True
+        return self.alipay_keys(key, values)
+
+    def alipay_keys(self, key: str, values: Mapping[str, Any]) -> bool:
+        """Alipay apps sign with their own key pair and have no secret; the others need one."""
+        platform, keys = values["platform"], ("private_key", "alipay_public_key")
+        if platform == "alipay":
+            missing = [name for name in keys if values[name] is None]
+            for name in missing:
+                self.fail(f"{key}.{name}", "is required when platform is alipay")
+            if values["secret"]:
+                self.fail(f"{key}.secret", "does not apply to platform alipay (its requests "
+                                           f"are signed with {key}.private_key)")
+                return False
+            return not missing
+        if not values["secret"]:
+            self.fail(f"{key}.secret", "is required")
+            return False
+        given = [name for name in keys if values[name] is not None]
+        for name in given:
+            self.fail(f"{key}.{name}", f"applies only to platform alipay, not {platform}")
+        return not given
 
     def signing_keys(self, key: str, value: Any, _: Context) -> tuple[bytes, ...] | None:
         items = self.items(key, value)
@@ -626,6 +648,32 @@ class _ConfigReader(Reader):
                     continue
             keys.append(text)
         return tuple(keys)
+
+    def alipay_private_key(self, key: str, value: Any, _: Context) -> str | None:
+        return self.rsa_key(key, value, load_rsa_private_key)
+
+    def alipay_public_key(self, key: str, value: Any, _: Context) -> str | None:
+        return self.rsa_key(key, value, load_rsa_public_key)
+
+    def rsa_key(self, key: str, value: Any, load: Callable[[str], object]) -> str | None:
+        """A key as Alipay's console shows it (PEM or bare base64), or a file holding one."""
+        text = self.string(key, value)
+        if text is None:
+            return None
+        if not text.lstrip().startswith("-----BEGIN") and not _BASE64_KEY.fullmatch(text):
+            try:  # a file holding the key
+                text = Path(text).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                # not the exception itself: its file name would be a mis-pasted key's text
+                why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+                self.fail(key, f"neither a PEM or base64 key nor a readable file ({why})")
+                return None
+        try:
+            load(text)
+        except ValueError as exc:
+            self.fail(key, str(exc))
+            return None
+        return text
 
     def routes(self, key: str, value: Any, context: Context) -> tuple[Route, ...] | None:
         items = self.items(key, value)

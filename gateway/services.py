@@ -26,6 +26,7 @@ from .platform import Login
 from .wechat import WeChatClient
 from . import douyin, qq
 from .wecom import WECOM_API, WeComClient, WeComLogin, corp_app
+from .alipay import ALIPAY_API, AlipayClient
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +84,9 @@ class Services:
             limiter=LoginLimiter(c.redis, config.redis.key_prefix, config.rate_limit),
             asserter=_asserter(config),
             logins={"wechat": wechat, "qq": qq_login, "douyin": douyin_login,
-                    "wecom": WeComLogin(wecom, wecom_tokens)},
+                    "wecom": WeComLogin(wecom, wecom_tokens),
+                    "alipay": AlipayClient(c.wechat_http, ALIPAY_API, config.wechat.timeout,
+                                           c.metrics, config.apps)},
             login_hook=(LoginHook(c.hook_http, config.login_hook, c.metrics)
                         if config.login_hook is not None and c.hook_http is not None
                         else None))

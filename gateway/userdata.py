@@ -84,6 +84,12 @@ async def _raise_if_stale(s: Services, identity: Identity) -> None:
 
 
 async def _session_key(s: Services, identity: Identity) -> bytes:
+    app = s.config.app(identity.session.appid)
+    if app is not None and app.platform == "alipay":
+        # Alipay's login gives no session key: its encrypted data (the phone number) is
+        # sealed with the AES key set in Alipay's console, which the app's backend holds.
+        raise NotOnPlatform("user data decryption and signatures are not available on "
+                            "platform alipay (its login gives no session key)")
     try:
         key = await s.sessions.session_key(identity.session)
     except ValueError:  # sealed under a signing key that is no longer configured

@@ -23,7 +23,7 @@ LAYERS: dict[str, int] = {
     "wecom": 3,
     "access_tokens": 4, "ratelimit": 4, "assertion": 4, "forwarded": 3, "logs": 4,
     "login_hook": 4,
-    "qq": 3, "douyin": 3,
+    "qq": 3, "douyin": 3, "alipay": 3,
     # authentication, and the wiring of everything a request needs
     "auth": 5, "services": 6,
     # endpoints and the proxy pipeline

@@ -58,28 +58,29 @@ import asyncio
 import signal
 import sys
 from collections import Counter
+from pathlib import Path
 from typing import Mapping
 
 from aiohttp import web
 
-from . import douyin, wechat, wecom
+from . import alipay, douyin, wechat, wecom
+from .core import (CALLS, STATE, SimulatorState, corpid_for, encrypt_user_data, openid_for,
+                   phone_for, session_key_for, unionid_for)
 
+__all__ = ["CALLS", "STATE", "SimulatorState", "corpid_for", "create_app", "encrypt_user_data",
+           "main", "openid_for", "phone_for", "serve", "session_key_for", "unionid_for"]
 PLATFORMS = ("wechat", "wecom", "qq", "douyin", "alipay")
-from .core import (CALLS, STATE, SimulatorState, encrypt_user_data, openid_for, phone_for,
-                   session_key_for, unionid_for)
-from .core import corpid_for
-
-__all__ = ["CALLS", "STATE", "SimulatorState", "create_app", "encrypt_user_data", "main",
-           "openid_for", "phone_for", "serve", "session_key_for", "unionid_for", "corpid_for"]
 
 
 def create_app(apps: Mapping[str, str], *, single_use: bool = False,
                token_ttl: int = 7200, force_interval: float = 30.0,
                platforms: Mapping[str, str] | None = None,
-               corpids: Mapping[str, str] | None = None) -> web.Application:
+               corpids: Mapping[str, str] | None = None,
+               alipay_keys: alipay.AlipayKeys | None = None) -> web.Application:
     """A simulator that knows ``apps`` (appid → secret), each on its platform (appid →
     ``wechat``, ``wecom``, ``qq``, ``douyin`` or ``alipay``; absent: ``wechat``); a WeCom app's
-    corp is ``corpids[appid]``, else ``corpid_for(appid)``."""
+    corp is ``corpids[appid]``, else ``corpid_for(appid)``. ``alipay_keys``: its own key and
+    the Alipay apps' public keys (default: new ones, in ``app[alipay.ALIPAY_KEYS]``)."""
     app = web.Application()
     app[STATE] = SimulatorState(dict(apps), single_use, token_ttl,
                                 force_interval=force_interval, platforms=dict(platforms or {}),
@@ -88,6 +89,9 @@ def create_app(apps: Mapping[str, str], *, single_use: bool = False,
     wechat.add_routes(app)
     douyin.add_routes(app)
     wecom.add_routes(app)
+    on_alipay = [a for a, p in (platforms or {}).items() if p == "alipay"]
+    if alipay_keys is not None or on_alipay:  # RSA keys take a while to make: only if used
+        alipay.add_routes(app, alipay_keys or alipay.AlipayKeys.generate(on_alipay))
     return app
 
 
@@ -95,6 +99,8 @@ def _app_arg(text: str) -> tuple[str, str, str]:
     """``APPID:SECRET``, or ``PLATFORM:APPID:SECRET`` for another platform than WeChat."""
     head, sep, rest = text.partition(":")
     platform = "wechat"
+    if head == "alipay" and rest and ":" not in rest:  # Alipay apps have no secret
+        return rest, "", head
     if head in PLATFORMS and rest.count(":") >= 1:
         platform, (head, sep, rest) = head, rest.partition(":")
     if not sep or not head or not rest:
@@ -112,14 +118,15 @@ def _corpid_arg(text: str) -> tuple[str, str]:
 async def serve(apps: Mapping[str, str], host: str, port: int, *,
                 single_use: bool = False, token_ttl: int = 7200,
                 platforms: Mapping[str, str] | None = None,
-                corpids: Mapping[str, str] | None = None) -> None:
+                corpids: Mapping[str, str] | None = None,
+                alipay_keys: alipay.AlipayKeys | None = None) -> None:
     """Serve the simulator on ``host:port`` until SIGTERM or SIGINT."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     simulator = create_app(apps, single_use=single_use, token_ttl=token_ttl,
-                           platforms=platforms, corpids=corpids)
+                           platforms=platforms, corpids=corpids, alipay_keys=alipay_keys)
     runner = web.AppRunner(simulator, shutdown_timeout=2)
     await runner.setup()
     try:
@@ -153,12 +160,20 @@ def main(argv: list[str] | None = None) -> int:
                         metavar="APPID=CORPID",
                         help="a WeCom app's corpid (repeatable; default: derived from the "
                              "appid and printed at start)")
+    parser.add_argument("--alipay-keys", type=Path, metavar="DIR",
+                        help="keep the Alipay keys as PEM files in DIR, made on first use: "
+                             "alipay_public_key.pem and <appid>_private_key.pem for the "
+                             "gateway's config (or bring your <appid>_public_key.pem)")
     args = parser.parse_args(argv)
+    platforms = {appid: p for appid, _, p in args.app}
+    keys = (alipay.AlipayKeys.directory(args.alipay_keys,
+                                        [a for a, p in platforms.items() if p == "alipay"])
+            if args.alipay_keys is not None else None)
     try:
         asyncio.run(serve({appid: secret for appid, secret, _ in args.app}, args.host,
                           args.port, single_use=args.single_use, token_ttl=args.token_ttl,
-                          platforms={appid: p for appid, _, p in args.app},
-                          corpids=dict(args.corpid)))
+                          platforms=platforms, corpids=dict(args.corpid),
+                          alipay_keys=keys))
     except OSError as exc:
         print(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}",
               file=sys.stderr)
