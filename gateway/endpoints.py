@@ -90,7 +90,8 @@ async def login(request: web.Request) -> web.Response:
         user = None
         if s.login_hook is not None:  # before the session: a refused user gets none
             user = await s.login_hook.ask(app.appid, reply.openid, reply.unionid, None,
-                                          functools.partial(request.__setitem__, HOOK_OUTCOME))
+                                          functools.partial(request.__setitem__, HOOK_OUTCOME),
+                                          platform=app.platform, corpid=reply.corpid)
         new = await s.sessions.create(app.appid, reply.openid, reply.unionid, reply.session_key,
                                       s.config.session.ttl, user, reply.corpid)
         if new is None:  # only now is the openid known: the ban is checked as the session is made
@@ -162,9 +163,13 @@ def _asked(sid: str, done: asyncio.Future[Session]) -> None:
 
 async def _ask_hook(request: web.Request, s: Services, hook: LoginHook,
                     current: Session) -> Session:
+    app = s.config.app(current.appid)
+    if app is None:  # removed by a reload while this session lived
+        raise Unauthorized("this session's mini-program is no longer configured")
     try:
         user = await hook.ask(current.appid, current.openid, current.unionid, current.phone,
-                              functools.partial(request.__setitem__, HOOK_OUTCOME))
+                              functools.partial(request.__setitem__, HOOK_OUTCOME),
+                              platform=app.platform, corpid=current.corpid)
     except UserBlocked:
         await s.sessions.delete(current.sid)
         s.authenticator.forget(current.sid)
@@ -183,13 +188,14 @@ async def session(request: web.Request) -> web.Response:
         raise InvalidRequest("check must be true or false")
     if check in ("true", "1"):  # ask WeChat whether the session_key is still current
         await userdata.check_session_key(request.app[SERVICES].current, identity)
-    return json_response(_session_body(identity))
+    return json_response(_session_body(identity, request.app[SERVICES].current.config))
 
 
 async def verify(request: web.Request) -> web.Response:
     identity = await _identity(request)
-    response = json_response(_session_body(identity))
-    response.headers.update(identity_headers(identity, request.app[SERVICES].current.config))
+    config = request.app[SERVICES].current.config
+    response = json_response(_session_body(identity, config))
+    response.headers.update(identity_headers(identity, config))
     return response
 
 
@@ -262,7 +268,13 @@ def _token_body(s: Services, sid: str, openid: str, unionid: str | None, appid: 
             "openid": openid, "unionid": unionid}
 
 
-def _session_body(identity: Identity) -> dict[str, Any]:
+def _session_body(identity: Identity, config: Config) -> dict[str, Any]:
     s = identity.session
-    return {"openid": s.openid, "unionid": s.unionid, "appid": s.appid,
-            "expires_at": s.expires_at}
+    body: dict[str, Any] = {"openid": s.openid, "unionid": s.unionid, "appid": s.appid,
+                            "expires_at": s.expires_at}
+    app = config.app(s.appid)
+    if app is not None:  # else its tokens no longer verify: the app was removed
+        body["platform"] = app.platform
+    if s.corpid:
+        body["corpid"] = s.corpid
+    return body

@@ -196,8 +196,10 @@ def forward_headers(request: web.Request, identity: Identity | None, services: S
     if identity is not None:
         out.update(identity_headers(identity, config))
         if services.asserter is not None:
+            app = config.app(identity.session.appid)
             out[config.identity_assertion.header] = services.asserter.assertion(
-                identity.session, route.audience or route.origin)
+                identity.session, route.audience or route.origin,
+                app.platform if app is not None else None)
     return out
 
 

@@ -19,7 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from checks import expect_error
 from conftest import (APPID, APPID2, SECRET, SECRET2, TWO_APPS, GatewayFactory, Served, bearer,
-                      claims_of, closed_port_url, fresh, login)
+                      WECOM_APPS, WECOM_CORPID, claims_of, closed_port_url, fresh, login,
+                      make_wecom_session)
 from gateway.testing import simulator
 from gateway.testing.embedded import free_port
 
@@ -355,6 +356,30 @@ async def test_success_body_shape(gw: TestClient, wechat: TestServer) -> None:
     resp = await gw.get("/auth/session", headers=bearer(data["token"]))
     assert resp.status == 200
     assert (await resp.json())["openid"] == data["openid"]
+
+
+async def test_session_and_verify_bodies_name_the_platform_and_the_users_corp(
+        gw: TestClient, make_gateway: GatewayFactory, redis: Any, key_prefix: str) -> None:
+    data = await login(gw)
+    for path in ("/auth/session", "/auth/verify"):
+        resp = await gw.get(path, headers=bearer(data["token"]))
+        assert resp.status == 200, await resp.text()
+        body = await resp.json()
+        assert set(body) == {"openid", "unionid", "appid", "expires_at", "platform"}, body
+        assert (body["openid"], body["appid"], body["platform"]) == (
+            data["openid"], APPID, "wechat")
+    assert resp.headers["X-MP-Platform"] == "wechat" and "X-WX-CorpID" not in resp.headers
+
+    await make_wecom_session(redis, key_prefix, data["token"])
+    wecom = await make_gateway(apps=WECOM_APPS)
+    for path in ("/auth/session", "/auth/verify"):
+        resp = await wecom.get(path, headers=bearer(data["token"]))
+        assert resp.status == 200, await resp.text()
+        body = await resp.json()
+        assert set(body) == {"openid", "unionid", "appid", "expires_at", "platform", "corpid"}
+        assert (body["platform"], body["corpid"]) == ("wecom", WECOM_CORPID)
+    assert resp.headers["X-MP-Platform"] == "wecom"
+    assert resp.headers["X-WX-CorpID"] == WECOM_CORPID
 
 
 async def test_expires_in_follows_session_ttl(make_gateway: GatewayFactory) -> None:
