@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import re
 import time
 from typing import Any, Awaitable, Callable
 
@@ -16,9 +17,10 @@ from .config import Config
 from .forwarded import client_address
 from .errors import (GatewayError, InvalidCode, InvalidRequest, MethodNotAllowed, NotFound,
                      PayloadTooLarge,
-                     StoreUnavailable, Unauthorized, UnknownApp, UserBlocked)
+                     StoreUnavailable, Unauthorized, UnknownApp, UserBlocked, WeChatError)
 from .login_hook import LoginHook
 from .metrics import CONTENT_TYPE
+from .platform import Code2Session
 from .services import Services
 from .sessions import Session
 from .state import HOOK_OUTCOME, IDENTITY, METRICS, SERVICES
@@ -26,6 +28,9 @@ from .state import HOOK_OUTCOME, IDENTITY, METRICS, SERVICES
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_BODY_BYTES = 16 * 1024
 MAX_CODE_LENGTH = 128
+# Every platform's ids become identity header values and assertion claims: a control
+# character would break the forwarded request, a space be trimmed into another id.
+_HEADER_SAFE_ID = re.compile(r"[\x21-\x7e]{1,128}")
 
 
 def json_response(body: Any, status: int = 200) -> web.Response:
@@ -83,7 +88,7 @@ async def login(request: web.Request) -> web.Response:
         ip = client_address(request, s.config)
         await s.limiter.admit(ip, app.appid)
         try:
-            reply = await s.logins[app.platform].code2session(app, code)
+            reply = _usable(await s.logins[app.platform].code2session(app, code), app.platform)
         except InvalidCode:
             await s.limiter.failed(ip)
             raise
@@ -105,6 +110,16 @@ async def login(request: web.Request) -> web.Response:
     s.metrics.logins.labels("ok").inc()
     return json_response(_token_body(s, new.sid, new.openid, new.unionid, new.appid,
                                      new.created_at, new.expires_at))
+
+
+def _usable(reply: Code2Session, platform: str) -> Code2Session:
+    """The platform's ids, refused as a whole (no session) when one could not be a header."""
+    for name, value in (("user id", reply.openid), ("union id", reply.unionid),
+                        ("corpid", reply.corpid)):
+        if value is not None and not _HEADER_SAFE_ID.fullmatch(value):
+            raise WeChatError(f"the {platform} login reply's {name} is not 1 to 128 printable "
+                              "ASCII characters without spaces")
+    return reply
 
 
 async def logout(request: web.Request) -> web.Response:
