@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import re
 import time
 from typing import Any, Awaitable, Callable
 
@@ -17,9 +18,10 @@ from .config import Config
 from .forwarded import client_address
 from .errors import (GatewayError, InvalidCode, InvalidRequest, MethodNotAllowed, NotFound,
                      PayloadTooLarge,
-                     StoreUnavailable, Unauthorized, UnknownApp, UserBlocked)
+                     StoreUnavailable, Unauthorized, UnknownApp, UserBlocked, WeChatError)
 from .login_hook import LoginHook
 from .metrics import CONTENT_TYPE
+from .platform import Code2Session
 from .services import Services
 from .sessions import Session
 from .state import HOOK_OUTCOME, IDENTITY, METRICS, SERVICES
@@ -27,6 +29,9 @@ from .state import HOOK_OUTCOME, IDENTITY, METRICS, SERVICES
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_BODY_BYTES = 16 * 1024
 MAX_CODE_LENGTH = 128
+# Every platform's ids become identity header values and assertion claims: a control
+# character would break the forwarded request, a space be trimmed into another id.
+_HEADER_SAFE_ID = re.compile(r"[\x21-\x7e]{1,128}")
 
 
 def json_response(body: Any, status: int = 200) -> web.Response:
@@ -84,14 +89,15 @@ async def login(request: web.Request) -> web.Response:
         ip = client_address(request, s.config)
         await s.limiter.admit(ip, app.appid)
         try:
-            reply = await s.logins[app.platform].code2session(app, code)
+            reply = _usable(await s.logins[app.platform].code2session(app, code), app.platform)
         except InvalidCode:
             await s.limiter.failed(ip)
             raise
         user = None
         if s.login_hook is not None:  # before the session: a refused user gets none
             user = await s.login_hook.ask(app.appid, reply.openid, reply.unionid, None,
-                                          functools.partial(request.__setitem__, HOOK_OUTCOME))
+                                          functools.partial(request.__setitem__, HOOK_OUTCOME),
+                                          platform=app.platform, corpid=reply.corpid)
         new = await s.sessions.create(app.appid, reply.openid, reply.unionid, reply.session_key,
                                       s.config.session.ttl, user, reply.corpid)
         if new is None:  # only now is the openid known: the ban is checked as the session is made
@@ -105,6 +111,16 @@ async def login(request: web.Request) -> web.Response:
     s.metrics.logins.labels("ok").inc()
     return json_response(_token_body(s, new.sid, new.openid, new.unionid, new.appid,
                                      new.created_at, new.expires_at))
+
+
+def _usable(reply: Code2Session, platform: str) -> Code2Session:
+    """The platform's ids, refused as a whole (no session) when one could not be a header."""
+    for name, value in (("user id", reply.openid), ("union id", reply.unionid),
+                        ("corpid", reply.corpid)):
+        if value is not None and not _HEADER_SAFE_ID.fullmatch(value):
+            raise WeChatError(f"the {platform} login reply's {name} is not 1 to 128 printable "
+                              "ASCII characters without spaces")
+    return reply
 
 
 async def logout(request: web.Request) -> web.Response:
@@ -163,9 +179,13 @@ def _asked(sid: str, done: asyncio.Future[Session]) -> None:
 
 async def _ask_hook(request: web.Request, s: Services, hook: LoginHook,
                     current: Session) -> Session:
+    app = s.config.app(current.appid)
+    if app is None:  # removed by a reload while this session lived
+        raise Unauthorized("this session's mini-program is no longer configured")
     try:
         user = await hook.ask(current.appid, current.openid, current.unionid, current.phone,
-                              functools.partial(request.__setitem__, HOOK_OUTCOME))
+                              functools.partial(request.__setitem__, HOOK_OUTCOME),
+                              platform=app.platform, corpid=current.corpid)
     except UserBlocked:
         await s.sessions.delete(current.sid)
         s.authenticator.forget(current.sid)
@@ -184,7 +204,7 @@ async def session(request: web.Request) -> web.Response:
         raise InvalidRequest("check must be true or false")
     if check in ("true", "1"):  # ask WeChat whether the session_key is still current
         await userdata.check_session_key(request.app[SERVICES].current, identity)
-    return json_response(_session_body(identity))
+    return json_response(_session_body(identity, request.app[SERVICES].current.config))
 
 
 async def verify(request: web.Request) -> web.Response:
@@ -199,7 +219,7 @@ async def verify(request: web.Request) -> web.Response:
     # and the configuration only, so it is built once per cached identity.
     built = identity.memo.get("verify")
     if built is None or built[0] is not config:
-        first = json_response(_session_body(identity))
+        first = json_response(_session_body(identity, config))
         first.headers.update(identity_headers(identity, config))
         assert isinstance(first.body, bytes)
         built = identity.memo["verify"] = (config, first.body, CIMultiDictProxy(first.headers))
@@ -275,7 +295,13 @@ def _token_body(s: Services, sid: str, openid: str, unionid: str | None, appid: 
             "openid": openid, "unionid": unionid}
 
 
-def _session_body(identity: Identity) -> dict[str, Any]:
+def _session_body(identity: Identity, config: Config) -> dict[str, Any]:
     s = identity.session
-    return {"openid": s.openid, "unionid": s.unionid, "appid": s.appid,
-            "expires_at": s.expires_at}
+    body: dict[str, Any] = {"openid": s.openid, "unionid": s.unionid, "appid": s.appid,
+                            "expires_at": s.expires_at}
+    app = config.app(s.appid)
+    if app is not None:  # else its tokens no longer verify: the app was removed
+        body["platform"] = app.platform
+    if s.corpid:
+        body["corpid"] = s.corpid
+    return body

@@ -1,6 +1,7 @@
 """The app's own user directory: asked on login for the user's id, roles and claims, or a ban.
 
-The hook answers ``POST {url}`` with ``{"appid", "openid", "unionid", "phone"}``. 200 with
+The hook answers ``POST {url}`` with ``{"appid", "openid", "unionid", "phone", "platform"}``
+(and ``"corpid"`` for WeCom). 200 with
 ``{"user_id", "roles", "claims"}`` (each optional) is kept in the session; 403 refuses the
 user; anything else — unreachable, slow, another status, an answer that is not what is
 described here — is refused as a whole (no session is made on a half-understood answer).
@@ -60,11 +61,16 @@ class LoginHook:
         return user is None or time.time() - user.fetched_at >= self.config.refresh_after
 
     async def ask(self, appid: str, openid: str, unionid: str | None, phone: str | None,
-                  report: Callable[[Outcome], None]) -> UserData:
+                  report: Callable[[Outcome], None], *, platform: str,
+                  corpid: str | None = None) -> UserData:
         """The user's data; ``UserBlocked`` on 403, ``LoginHookUnavailable`` otherwise.
         ``report`` hears the outcome either way (for the access log)."""
         started = time.perf_counter()
-        payload = {"appid": appid, "openid": openid, "unionid": unionid, "phone": phone}
+        # platform: openids of two platforms may collide; the directory must tell them apart
+        payload: dict[str, Any] = {"appid": appid, "openid": openid, "unionid": unionid,
+                                   "phone": phone, "platform": platform}
+        if corpid is not None:
+            payload["corpid"] = corpid
         result = "error"
         try:
             async with asyncio.timeout(self.config.timeout):

@@ -48,7 +48,7 @@ async def expect_error(resp: Any, status: int, code: str | None) -> dict[str, An
 
 # --- identity headers, as an upstream could read them ------------------------------------------
 
-IDENTITY_NAMES = ("x-wx-openid", "x-wx-unionid", "x-wx-appid")
+IDENTITY_NAMES = ("x-wx-openid", "x-wx-unionid", "x-wx-appid", "x-mp-platform", "x-wx-corpid")
 SPOOF = "spoofed-identity-0000"  # what a client forges into them
 
 

@@ -19,7 +19,7 @@ import uvicorn
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from gateway import loader
+from gateway import loader, sessions
 from gateway.testing import simulator
 from gateway.app import create_app
 from gateway.testing.embedded import EmbeddedRedis, free_port
@@ -244,6 +244,20 @@ def claims_of(token: str) -> dict[str, Any]:
 
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
+
+
+# A WeCom user's session: the app configured as WeCom, the user's corp kept in the session.
+WECOM_CORPID = "wwuser0corp00001"
+WECOM_APPS = [{"appid": APPID, "secret": SECRET, "platform": "wecom",
+               "corpid": "wwconfigured0001"}]
+
+
+async def make_wecom_session(redis: aioredis.Redis, key_prefix: str, token: str) -> None:
+    """The session of ``token`` (a login through a gateway whose app is WeChat's) as a WeCom
+    login leaves it: with the user's corpid. A gateway made with ``apps=WECOM_APPS`` on the
+    same Redis then serves it as a WeCom user's."""
+    await redis.hset(f"{key_prefix}session:{claims_of(token)['sid']}", sessions.CORPID,
+                     WECOM_CORPID)
 
 
 def closed_port_url() -> str:

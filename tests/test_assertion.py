@@ -43,7 +43,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from conftest import (APPID, GatewayFactory, Served, Upstream, base_config, bearer, login)
+from conftest import (APPID, WECOM_APPS, WECOM_CORPID, GatewayFactory, Served, Upstream,
+                      base_config, bearer, login, make_wecom_session)
 from gateway import loader
 from gateway.testing.embedded import EmbeddedRedis
 from gateway.errors import ConfigError
@@ -261,6 +262,22 @@ async def test_unionid_claim_only_when_the_user_has_one(
     claims = verify(await get_assertion(gw, upstream, "/api/a", with_union["token"]), jwks,
                     algorithm="ES256", audience=upstream.url)
     assert claims["unionid"] == with_union["unionid"]
+
+
+async def test_platform_claim_always_corpid_claim_for_a_wecom_user(
+        make_gateway: GatewayFactory, upstream: Upstream, redis: Any, key_prefix: str) -> None:
+    gw = await make_gateway(identity_assertion=assertion_config())
+    user = await login(gw)
+    claims = verify(await get_assertion(gw, upstream, "/api/a", user["token"]),
+                    await fetch_jwks(gw), algorithm="ES256", audience=upstream.url)
+    assert claims["platform"] == "wechat" and "corpid" not in claims
+
+    await make_wecom_session(redis, key_prefix, user["token"])
+    wecom = await make_gateway(apps=WECOM_APPS, identity_assertion=assertion_config())
+    claims = verify(await get_assertion(wecom, upstream, "/api/a", user["token"]),
+                    await fetch_jwks(wecom), algorithm="ES256", audience=upstream.url)
+    assert (claims["sub"], claims["appid"]) == (user["openid"], APPID)
+    assert (claims["platform"], claims["corpid"]) == ("wecom", WECOM_CORPID)
 
 
 async def test_route_audience_issuer_and_ttl_are_configurable(

@@ -187,7 +187,8 @@ async def test_path_lookalikes_pass_byte_for_byte(
 # Plain header names: valid HTTP, so the request is served, minus the forgery.
 PLAIN_SPELLINGS = [b"X-WX-OpenID", b"x-wx-openid", b"X-WX-OPENID", b"X_WX_OpenID",
                    b"x_wx_unionid", b"X-Wx-AppId", b"X_WX_APPID", b"x-wx_openid",
-                   b"X_wx-UnionId", b"x-WX-aPpId"]
+                   b"X_wx-UnionId", b"x-WX-aPpId", b"X-MP-Platform", b"x_mp_platform",
+                   b"X-WX-CorpID", b"X_WX_CORPID"]
 # Whitespace around names: the parser may refuse them; whatever it does, no forgery passes.
 # Each is sent after an innocent header, so a leading space is also an obsolete line fold.
 ODD_LINES = [b"X-WX-OpenID : " + SPOOF.encode(), b"X-WX-OpenID\t: " + SPOOF.encode(),
@@ -200,7 +201,7 @@ async def test_real_process_identity_spellings_never_reach_upstream(
     async with real_gateway(real_config) as gw:
         session = await gw.login()
         genuine = sorted([("x-wx-openid", session["openid"]), ("x-wx-appid", APPID),
-                          ("x-wx-unionid", session["unionid"])])
+                          ("x-wx-unionid", session["unionid"]), ("x-mp-platform", "wechat")])
         token_line = f"Authorization: Bearer {session['token']}".encode()
         routes = {"required": ("/api/p", [token_line], genuine),
                   "optional-token": ("/maybe/p", [token_line], genuine),

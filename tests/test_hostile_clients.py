@@ -53,8 +53,11 @@ HOSTILE_NAMES = [
     "_X_WX_OPENID", "X-WX-OPENID-", "x.wx.unionid", "X!WX!UnionID", "HTTP-X-WX-APPID",
     "X-WX-App_ID", "X*WX*AppID", "X|WX|OpenID", "X'WX'OpenID", "X^WX^OpenID", "X#WX#OpenID",
     "X`WX`OpenID", "X+WX+OpenID", "X&WX&OpenID", "X%WX%OpenID", "X$WX$OpenID",
+    "HTTP_X_MP_PLATFORM", "X.MP.Platform", "x-mp-platform.", "HTTP-X-WX-CORPID", "X~WX~CorpID",
+    "X_WX_Corp_ID",
 ]
-IDENTITY = {"openid": "X-WX-OpenID", "unionid": "X-WX-UnionID", "appid": "X-WX-AppID"}
+IDENTITY = {"openid": "X-WX-OpenID", "unionid": "X-WX-UnionID", "appid": "X-WX-AppID",
+            "platform": "X-MP-Platform", "corpid": "X-WX-CorpID"}
 
 
 def cgi_variables(name: str) -> set[str]:
@@ -75,7 +78,8 @@ def readable_as_identity(name: str) -> bool:
 
 
 def test_every_loose_spelling_folds_onto_the_identity_header_it_imitates() -> None:
-    assert {spelling(n) for n in HOSTILE_NAMES} == {"xwxopenid", "xwxunionid", "xwxappid"}
+    assert {spelling(n) for n in HOSTILE_NAMES} == {"xwxopenid", "xwxunionid", "xwxappid",
+                                                    "xmpplatform", "xwxcorpid"}
     assert all(readable_as_identity(n) for n in HOSTILE_NAMES)
     assert not readable_as_identity("X-WX-Phone") and not readable_as_identity("X-WX-Open")
     assert spelling("HTTP2-Settings") == "2settings"  # the prefix goes only as a whole
@@ -155,7 +159,7 @@ async def test_loose_identity_spellings_never_reach_an_aiohttp_upstream(
     gw = await running(upstream.url)
     session = await gw.login()
     genuine = {"X-WX-OpenID": session["openid"], "X-WX-AppID": APPID,
-               "X-WX-UnionID": session["unionid"]}
+               "X-WX-UnionID": session["unionid"], "X-MP-Platform": "wechat"}
     for path, auth, expected in (("/api/p", [token_line(session)], genuine),
                                  ("/maybe/p", [], {}), ("/public/p", [token_line(session)], {})):
         lines = [f"{name}: {SPOOF}".encode() for name in HOSTILE_NAMES]
@@ -245,6 +249,8 @@ async def test_loose_identity_spellings_never_reach_a_wsgi_environ(
         assert not any(SPOOF in v for v in environ.values()), environ
         # wsgiref joins X-WX-OpenID and X_WX_OpenID into one variable: only the real one
         assert environ.get("HTTP_X_WX_OPENID") == (session["openid"] if auth else None), environ
+        assert environ.get("HTTP_X_MP_PLATFORM") == ("wechat" if auth else None), environ
+        assert "HTTP_X_WX_CORPID" not in environ, environ
 
 
 # --- 2. header values that are not UTF-8 ------------------------------------------------------

@@ -18,8 +18,10 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from checks import expect_error
-from conftest import (APPID, APPID2, SECRET, SECRET2, TWO_APPS, GatewayFactory, Served, bearer,
-                      claims_of, closed_port_url, fresh, login)
+from conftest import (APPID, APPID2, SECRET, SECRET2, TWO_APPS, GatewayFactory, Served, Upstream,
+                      bearer,
+                      WECOM_APPS, WECOM_CORPID, claims_of, closed_port_url, fresh, login,
+                      make_wecom_session)
 from gateway.testing import simulator
 from gateway.testing.embedded import free_port
 
@@ -254,6 +256,40 @@ async def test_reply_without_openid_or_session_key_is_wechat_error(
     assert await redis.keys(f"{key_prefix}*") == []
 
 
+@pytest.mark.parametrize("field,value", [
+    ("openid", "o-x\r\nX-WX-OpenID: admin"), ("openid", "o-x\n"), ("openid", "o x"),
+    ("openid", " o-x"), ("openid", "o-\u00e9"), ("openid", "o-\x00"), ("openid", "o" * 129),
+    ("unionid", "u-x\r\nX-Evil: 1"), ("unionid", "u x"),
+])
+async def test_ids_that_could_not_be_header_values_are_wechat_error(
+        with_wechat: Any, scripted: ScriptedWeChat, redis: Any, key_prefix: str, field: str,
+        value: str) -> None:
+    reply = {"openid": "o-x", "unionid": "u-x", "session_key": "c2s=", field: value}
+
+    async def answer(request: web.Request) -> web.Response:
+        return text_plain(reply)
+    scripted.reply = answer
+    gw2 = await with_wechat(scripted.url)
+    resp = await gw2.post("/auth/login", json={"code": fresh()})
+    body = await expect_error(resp, 502, "wechat_error")
+    assert value not in body["message"]
+    assert await redis.keys(f"{key_prefix}*") == []
+
+
+async def test_the_longest_usable_openid_reaches_the_upstream(
+        with_wechat: Any, scripted: ScriptedWeChat, upstream: Upstream) -> None:
+    openid = "o" + "-_.@~!" * 21 + "x"  # 128 printable characters
+
+    async def answer(request: web.Request) -> web.Response:
+        return text_plain({"openid": openid, "session_key": "c2s="})
+    scripted.reply = answer
+    gw2 = await with_wechat(scripted.url)
+    data = await login(gw2)
+    assert data["openid"] == openid
+    assert (await gw2.get("/api/x", headers=bearer(data["token"]))).status == 200
+    assert upstream.last.header("X-WX-OpenID") == [openid]
+
+
 @pytest.mark.parametrize("errcode,status,error", [
     ("40029", 401, "invalid_code"),
     (40029.0, 401, "invalid_code"),
@@ -355,6 +391,30 @@ async def test_success_body_shape(gw: TestClient, wechat: TestServer) -> None:
     resp = await gw.get("/auth/session", headers=bearer(data["token"]))
     assert resp.status == 200
     assert (await resp.json())["openid"] == data["openid"]
+
+
+async def test_session_and_verify_bodies_name_the_platform_and_the_users_corp(
+        gw: TestClient, make_gateway: GatewayFactory, redis: Any, key_prefix: str) -> None:
+    data = await login(gw)
+    for path in ("/auth/session", "/auth/verify"):
+        resp = await gw.get(path, headers=bearer(data["token"]))
+        assert resp.status == 200, await resp.text()
+        body = await resp.json()
+        assert set(body) == {"openid", "unionid", "appid", "expires_at", "platform"}, body
+        assert (body["openid"], body["appid"], body["platform"]) == (
+            data["openid"], APPID, "wechat")
+    assert resp.headers["X-MP-Platform"] == "wechat" and "X-WX-CorpID" not in resp.headers
+
+    await make_wecom_session(redis, key_prefix, data["token"])
+    wecom = await make_gateway(apps=WECOM_APPS)
+    for path in ("/auth/session", "/auth/verify"):
+        resp = await wecom.get(path, headers=bearer(data["token"]))
+        assert resp.status == 200, await resp.text()
+        body = await resp.json()
+        assert set(body) == {"openid", "unionid", "appid", "expires_at", "platform", "corpid"}
+        assert (body["platform"], body["corpid"]) == ("wecom", WECOM_CORPID)
+    assert resp.headers["X-MP-Platform"] == "wecom"
+    assert resp.headers["X-WX-CorpID"] == WECOM_CORPID
 
 
 async def test_expires_in_follows_session_ttl(make_gateway: GatewayFactory) -> None:

@@ -20,8 +20,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from checks import expect_error, is_json, metric_samples, parse_json_lines, value
-from conftest import (APPID, GatewayFactory, Served, Upstream, bearer, claims_of,
-                      closed_port_url, fresh, login)
+from conftest import (APPID, WECOM_APPS, WECOM_CORPID, GatewayFactory, Served, Upstream, bearer,
+                      claims_of, closed_port_url, fresh, login, make_wecom_session)
 from gateway import loader, logs
 from gateway.errors import ConfigError
 from gateway.login_hook import MAX_ANSWER_BYTES
@@ -96,7 +96,7 @@ async def test_login_asks_the_hook_and_upstreams_receive_its_answer(
     gw = await make_gateway(login_hook=hook_config(hook))
     body = await login(gw)
     assert hook.asked == [{"appid": APPID, "openid": body["openid"], "unionid": body["unionid"],
-                           "phone": None}]
+                           "phone": None, "platform": "wechat"}]
     resp = await gw.get("/api/x", headers=bearer(body["token"]))
     assert resp.status == 200, await resp.text()
     assert sorted(user_headers(upstream.last.headers)) == [
@@ -414,6 +414,19 @@ async def test_refresh_passes_the_stored_phone(
     await asyncio.sleep(1.1)
     assert (await gw.post("/auth/refresh", headers=bearer(token))).status == 200
     assert hook.asked[-1]["phone"] == "+8613800000000"
+
+
+async def test_refresh_tells_the_hook_a_wecom_users_platform_and_corp(
+        make_gateway: GatewayFactory, hook: Hook, redis: aioredis.Redis, key_prefix: str) -> None:
+    gw = await make_gateway(login_hook=hook_config(hook))
+    body = await login(gw)
+    await make_wecom_session(redis, key_prefix, body["token"])
+    wecom = await make_gateway(apps=WECOM_APPS, login_hook=hook_config(hook, refresh_after="1s"))
+    await asyncio.sleep(1.1)
+    assert (await wecom.post("/auth/refresh", headers=bearer(body["token"]))).status == 200
+    assert hook.asked[-1] == {"appid": APPID, "openid": body["openid"],
+                              "unionid": body["unionid"], "phone": None, "platform": "wecom",
+                              "corpid": WECOM_CORPID}
 
 
 # --- the signed assertion ---------------------------------------------------------------------------

@@ -208,7 +208,7 @@ async def test_stored_phone_is_injected_upstream_and_on_verify(
     assert "X-WX-Phone" not in (await gw.get("/auth/verify", headers=bearer(other["token"]))).headers
     # The session body does not grow a phone field, and the number stays in the session hash.
     assert set(await (await gw.get("/auth/session", headers=auth)).json()) == {
-        "openid", "unionid", "appid", "expires_at"}
+        "openid", "unionid", "appid", "expires_at", "platform"}
     keys = [k async for k in redis.scan_iter(match=f"{key_prefix}session:*")]
     phones = [await redis.hget(k, S.PHONE) for k in keys]
     assert sorted(p for p in phones if p) == [number.encode()]
@@ -599,7 +599,7 @@ async def test_session_check(gw: TestClient, wechat: TestServer) -> None:
     assert resp.status == 200, await resp.text()
     body = await resp.json()
     assert body["openid"] == session["openid"] and body["appid"] == APPID
-    assert set(body) == {"openid", "unionid", "appid", "expires_at"}
+    assert set(body) == {"openid", "unionid", "appid", "expires_at", "platform"}
     assert calls(wechat, "checksession") == 1
     for query in ("", "?check=false", "?check=0", "?check=FALSE"):
         assert (await gw.get(f"/auth/session{query}", headers=auth)).status == 200

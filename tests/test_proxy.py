@@ -16,7 +16,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from checks import SPOOF, expect_error, identity_headers_seen
-from conftest import APPID, GatewayFactory, Upstream, bearer, closed_port_url, login
+from conftest import (APPID, WECOM_APPS, WECOM_CORPID, GatewayFactory, Upstream, bearer,
+                      closed_port_url, login, make_wecom_session)
 from gateway.testing.embedded import free_port
 from process import Launch
 from rawhttp import build_request, raw_exchange, raw_request
@@ -131,7 +132,8 @@ async def test_public_never_gets_identity_even_with_valid_token(
 # --- identity header stripping ----------------------------------------------------------------
 
 SPELLINGS = ["X-WX-OpenID", "x-wx-openid", "X-WX-OPENID", "X_WX_OpenID", "x_wx_unionid",
-             "X-Wx-AppId", "X-WX-UnionID", "X_WX_APPID", "x-wx_openid"]
+             "X-Wx-AppId", "X-WX-UnionID", "X_WX_APPID", "x-wx_openid", "X-MP-Platform",
+             "x_mp_platform", "X_MP-PLATFORM", "X-WX-CorpID", "x_wx_corpid", "X-Wx_CORPID"]
 # (path, send a valid token?, identity expected upstream?)
 ROUTE_CASES = {
     "required": ("/api/p", True, True),
@@ -163,7 +165,8 @@ async def test_client_identity_headers_never_reach_upstream(
     got = sorted((k.lower(), v) for k, v in identity_headers_seen(seen.headers))
     if identified:
         assert got == sorted([("x-wx-openid", session["openid"]), ("x-wx-appid", APPID),
-                              ("x-wx-unionid", session["unionid"])])
+                              ("x-wx-unionid", session["unionid"]),
+                              ("x-mp-platform", "wechat")])
     else:
         assert got == []
 
@@ -177,7 +180,25 @@ async def test_all_forged_identity_spellings_at_once_are_removed(
     assert resp.status == 200
     assert all(SPOOF not in v for _, v in upstream.last.headers)
     assert upstream.last.header("X-WX-OpenID") == [session["openid"]]
-    assert len(identity_headers_seen(upstream.last.headers)) == 3
+    assert upstream.last.header("X-MP-Platform") == ["wechat"]
+    assert len(identity_headers_seen(upstream.last.headers)) == 4  # no corpid: not WeCom
+
+
+async def test_a_wecom_users_corp_replaces_every_forged_copy(
+        gw: TestClient, make_gateway: GatewayFactory, upstream: Upstream, redis: Any,
+        key_prefix: str) -> None:
+    session = await login(gw)
+    await make_wecom_session(redis, key_prefix, session["token"])
+    wecom = await make_gateway(apps=WECOM_APPS)
+    headers: list[tuple[str, str | bytes]] = [(s, SPOOF) for s in SPELLINGS]
+    headers.append(("Authorization", f"Bearer {session['token']}"))
+    resp = await raw_request(wecom, "GET", "/api/p", headers)
+    assert resp.status == 200
+    assert all(SPOOF not in v for _, v in upstream.last.headers)
+    got = sorted((k.lower(), v) for k, v in identity_headers_seen(upstream.last.headers))
+    assert got == sorted([("x-wx-openid", session["openid"]), ("x-wx-appid", APPID),
+                          ("x-wx-unionid", session["unionid"]), ("x-mp-platform", "wecom"),
+                          ("x-wx-corpid", WECOM_CORPID)])
 
 
 async def test_underscored_identity_header_names_strip_every_spelling(

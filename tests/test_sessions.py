@@ -182,7 +182,8 @@ async def test_get_session(gw: TestClient) -> None:
     assert resp.content_type == "application/json" and resp.charset == "utf-8"
     text = await resp.text()
     body = json.loads(text)
-    assert set(body) == {"openid", "unionid", "appid", "expires_at"}
+    assert set(body) == {"openid", "unionid", "appid", "expires_at", "platform"}
+    assert body["platform"] == "wechat"
     assert body["openid"] == data["openid"]
     assert body["unionid"] == data["unionid"]
     assert body["appid"] == APPID

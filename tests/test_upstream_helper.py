@@ -49,7 +49,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from conftest import APPID, GatewayFactory, Upstream, bearer, login, uvicorn_serving
+from conftest import (APPID, WECOM_APPS, WECOM_CORPID, GatewayFactory, Upstream, bearer, login,
+                      make_wecom_session, uvicorn_serving)
 from gateway import reload as reload_
 from gateway.testing.embedded import free_port
 from gateway.state import SERVICES
@@ -136,6 +137,7 @@ class Seen:
 
 def identity_body(identity: Any, path: str) -> dict[str, Any]:
     return {"openid": identity.openid, "appid": identity.appid, "unionid": identity.unionid,
+            "platform": identity.platform, "corpid": identity.corpid,
             "aud": identity.claims["aud"], "path": path}
 
 
@@ -302,7 +304,8 @@ async def test_aiohttp_upstream_sees_the_verified_identity(
     resp = await stack.gw.get("/svc/orders/1", headers=bearer(user["token"]))
     assert resp.status == 200, await resp.text()
     assert await resp.json() == {"openid": user["openid"], "appid": APPID,
-                                 "unionid": user["unionid"], "aud": AUDIENCE,
+                                 "unionid": user["unionid"], "platform": "wechat",
+                                 "corpid": None, "aud": AUDIENCE,
                                  "path": "/svc/orders/1"}
     assert stack.seen.identities[-1]["openid"] == user["openid"]
 
@@ -321,6 +324,22 @@ async def test_aiohttp_upstream_sees_the_verified_identity(
     assert len(stack.seen.identities) == 2
 
 
+@pytest.mark.parametrize("kind", ("aiohttp", "starlette"))
+async def test_upstreams_see_a_wecom_users_platform_and_corp(
+        make_stack: MakeStack, make_gateway: GatewayFactory, redis: Any, key_prefix: str,
+        kind: str) -> None:
+    stack = await make_stack(kind)
+    user = await login(stack.gw)
+    await make_wecom_session(redis, key_prefix, user["token"])
+    wecom = await make_gateway(apps=WECOM_APPS, routes=stack.data["routes"],
+                               identity_assertion=stack.data["identity_assertion"])
+    resp = await wecom.get("/svc/orders/1", headers=bearer(user["token"]))
+    assert resp.status == 200, await resp.text()
+    body = await resp.json()
+    assert (body["openid"], body["appid"]) == (user["openid"], APPID)
+    assert (body["platform"], body["corpid"]) == ("wecom", WECOM_CORPID)
+
+
 async def test_starlette_upstream_sees_the_verified_identity_over_http_and_websocket(
         make_stack: MakeStack) -> None:
     stack = await make_stack("starlette")
@@ -328,7 +347,8 @@ async def test_starlette_upstream_sees_the_verified_identity_over_http_and_webso
     resp = await stack.gw.get("/svc/orders/7", headers=bearer(user["token"]))
     assert resp.status == 200, await resp.text()
     assert await resp.json() == {"openid": user["openid"], "appid": APPID,
-                                 "unionid": user["unionid"], "aud": AUDIENCE,
+                                 "unionid": user["unionid"], "platform": "wechat",
+                                 "corpid": None, "aud": AUDIENCE,
                                  "path": "/svc/orders/7"}
 
     async with stack.gw.ws_connect("/svc/live", headers=bearer(user["token"])) as ws:

@@ -152,7 +152,8 @@ async def test_valid_token_upgrades_with_identity_and_no_forgeries(
         ws_gw: TestClient, ws_upstream: WsUpstream) -> None:
     session = await login(ws_gw)
     headers = {**bearer(session["token"]), "X-WX-OpenID": SPOOF, "x_wx_appid": SPOOF,
-               "X-Wx-UnionId": SPOOF, "X-Other": "kept"}
+               "X-Wx-UnionId": SPOOF, "X_MP_Platform": SPOOF, "x-wx-corpid": SPOOF,
+               "X-Other": "kept"}
     ws = await ws_gw.ws_connect("/ws/chat/echo", headers=headers)
     try:
         await ws.send_str("hello")
@@ -166,7 +167,7 @@ async def test_valid_token_upgrades_with_identity_and_no_forgeries(
     assert seen.header("X-WX-UnionID") == [session["unionid"]]
     assert sorted((k.lower(), v) for k, v in identity_headers_seen(seen.headers)) == sorted([
         ("x-wx-openid", session["openid"]), ("x-wx-appid", APPID),
-        ("x-wx-unionid", session["unionid"])])
+        ("x-wx-unionid", session["unionid"]), ("x-mp-platform", "wechat")])
     assert all(SPOOF not in v for _, v in seen.headers)
     assert seen.header("Authorization") == []
     assert all(session["token"] not in v for _, v in seen.headers)
@@ -175,7 +176,9 @@ async def test_valid_token_upgrades_with_identity_and_no_forgeries(
 
 async def test_public_route_upgrades_without_token_and_without_identity(
         ws_gw: TestClient, ws_upstream: WsUpstream) -> None:
-    ws = await ws_gw.ws_connect("/pub/feed/echo", headers={"X-WX-OpenID": SPOOF})
+    ws = await ws_gw.ws_connect("/pub/feed/echo", headers={"X-WX-OpenID": SPOOF,
+                                                           "x_mp_platform": SPOOF,
+                                                           "X-WX-CorpID": SPOOF})
     try:
         await ws.send_str("anon")
         msg = await receive(ws)

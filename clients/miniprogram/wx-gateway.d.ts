@@ -1,4 +1,5 @@
-// Type declarations for wx-gateway.js, the wx-gateway client for WeChat Mini Programs.
+// Type declarations for wx-gateway.js, the wx-gateway client for mini-programs (WeChat, WeCom,
+// QQ, Douyin, Alipay).
 // Standalone: no dependency on miniprogram-api-typings (its types are compatible).
 
 /** Options of {@link createClient}. */
@@ -10,11 +11,17 @@ export interface ClientOptions {
   /** The storage key that holds the token. Default `'wxgw_token'`. */
   storageKey?: string
   /**
-   * The API object to call: `wx`, uni-app's `uni` or `Taro`. Default: the global `wx`.
-   * Taro's promise-returning calls are fine: the client uses the callbacks and consumes the
-   * promise.
+   * The API object to call: `wx`, `qq`, `tt`, `my`, uni-app's `uni` or `Taro`. Default: the
+   * global one (`wx`, `qq`, `tt` or `my`, looked for in this order). Taro's promise-returning
+   * calls are fine: the client uses the callbacks and consumes the promise.
    */
-  platform?: Platform
+  platform?: Platform | AlipayPlatform
+  /**
+   * `true`: log in with `wx.qy.login`, for an app the gateway serves as `platform: wecom`
+   * (it exists only inside the WeCom client; elsewhere the login fails with
+   * `wx_login_failed`). Default `false`: `wx.login`, also inside the WeCom client.
+   */
+  wecom?: boolean
 }
 
 /**
@@ -28,6 +35,21 @@ export interface Platform {
   getStorageSync(key: string): any
   setStorageSync(key: string, value: any): unknown
   removeStorageSync(key: string): unknown
+  /** WeCom's login, inside the WeCom client (used with `wecom: true`). */
+  qy?: { login(options: Record<string, any>): unknown }
+}
+
+/**
+ * Alipay's `my`: `getAuthCode` instead of `login`, `my.request` with `headers` answering
+ * `{data, status, headers}`, storage functions taking `{key, data}`. The client adapts to all
+ * of it and resolves `request()` in `wx.request`'s shape.
+ */
+export interface AlipayPlatform {
+  request(options: Record<string, any>): unknown
+  getAuthCode(options: Record<string, any>): unknown
+  getStorageSync(options: { key: string }): any
+  setStorageSync(options: { key: string, data: any }): unknown
+  removeStorageSync(options: { key: string }): unknown
 }
 
 /** The body of `POST /auth/login` (and `/auth/refresh`). */
@@ -77,6 +99,8 @@ export interface RequestOptions {
   method?: HttpMethod
   data?: string | Record<string, any> | ArrayBuffer
   header?: Record<string, string>
+  /** Alipay's spelling of `header`: either is taken on every platform. */
+  headers?: Record<string, string>
   /** `'json'` (default) parses the body as JSON when it is JSON. */
   dataType?: 'json' | string
   responseType?: 'text' | 'arraybuffer'
@@ -93,7 +117,10 @@ export interface RequestOptions {
   complete?: never
 }
 
-/** What `wx.request` passes to `success`, whatever the status code. */
+/**
+ * What `wx.request` passes to `success`, whatever the status code. On Alipay, `my.request`'s
+ * answer with `statusCode` and `header` added (its `status` and `headers` kept).
+ */
 export interface RequestResult<T = any> {
   data: T
   statusCode: number
@@ -107,7 +134,7 @@ export interface RequestResult<T = any> {
 export type ClientErrorCode =
   /** `wx.request` failed (no connection, timeout, domain not allowed...). */
   | 'network_error'
-  /** `wx.login` failed or gave no code. */
+  /** The platform's login (`wx.login`, `wx.qy.login`, `qq.login`, `tt.login`, `my.getAuthCode`) failed or gave no code. */
   | 'wx_login_failed'
   /** The getPhoneNumber event had no code: the user denied (the gateway was not called). */
   | 'user_denied'
@@ -117,7 +144,7 @@ export type ClientErrorCode =
   | 'http_error'
   /** `request()` without a url, or with one outside `baseURL`. */
   | 'invalid_url'
-  /** No `platform` was given and there is no global `wx`. */
+  /** No `platform` was given and there is no global `wx`, `qq`, `tt` or `my`. */
   | 'no_wx'
 
 /**
@@ -143,8 +170,10 @@ export interface WxGatewayClient {
   /** `baseURL` without its trailing slash. */
   readonly baseURL: string
   /**
-   * `wx.login()`, then `POST /auth/login`; stores the token with `wx.setStorageSync`.
-   * Concurrent calls share one login.
+   * The platform's login (`wx.login()`, `wx.qy.login()`, `qq.login()`, `tt.login()`,
+   * `my.getAuthCode({scopes: 'auth_base'})`), then `POST /auth/login` `{code, appid?}` (and
+   * Douyin's `anonymous_code`); stores the token in the platform's storage. Concurrent calls
+   * share one login.
    */
   login(): Promise<LoginResult>
   /**

@@ -1,9 +1,10 @@
 /**
- * wx-gateway client for WeChat Mini Programs.
+ * wx-gateway client for mini-programs: WeChat, WeCom, QQ, Douyin (ByteDance), Alipay.
  *
- * Logs in through the gateway (wx.login -> POST /auth/login), keeps the session token with
- * wx.setStorageSync, adds `Authorization: Bearer <token>` to requests and, when the gateway
- * answers 401, logs in again once (one login for any number of concurrent 401s) and retries.
+ * Logs in through the gateway (wx.login / wx.qy.login / qq.login / tt.login /
+ * my.getAuthCode -> POST /auth/login), keeps the session token in the platform's storage, adds
+ * `Authorization: Bearer <token>` to requests and, when the gateway answers 401, logs in again
+ * once (one login for any number of concurrent 401s) and retries.
  *
  * No dependencies. CommonJS. Promises only (no async/await), so it runs with or without the
  * developer tools' "ES6 to ES5" / enhanced compilation and needs no regenerator runtime.
@@ -11,7 +12,8 @@
  *   const { createClient } = require('./utils/wx-gateway.js')
  *   const gateway = createClient({ baseURL: 'https://gw.example.com' })
  *
- * uni-app and Taro: pass their API object, which has wx's shapes (request, login and the
+ * The platform's API object is found by itself (the global wx, qq, tt or my); uni-app and
+ * Taro: pass their API object, which has wx's shapes on every platform (request, login and the
  * storage functions with success/fail callbacks):
  *
  *   createClient({ baseURL: 'https://gw.example.com', platform: uni })
@@ -69,12 +71,30 @@ function errorFromResponse(res) {
 
 var PLATFORM_FUNCTIONS = ['request', 'login', 'getStorageSync', 'setStorageSync', 'removeStorageSync']
 
-function getWx() {
-  if (typeof wx === 'undefined' || !wx) {
-    throw new WxGatewayError(0, 'no_wx',
-      'the global `wx` object is not available (pass `platform`: uni, Taro or wx)')
-  }
-  return wx
+/** The mini-program runtime's own API object: WeChat and WeCom `wx`, QQ `qq`, Douyin `tt`, Alipay `my`. */
+function getGlobalApi() {
+  /* global wx, qq, tt, my */
+  if (typeof wx !== 'undefined' && wx) return wx
+  if (typeof qq !== 'undefined' && qq) return qq
+  if (typeof tt !== 'undefined' && tt) return tt
+  if (typeof my !== 'undefined' && my) return my
+  throw new WxGatewayError(0, 'no_wx',
+    'no mini-program API object (wx, qq, tt or my) is available (pass `platform`: uni, Taro, wx...)')
+}
+
+/**
+ * Alipay's `my` has other shapes than wx's: no login() but getAuthCode() giving `authCode`;
+ * my.request takes `headers` and answers `{status, headers, data}`; the storage functions take
+ * `{key, data}` objects (Alipay mini-program API docs: my.request, my.getStorageSync).
+ * uni-app and Taro give wx's shapes on Alipay too, and have login(): they are not this.
+ */
+function isAlipay(api) {
+  return typeof api.login !== 'function' && typeof api.getAuthCode === 'function'
+}
+
+/** my.request's answer in wx.request's shape; the original fields are kept. */
+function fromAlipay(res) {
+  return Object.assign({}, res, { statusCode: res.status, header: res.headers || {} })
 }
 
 function noop() {}
@@ -96,11 +116,12 @@ function hasOwn(obj, key) {
 }
 
 /**
- * createClient({ baseURL, appid?, storageKey?, platform? })
+ * createClient({ baseURL, appid?, storageKey?, platform?, wecom? })
  *   baseURL     the gateway, e.g. 'https://gw.example.com' (no trailing slash needed)
  *   appid       sent with the login when the gateway serves several mini-programs
  *   storageKey  storage key of the token ['wxgw_token']
- *   platform    the API object: wx, uni (uni-app) or Taro [the global `wx`]
+ *   platform    the API object: wx, qq, tt, my, uni (uni-app) or Taro [the global one]
+ *   wecom       true: log in with wx.qy.login, for an app the gateway serves as WeCom's [false]
  */
 function createClient(options) {
   if (!options || typeof options.baseURL !== 'string' || !/^https?:\/\/[^/]+/i.test(options.baseURL)) {
@@ -109,14 +130,36 @@ function createClient(options) {
   var platform = options.platform
   if (platform !== undefined) {
     var lacking = PLATFORM_FUNCTIONS.filter(function (name) {
+      if (platform && name === 'login' && typeof platform.getAuthCode === 'function') return false
       return !platform || typeof platform[name] !== 'function'
     })
     if (lacking.length) {
-      throw new TypeError('createClient: platform must be wx, uni or Taro (an object with ' +
-        PLATFORM_FUNCTIONS.join(', ') + '); it lacks ' + lacking.join(', '))
+      throw new TypeError('createClient: platform must be wx, qq, tt, my, uni or Taro (an object with ' +
+        PLATFORM_FUNCTIONS.join(', ') + ', or my\'s getAuthCode); it lacks ' + lacking.join(', '))
     }
   }
-  function api() { return platform || getWx() }
+  if (options.wecom !== undefined && typeof options.wecom !== 'boolean') {
+    throw new TypeError('createClient: wecom must be true or false')
+  }
+  var wecom = options.wecom === true
+  function api() { return platform || getGlobalApi() }
+
+  function storageGet(key) {
+    var a = api()
+    if (!isAlipay(a)) return a.getStorageSync(key)
+    var res = a.getStorageSync({ key: key })
+    return res ? res.data : undefined
+  }
+  function storageSet(key, value) {
+    var a = api()
+    if (isAlipay(a)) a.setStorageSync({ key: key, data: value })
+    else a.setStorageSync(key, value)
+  }
+  function storageRemove(key) {
+    var a = api()
+    if (isAlipay(a)) a.removeStorageSync({ key: key })
+    else a.removeStorageSync(key)
+  }
   var baseURL = options.baseURL.replace(/\/+$/, '')
   var appid = options.appid
   var storageKey = options.storageKey || DEFAULT_STORAGE_KEY
@@ -125,7 +168,7 @@ function createClient(options) {
   var logins = 0 // logins started
 
   function token() {
-    var value = api().getStorageSync(storageKey)
+    var value = storageGet(storageKey)
     return typeof value === 'string' && value ? value : null
   }
 
@@ -144,55 +187,109 @@ function createClient(options) {
     return baseURL + (url.charAt(0) === '/' ? url : '/' + url)
   }
 
-  /** One wx.request; resolves with its success result whatever the status, rejects on failure. */
+  /**
+   * One request; resolves with its result in wx.request's shape ({data, statusCode, header})
+   * whatever the status, rejects on failure.
+   */
   function send(options, bearer) {
     return new Promise(function (resolve, reject) {
+      var a = api()
+      var alipay = isAlipay(a)
       var header = {}
-      var given = options.header || {}
-      for (var name in given) {
-        if (hasOwn(given, name) && name.toLowerCase() !== 'authorization') header[name] = given[name]
-      }
+      // `header` is wx's (and qq's, tt's, uni's, Taro's) name, `headers` my's: either is taken.
+      var givens = [options.header || {}, options.headers || {}]
+      givens.forEach(function (given) {
+        for (var name in given) {
+          if (hasOwn(given, name) && name.toLowerCase() !== 'authorization') header[name] = given[name]
+        }
+      })
       if (bearer) header.Authorization = 'Bearer ' + bearer
       var call = {}
       for (var key in options) {
-        if (hasOwn(options, key) && key !== 'success' && key !== 'fail' && key !== 'complete') {
+        if (hasOwn(options, key) && key !== 'success' && key !== 'fail' && key !== 'complete' &&
+            key !== 'header' && key !== 'headers') {
           call[key] = options[key]
         }
       }
-      call.header = header
-      call.success = function (res) { resolve(res) }
+      call[alipay ? 'headers' : 'header'] = header
+      call.success = function (res) { resolve(alipay ? fromAlipay(res) : res) }
       call.fail = function (err) {
-        var errMsg = (err && err.errMsg) || 'request:fail'
+        // my.request may fail on an HTTP error status and yet hand over the answer (status,
+        // headers, data): the gateway's {error, message} is in it, so it is a result.
+        if (alipay && err && typeof err.status === 'number' && err.status > 0) {
+          resolve(fromAlipay(err))
+          return
+        }
+        var errMsg = (err && (err.errMsg || err.errorMessage)) || 'request:fail'
         reject(new WxGatewayError(0, 'network_error', errMsg, { errMsg: errMsg }))
       }
-      invoke(api(), 'request', call)
-    })
-  }
-
-  function wxLogin() {
-    return new Promise(function (resolve, reject) {
-      invoke(api(), 'login', {
-        success: function (res) {
-          if (res && typeof res.code === 'string' && res.code) resolve(res.code)
-          else reject(new WxGatewayError(0, 'wx_login_failed', 'wx.login gave no code', { errMsg: res && res.errMsg }))
-        },
-        fail: function (err) {
-          var errMsg = (err && err.errMsg) || 'login:fail'
-          reject(new WxGatewayError(0, 'wx_login_failed', errMsg, { errMsg: errMsg }))
-        },
-      })
+      invoke(a, 'request', call)
     })
   }
 
   /**
-   * wx.login -> POST /auth/login -> token stored. Concurrent calls share one login.
+   * The platform's login: resolves with the fields of POST /auth/login that come from it,
+   * {code} and, from Douyin's tt.login, {anonymous_code} as well.
+   */
+  function platformLogin() {
+    return new Promise(function (resolve, reject) {
+      var a = api()
+      var name = 'login'
+      var target = a
+      var call = {}
+      if (wecom) {
+        // WeCom's own code exists only inside the WeCom client; there wx.login gives a WeChat
+        // code, which a WeCom app would refuse (WeCom developer docs, mini-programs: wx.qy.login).
+        if (!a.qy || typeof a.qy.login !== 'function') {
+          reject(new WxGatewayError(0, 'wx_login_failed',
+            'wx.qy.login is not available: the mini-program is not running in the WeCom client'))
+          return
+        }
+        target = a.qy
+        name = 'wx.qy.login'
+      } else if (isAlipay(a)) {
+        // auth_base: silent authorisation, no consent sheet, enough for the user id (Alipay
+        // mini-program docs: my.getAuthCode, scopes)
+        call.scopes = 'auth_base'
+        name = 'my.getAuthCode'
+      }
+      function fail(err) {
+        var errMsg = (err && (err.errMsg || err.errorMessage)) || name + ':fail'
+        reject(new WxGatewayError(0, 'wx_login_failed', errMsg, { errMsg: errMsg }))
+      }
+      call.success = function (res) {
+        // my.getAuthCode gives authCode; uni.login and Taro.login on Alipay give it as code.
+        var code = res && (typeof res.code === 'string' && res.code ? res.code : res.authCode)
+        if (typeof code !== 'string' || !code) {
+          // tt.login of a user not logged in to the Douyin app: only anonymousCode
+          reject(new WxGatewayError(0, 'wx_login_failed', name + ' gave no code',
+            { errMsg: res && (res.errMsg || res.errorMessage) }))
+          return
+        }
+        var fields = { code: code }
+        if (typeof res.anonymousCode === 'string' && res.anonymousCode) {
+          fields.anonymous_code = res.anonymousCode
+        }
+        resolve(fields)
+      }
+      call.fail = fail
+      try {
+        if (target === a && isAlipay(a)) invoke(a, 'getAuthCode', call)
+        else invoke(target, 'login', call)
+      } catch (err) {
+        fail({ errMsg: name + ':fail ' + (err && err.message) })
+      }
+    })
+  }
+
+  /**
+   * The platform's login -> POST /auth/login -> token stored. Concurrent calls share one login.
    * Resolves with the gateway's body {token, token_type, expires_in, openid, unionid}.
    */
   function login() {
     if (loginInFlight) return loginInFlight
     logins += 1
-    var flight = wxLogin().then(function (code) {
-      var data = { code: code }
+    var flight = platformLogin().then(function (data) {
       if (appid) data.appid = appid
       return send({ url: baseURL + '/auth/login', method: 'POST', data: data,
         header: { 'Content-Type': 'application/json' } }, null)
@@ -201,7 +298,7 @@ function createClient(options) {
           typeof res.data.token !== 'string' || !res.data.token) {
         throw errorFromResponse(res)
       }
-      api().setStorageSync(storageKey, res.data.token)
+      storageSet(storageKey, res.data.token)
       return res.data
     })
     loginInFlight = lastLogin = flight
@@ -260,8 +357,7 @@ function createClient(options) {
     var call = send({ url: baseURL + '/auth/logout', method: 'POST' }, current)
     function clear() {
       try {
-        var w = api()
-        if (w.getStorageSync(storageKey) === current) w.removeStorageSync(storageKey)
+        if (storageGet(storageKey) === current) storageRemove(storageKey)
       } catch (e) { /* nothing more to do */ }
     }
     return call.then(function (res) {

@@ -8,7 +8,8 @@ An upstream that can be reached other than through the gateway must not trust pl
     verifier = Verifier("https://gw.example.com/.well-known/jwks.json",
                         audience="http://orders:9000")
     app = web.Application(middlewares=[aiohttp_middleware(verifier)])
-    # in a handler: request[WX_IDENTITY].openid
+    # in a handler: request[WX_IDENTITY].openid; users are keyed by .appid and .openid
+    # (.platform names the mini-program platform, .corpid a WeCom user's corp)
 
     # Starlette / FastAPI (any ASGI app)
     app.add_middleware(ASGIMiddleware, verifier=verifier)

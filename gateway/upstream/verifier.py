@@ -24,6 +24,9 @@ class WxIdentity:
     user_id: str | None = None
     roles: tuple[str, ...] = ()
     user_claims: dict[str, str] = field(default_factory=dict)
+    # wechat, wecom, qq, douyin or alipay: key users by (appid, openid), never openid alone
+    platform: str | None = None
+    corpid: str | None = None  # WeCom: the user's corp
 
 
 class Verifier:
@@ -62,12 +65,15 @@ class Verifier:
             raise InvalidAssertion("the identity assertion lacks sub or appid")
         user_id, roles, user_claims = (claims.get("user_id"), claims.get("roles"),
                                        claims.get("claims"))
+        platform, corpid = claims.get("platform"), claims.get("corpid")
         return WxIdentity(
             claims["sub"], appid, unionid if isinstance(unionid, str) else None, claims,
             user_id if isinstance(user_id, str) else None,
             tuple(r for r in roles if isinstance(r, str)) if isinstance(roles, list) else (),
             ({k: v for k, v in user_claims.items() if isinstance(v, str)}
-             if isinstance(user_claims, dict) else {}))
+             if isinstance(user_claims, dict) else {}),
+            platform if isinstance(platform, str) else None,
+            corpid if isinstance(corpid, str) else None)
 
     async def _key(self, kid: str) -> Any:
         cached = self._keys.get(kid)

@@ -191,7 +191,86 @@ function makeWx(options = {}) {
     removeStorageSync(key) { state.storage.delete(key) },
   }
   state.api = wx
-  if (options.global !== false) globalThis.wx = wx
+  if (options.global !== false) globalThis[options.globalName || 'wx'] = wx
+  return state
+}
+
+/** QQ's `qq`: wx's shapes under another global (qq.login gives {code}). */
+function makeQq(options = {}) {
+  return makeWx(Object.assign({ globalName: 'qq' }, options))
+}
+
+/**
+ * Douyin's `tt`: wx's shapes; tt.login also gives `anonymousCode` and `isLogin`, and for a user
+ * not logged in to the Douyin app only `anonymousCode` (options.loggedIn === false).
+ */
+function makeTt(options = {}) {
+  const state = makeWx(Object.assign({ globalName: 'tt' }, options))
+  const inner = state.api.login
+  state.anonymousCodes = []
+  state.api.login = (opts = {}) => inner(Object.assign({}, opts, {
+    success: (res) => {
+      const anonymousCode = `anon-${res.code}`
+      state.anonymousCodes.push(anonymousCode)
+      const loggedIn = options.loggedIn !== false
+      opts.success(loggedIn ? { code: res.code, anonymousCode, isLogin: true, errMsg: 'login:ok' }
+        : { anonymousCode, isLogin: false, errMsg: 'login:ok' })
+    },
+  }))
+  return state
+}
+
+/**
+ * Alipay's `my`, in its own shapes: no login() but getAuthCode({scopes}) giving {authCode};
+ * my.request takes `headers`, answers {data, status, headers}, and fails on an HTTP error status
+ * with the answer in the failure; storage takes {key, data} objects.
+ */
+function makeMy(options = {}) {
+  const state = makeWx(Object.assign({}, options, { global: false }))
+  const wx = state.api
+  state.scopes = []
+  state.headerKeys = []
+  const my = {
+    getAuthCode(opts = {}) {
+      state.scopes.push(opts.scopes)
+      wx.login({
+        success: (res) => opts.success && opts.success({ authCode: res.code, authErrorScopes: {}, authSuccessScopes: ['auth_base'] }),
+        fail: () => opts.fail && opts.fail({ error: 11, errorMessage: '用户取消操作' }),
+      })
+    },
+    request(opts) {
+      state.headerKeys.push(Object.keys(opts).filter((k) => k === 'header' || k === 'headers'))
+      return wx.request(Object.assign({}, opts, {
+        header: opts.headers,
+        success: (res) => {
+          const answer = { data: res.data, status: res.statusCode, headers: res.header }
+          if (res.statusCode >= 400) opts.fail(Object.assign({ error: 19, errorMessage: 'http status error' }, answer))
+          else opts.success(answer)
+        },
+        fail: (err) => opts.fail({ error: 12, errorMessage: err.errMsg }),
+      }))
+    },
+    getStorageSync({ key }) { return { data: state.storage.has(key) ? state.storage.get(key) : null } },
+    setStorageSync({ key, data }) { state.storage.set(key, data) },
+    removeStorageSync({ key }) { state.storage.delete(key) },
+  }
+  state.api = my
+  if (options.global !== false) globalThis.my = my
+  return state
+}
+
+/** `wx` inside the WeCom client: wx.qy.login gives WeCom's code, wx.login still WeChat's. */
+function makeWecom(options = {}) {
+  const state = makeWx(options)
+  state.qyLogins = 0
+  const login = state.api.login
+  state.api.qy = {
+    login(opts = {}) {
+      state.qyLogins += 1
+      login(opts)
+    },
+  }
+  state.api.login = (opts) => { state.wxLogins = (state.wxLogins || 0) + 1; login(opts) }
   return state
 }
 
@@ -244,7 +323,7 @@ function rawCall(method, pathname, token) {
 describe('wx-gateway mini-program client against the real gateway', { timeout: 28000 }, () => {
   before(startGateway, { timeout: STARTUP_TIMEOUT_MS + 2000 })
   after(stopGateway, { timeout: 8000 })
-  beforeEach(() => { delete globalThis.wx })
+  beforeEach(() => { for (const name of ['wx', 'qq', 'tt', 'my']) delete globalThis[name] })
 
   it('login() calls wx.login, POSTs the code, stores the token and returns openid', async () => {
     const wx = makeWx()
@@ -594,5 +673,129 @@ describe('wx-gateway mini-program client against the real gateway', { timeout: 2
     const client = createClient({ baseURL })
     await assert.rejects(client.login(), { error: 'no_wx' })
     await assert.rejects(client.request({ url: '/api/x' }), { error: 'no_wx' })
+  })
+  for (const [name, make, loginCall] of [['qq', makeQq, 'qq.login'], ['tt', makeTt, 'tt.login'],
+    ['my', makeMy, 'my.getAuthCode']]) {
+    it(`the global ${name}: ${loginCall} logs in, requests carry the token, logout ends the session`, async () => {
+      const platform = make()
+      const client = createClient({ baseURL })
+      const body = await client.login()
+      assert.equal(platform.logins, 1)
+      const sentLogin = JSON.parse(requestsTo(platform, '/auth/login')[0].body)
+      assert.equal(sentLogin.code, platform.codes[0])
+      assert.equal(platform.storage.get(DEFAULT_STORAGE_KEY), body.token)
+      assert.equal(client.token(), body.token)
+      const res = await client.request({ url: '/api/echo', header: { 'X-MP-Platform': 'forged' } })
+      assert.equal(res.statusCode, 200)
+      assert.equal(res.data.headers['X-WX-OpenID'], body.openid)
+      assert.equal(res.data.headers['X-MP-Platform'], 'wechat') // the demo's app is WeChat's
+      const [sent] = requestsTo(platform, '/api/echo')
+      assert.equal(sent.header.Authorization, `Bearer ${body.token}`)
+      await client.logout()
+      assert.equal(platform.storage.has(DEFAULT_STORAGE_KEY), false)
+      assert.equal((await rawCall('GET', '/auth/session', body.token)).statusCode, 401)
+    })
+  }
+
+  it('tt: anonymousCode goes along as anonymous_code; without a code nothing is sent', async () => {
+    let tt = makeTt()
+    let client = createClient({ baseURL })
+    await client.login()
+    assert.deepEqual(JSON.parse(requestsTo(tt, '/auth/login')[0].body),
+      { code: tt.codes[0], anonymous_code: tt.anonymousCodes[0] })
+
+    tt = makeTt({ loggedIn: false }) // not logged in to the Douyin app: only anonymousCode
+    client = createClient({ baseURL })
+    await assert.rejects(client.login(), { statusCode: 0, error: 'wx_login_failed', message: 'login gave no code' })
+    assert.equal(tt.requests.length, 0)
+  })
+
+  it('my: getAuthCode with auth_base, `headers` not `header`, answers in wx.request\'s shape', async () => {
+    const my = makeMy()
+    const client = createClient({ baseURL, appid: 'wxdemo0000000001' })
+    const body = await client.login()
+    assert.deepEqual(my.scopes, ['auth_base'])
+    assert.deepEqual(JSON.parse(requestsTo(my, '/auth/login')[0].body),
+      { code: my.codes[0], appid: 'wxdemo0000000001' })
+    // my's own spelling of the option is taken too, and Authorization is still ours alone
+    const res = await client.request({ url: '/api/my', headers: { 'X-Custom': 'v', authorization: 'Bearer nope' } })
+    assert.deepEqual(my.headerKeys.at(-1), ['headers'])
+    assert.equal(res.statusCode, 200)
+    assert.equal(res.status, 200)
+    assert.equal(res.data.headers['X-Custom'], 'v')
+    assert.equal(res.data.headers['X-WX-OpenID'], body.openid)
+    assert.equal(requestsTo(my, '/api/my')[0].header.Authorization, `Bearer ${body.token}`)
+    assert.equal(typeof res.header, 'object')
+  })
+
+  it('my: an HTTP error status in my.request\'s failure is an answer: 401 re-logs in, errors keep their code', async () => {
+    let my = makeMy()
+    let client = createClient({ baseURL })
+    my.storage.set(DEFAULT_STORAGE_KEY, 'garbage-token')
+    const res = await client.request({ url: '/api/after401' })
+    assert.equal(res.statusCode, 200)
+    assert.equal(my.logins, 1)
+    assert.equal(requestsTo(my, '/api/after401').length, 2)
+    const notFound = await client.request({ url: '/nowhere' })
+    assert.equal(notFound.statusCode, 404)
+    assert.equal(notFound.data.error, 'not_found')
+
+    my = makeMy({ codeFor: () => 'errcode-40029-x' })
+    client = createClient({ baseURL })
+    await assert.rejects(client.login(), { statusCode: 401, error: 'invalid_code' })
+
+    my = makeMy({ codeFor: () => null }) // getAuthCode fails: {error, errorMessage}
+    client = createClient({ baseURL })
+    await assert.rejects(client.login(), { statusCode: 0, error: 'wx_login_failed', message: '用户取消操作' })
+
+    my = makeMy()
+    client = createClient({ baseURL: `http://127.0.0.1:${await freePort()}` })
+    my.storage.set(DEFAULT_STORAGE_KEY, 'some-token')
+    await assert.rejects(client.request({ url: '/api/x' }), { statusCode: 0, error: 'network_error' })
+  })
+
+  it('my passed as platform (not global) is recognised by its getAuthCode', async () => {
+    const my = makeMy({ global: false })
+    assert.equal(typeof globalThis.my, 'undefined')
+    const client = createClient({ baseURL, platform: my.api })
+    const body = await client.login()
+    assert.deepEqual(my.scopes, ['auth_base'])
+    assert.equal(my.storage.get(DEFAULT_STORAGE_KEY), body.token)
+  })
+
+  it('wecom: true logs in with wx.qy.login, never wx.login; outside the WeCom client it fails clearly', async () => {
+    const wecom = makeWecom()
+    let client = createClient({ baseURL, wecom: true })
+    await client.login()
+    assert.equal(wecom.qyLogins, 1)
+    assert.equal(wecom.wxLogins, undefined)
+    assert.deepEqual(JSON.parse(requestsTo(wecom, '/auth/login')[0].body), { code: wecom.codes[0] })
+    // the default stays wx.login, even inside the WeCom client
+    client = createClient({ baseURL })
+    await client.login()
+    assert.equal(wecom.wxLogins, 1)
+    assert.equal(wecom.qyLogins, 1)
+
+    const wx = makeWx() // plain WeChat: no wx.qy
+    client = createClient({ baseURL, wecom: true })
+    await assert.rejects(client.login(), (err) => {
+      assert.equal(err.error, 'wx_login_failed')
+      assert.match(err.message, /wx\.qy\.login.*WeCom client/)
+      return true
+    })
+    assert.equal(wx.logins, 0)
+    assert.equal(wx.requests.length, 0)
+    assert.throws(() => createClient({ baseURL, wecom: 'yes' }), TypeError)
+  })
+
+  it('uni and Taro giving Alipay\'s authCode instead of code still log in', async () => {
+    const uni = makeUni()
+    const login = uni.api.login
+    uni.api.login = (opts) => login(Object.assign({}, opts, {
+      success: (res) => opts.success({ authCode: res.code, errMsg: 'login:ok' }),
+    }))
+    const body = await createClient({ baseURL, platform: uni.api }).login()
+    assert.equal(JSON.parse(requestsTo(uni, '/auth/login')[0].body).code, uni.codes[0])
+    assert.equal(uni.storage.get(DEFAULT_STORAGE_KEY), body.token)
   })
 })
