@@ -10,6 +10,8 @@
 const { describe, it, before, after, beforeEach } = require('node:test')
 const assert = require('node:assert/strict')
 const { spawn } = require('node:child_process')
+// The demo serves a WeChat and a Douyin app: a login must name its app.
+const DEMO_APPID = 'wxdemo0000000001'
 const http = require('node:http')
 const net = require('node:net')
 const path = require('node:path')
@@ -327,7 +329,7 @@ describe('wx-gateway mini-program client against the real gateway', { timeout: 2
 
   it('login() calls wx.login, POSTs the code, stores the token and returns openid', async () => {
     const wx = makeWx()
-    const client = createClient({ baseURL: baseURL + '/' })
+    const client = createClient({ appid: DEMO_APPID, baseURL: baseURL + '/' })
     assert.equal(client.token(), null)
     const body = await client.login()
     assert.equal(wx.logins, 1)
@@ -339,7 +341,7 @@ describe('wx-gateway mini-program client against the real gateway', { timeout: 2
     assert.equal(client.token(), body.token)
     const [sent] = requestsTo(wx, '/auth/login')
     assert.equal(sent.method, 'POST')
-    assert.deepEqual(JSON.parse(sent.body), { code: wx.codes[0] })
+    assert.deepEqual(JSON.parse(sent.body), { code: wx.codes[0], appid: DEMO_APPID })
   })
 
   it('login() honours appid and storageKey', async () => {
@@ -353,7 +355,7 @@ describe('wx-gateway mini-program client against the real gateway', { timeout: 2
 
   it('request() sends the Bearer token and the upstream sees X-WX-OpenID, not the token', async () => {
     const wx = makeWx()
-    const client = createClient({ baseURL })
+    const client = createClient({ appid: DEMO_APPID, baseURL })
     const { openid, token } = await client.login()
     const res = await client.request({ url: '/api/x', data: { page: 2 }, header: { 'X-WX-OpenID': 'forged', authorization: 'Bearer nope' } })
     assert.equal(res.statusCode, 200)
@@ -370,7 +372,7 @@ describe('wx-gateway mini-program client against the real gateway', { timeout: 2
 
   it('request() without a stored token logs in first, once', async () => {
     const wx = makeWx()
-    const client = createClient({ baseURL })
+    const client = createClient({ appid: DEMO_APPID, baseURL })
     const results = await Promise.all([1, 2, 3].map((i) => client.request({ url: `${baseURL}/api/first?i=${i}` })))
     for (const res of results) assert.equal(res.statusCode, 200)
     assert.equal(wx.logins, 1)
@@ -379,7 +381,7 @@ describe('wx-gateway mini-program client against the real gateway', { timeout: 2
 
   it('logout() ends the session: the stored token is gone and the old token gets 401', async () => {
     const wx = makeWx()
-    const client = createClient({ baseURL })
+    const client = createClient({ appid: DEMO_APPID, baseURL })
     const { token } = await client.login()
     assert.equal((await rawCall('GET', '/api/x', token)).statusCode, 200)
     await client.logout()
@@ -397,7 +399,7 @@ describe('wx-gateway mini-program client against the real gateway', { timeout: 2
   it('logout() clears the stored token even when the call fails, and rejects', async () => {
     const wx = makeWx()
     const dead = `http://127.0.0.1:${await freePort()}`
-    const client = createClient({ baseURL: dead })
+    const client = createClient({ appid: DEMO_APPID, baseURL: dead })
     wx.storage.set(DEFAULT_STORAGE_KEY, 'some-token')
     await assert.rejects(client.logout(), (err) => {
       assert.ok(err instanceof WxGatewayError)
@@ -410,7 +412,7 @@ describe('wx-gateway mini-program client against the real gateway', { timeout: 2
 
   it('an invalid token: 10 concurrent requests cause exactly ONE wx.login and all succeed', async () => {
     const wx = makeWx()
-    const client = createClient({ baseURL })
+    const client = createClient({ appid: DEMO_APPID, baseURL })
     wx.storage.set(DEFAULT_STORAGE_KEY, 'garbage.not-a.token')
     const results = await Promise.all(
       Array.from({ length: 10 }, (_, i) => client.request({ url: `/api/concurrent?i=${i}` })))
@@ -433,7 +435,7 @@ describe('wx-gateway mini-program client against the real gateway', { timeout: 2
 
   it('401s that arrive after the re-login finished reuse it instead of logging in again', async () => {
     const wx = makeWx()
-    const client = createClient({ baseURL })
+    const client = createClient({ appid: DEMO_APPID, baseURL })
     wx.storage.set(DEFAULT_STORAGE_KEY, 'garbage-token')
     // Hold back every request but the first until the re-login it causes has stored its token.
     wx.beforeSend = async (req) => {
@@ -452,7 +454,7 @@ describe('wx-gateway mini-program client against the real gateway', { timeout: 2
 
   it('a request that had to log in first does not log in again on a 401', async () => {
     const wx = makeWx()
-    const client = createClient({ baseURL })
+    const client = createClient({ appid: DEMO_APPID, baseURL })
     wx.beforeSend = async (req) => {
       const auth = req.header.Authorization || ''
       if (new URL(req.url).pathname === '/api/w') {
@@ -467,7 +469,7 @@ describe('wx-gateway mini-program client against the real gateway', { timeout: 2
 
   it('a 401 after the token was renewed by an explicit login() reuses it', async () => {
     const wx = makeWx()
-    const client = createClient({ baseURL })
+    const client = createClient({ appid: DEMO_APPID, baseURL })
     wx.storage.set(DEFAULT_STORAGE_KEY, 'stale-token')
     // The stale request leaves while the login runs, and its 401 comes back after it ended.
     wx.beforeSend = async (req) => {
@@ -485,7 +487,7 @@ describe('wx-gateway mini-program client against the real gateway', { timeout: 2
 
   it('a failing re-login rejects with the gateway error and does not loop', async () => {
     const wx = makeWx({ codeFor: () => 'errcode-40029-x' })
-    const client = createClient({ baseURL })
+    const client = createClient({ appid: DEMO_APPID, baseURL })
     wx.storage.set(DEFAULT_STORAGE_KEY, 'expired-token')
     const all = [1, 2, 3].map(() => client.request({ url: '/api/y' }))
     for (const pending of all) {
@@ -507,7 +509,7 @@ describe('wx-gateway mini-program client against the real gateway', { timeout: 2
 
   it('a second 401 after a successful re-login is returned to the caller, not looped', async () => {
     const wx = makeWx()
-    const client = createClient({ baseURL })
+    const client = createClient({ appid: DEMO_APPID, baseURL })
     wx.storage.set(DEFAULT_STORAGE_KEY, 'expired-token')
     // Before the retry goes out, end the brand-new session behind the client's back.
     wx.beforeSend = async (req) => {
@@ -526,7 +528,7 @@ describe('wx-gateway mini-program client against the real gateway', { timeout: 2
 
   it('getPhoneNumber() exchanges the button code for the phone number', async () => {
     const wx = makeWx()
-    const client = createClient({ baseURL })
+    const client = createClient({ appid: DEMO_APPID, baseURL })
     await client.login()
     const phone = await client.getPhoneNumber({ type: 'getphonenumber', detail: { code: 'abc', errMsg: 'getPhoneNumber:ok' } })
     assert.match(phone.pure_phone_number, /^\d{11}$/)
@@ -542,7 +544,7 @@ describe('wx-gateway mini-program client against the real gateway', { timeout: 2
 
   it('getPhoneNumber() rejects a denied button event without calling the gateway', async () => {
     const wx = makeWx()
-    const client = createClient({ baseURL })
+    const client = createClient({ appid: DEMO_APPID, baseURL })
     await assert.rejects(
       client.getPhoneNumber({ detail: { errMsg: 'getPhoneNumber:fail user deny' } }),
       (err) => {
@@ -561,7 +563,7 @@ describe('wx-gateway mini-program client against the real gateway', { timeout: 2
   it('errors carry statusCode, error and message', async () => {
     // The gateway's error body.
     let wx = makeWx({ codeFor: () => 'errcode-40226-x' })
-    let client = createClient({ baseURL })
+    let client = createClient({ appid: DEMO_APPID, baseURL })
     await assert.rejects(client.login(), (err) => {
       assert.ok(err instanceof Error)
       assert.equal(err.name, 'WxGatewayError')
@@ -575,19 +577,19 @@ describe('wx-gateway mini-program client against the real gateway', { timeout: 2
 
     // A phone code WeChat refuses.
     wx = makeWx()
-    client = createClient({ baseURL })
+    client = createClient({ appid: DEMO_APPID, baseURL })
     await client.login()
     await assert.rejects(client.getPhoneNumber({ detail: { code: 'errcode-40029-x' } }),
       { statusCode: 400, error: 'invalid_phone_code' })
 
     // wx.login itself failing.
     wx = makeWx({ codeFor: () => null })
-    client = createClient({ baseURL })
+    client = createClient({ appid: DEMO_APPID, baseURL })
     await assert.rejects(client.login(), { statusCode: 0, error: 'wx_login_failed', message: 'login:fail simulated' })
 
     // The network failing: rejected, not resolved.
     wx = makeWx()
-    client = createClient({ baseURL: `http://127.0.0.1:${await freePort()}` })
+    client = createClient({ appid: DEMO_APPID, baseURL: `http://127.0.0.1:${await freePort()}` })
     wx.storage.set(DEFAULT_STORAGE_KEY, 'some-token')
     await assert.rejects(client.request({ url: '/api/x' }), (err) => {
       assert.equal(err.statusCode, 0)
@@ -597,14 +599,14 @@ describe('wx-gateway mini-program client against the real gateway', { timeout: 2
     })
 
     // The token is never sent to another host.
-    client = createClient({ baseURL })
+    client = createClient({ appid: DEMO_APPID, baseURL })
     await assert.rejects(client.request({ url: 'https://example.com/api/x' }), { statusCode: 0, error: 'invalid_url' })
     assert.equal(wx.requests.length, 1)
   })
 
   it('other statuses are resolved like wx.request does', async () => {
     makeWx()
-    const client = createClient({ baseURL })
+    const client = createClient({ appid: DEMO_APPID, baseURL })
     const res = await client.request({ url: '/nowhere' })
     assert.equal(res.statusCode, 404)
     assert.equal(res.data.error, 'not_found')
@@ -613,7 +615,7 @@ describe('wx-gateway mini-program client against the real gateway', { timeout: 2
     it(`platform: ${name} logs in, sends the token, logs out, without any global wx`, async () => {
       const platform = make()
       assert.equal(typeof globalThis.wx, 'undefined')
-      const client = createClient({ baseURL, platform: platform.api })
+      const client = createClient({ appid: DEMO_APPID, baseURL, platform: platform.api })
       const body = await client.login()
       assert.equal(platform.logins, 1)
       assert.equal(platform.storage.get(DEFAULT_STORAGE_KEY), body.token)
@@ -634,10 +636,10 @@ describe('wx-gateway mini-program client against the real gateway', { timeout: 2
       process.on('unhandledRejection', onUnhandled)
       try {
         const platform = make({ codeFor: () => null }) // wx.login fails
-        const client = createClient({ baseURL, platform: platform.api })
+        const client = createClient({ appid: DEMO_APPID, baseURL, platform: platform.api })
         await assert.rejects(client.login(), { statusCode: 0, error: 'wx_login_failed' })
         platform.storage.set(DEFAULT_STORAGE_KEY, 'some-token')
-        const closed = createClient({ baseURL: `http://127.0.0.1:${await freePort()}`, platform: platform.api })
+        const closed = createClient({ appid: DEMO_APPID, baseURL: `http://127.0.0.1:${await freePort()}`, platform: platform.api })
         await assert.rejects(closed.request({ url: '/api/x' }), { statusCode: 0, error: 'network_error' })
         await new Promise((resolve) => setTimeout(resolve, 50))
         assert.deepEqual(unhandled, [])
@@ -650,8 +652,8 @@ describe('wx-gateway mini-program client against the real gateway', { timeout: 2
   it('two clients on two platforms keep their own tokens', async () => {
     const uni = makeUni()
     const taro = makeTaro()
-    const a = createClient({ baseURL, platform: uni.api })
-    const b = createClient({ baseURL, platform: taro.api })
+    const a = createClient({ appid: DEMO_APPID, baseURL, platform: uni.api })
+    const b = createClient({ appid: DEMO_APPID, baseURL, platform: taro.api })
     const [ta, tb] = await Promise.all([a.login(), b.login()])
     assert.notEqual(ta.token, tb.token)
     assert.equal(a.token(), ta.token)
@@ -663,14 +665,14 @@ describe('wx-gateway mini-program client against the real gateway', { timeout: 2
     const partial = Object.assign({}, uni.api)
     delete partial.login
     delete partial.removeStorageSync
-    assert.throws(() => createClient({ baseURL, platform: partial }),
+    assert.throws(() => createClient({ appid: DEMO_APPID, baseURL, platform: partial }),
       (err) => err instanceof TypeError && /lacks login, removeStorageSync/.test(err.message))
-    assert.throws(() => createClient({ baseURL, platform: null }), TypeError)
-    assert.throws(() => createClient({ baseURL, platform: 'uni' }), TypeError)
+    assert.throws(() => createClient({ appid: DEMO_APPID, baseURL, platform: null }), TypeError)
+    assert.throws(() => createClient({ appid: DEMO_APPID, baseURL, platform: 'uni' }), TypeError)
   })
 
   it('without platform and without a global wx, calls reject with no_wx', async () => {
-    const client = createClient({ baseURL })
+    const client = createClient({ appid: DEMO_APPID, baseURL })
     await assert.rejects(client.login(), { error: 'no_wx' })
     await assert.rejects(client.request({ url: '/api/x' }), { error: 'no_wx' })
   })
@@ -678,7 +680,7 @@ describe('wx-gateway mini-program client against the real gateway', { timeout: 2
     ['my', makeMy, 'my.getAuthCode']]) {
     it(`the global ${name}: ${loginCall} logs in, requests carry the token, logout ends the session`, async () => {
       const platform = make()
-      const client = createClient({ baseURL })
+      const client = createClient({ appid: DEMO_APPID, baseURL })
       const body = await client.login()
       assert.equal(platform.logins, 1)
       const sentLogin = JSON.parse(requestsTo(platform, '/auth/login')[0].body)
@@ -699,13 +701,13 @@ describe('wx-gateway mini-program client against the real gateway', { timeout: 2
 
   it('tt: anonymousCode goes along as anonymous_code; without a code nothing is sent', async () => {
     let tt = makeTt()
-    let client = createClient({ baseURL })
+    let client = createClient({ appid: DEMO_APPID, baseURL })
     await client.login()
     assert.deepEqual(JSON.parse(requestsTo(tt, '/auth/login')[0].body),
-      { code: tt.codes[0], anonymous_code: tt.anonymousCodes[0] })
+      { code: tt.codes[0], anonymous_code: tt.anonymousCodes[0], appid: DEMO_APPID })
 
     tt = makeTt({ loggedIn: false }) // not logged in to the Douyin app: only anonymousCode
-    client = createClient({ baseURL })
+    client = createClient({ appid: DEMO_APPID, baseURL })
     await assert.rejects(client.login(), { statusCode: 0, error: 'wx_login_failed', message: 'login gave no code' })
     assert.equal(tt.requests.length, 0)
   })
@@ -730,7 +732,7 @@ describe('wx-gateway mini-program client against the real gateway', { timeout: 2
 
   it('my: an HTTP error status in my.request\'s failure is an answer: 401 re-logs in, errors keep their code', async () => {
     let my = makeMy()
-    let client = createClient({ baseURL })
+    let client = createClient({ appid: DEMO_APPID, baseURL })
     my.storage.set(DEFAULT_STORAGE_KEY, 'garbage-token')
     const res = await client.request({ url: '/api/after401' })
     assert.equal(res.statusCode, 200)
@@ -741,15 +743,15 @@ describe('wx-gateway mini-program client against the real gateway', { timeout: 2
     assert.equal(notFound.data.error, 'not_found')
 
     my = makeMy({ codeFor: () => 'errcode-40029-x' })
-    client = createClient({ baseURL })
+    client = createClient({ appid: DEMO_APPID, baseURL })
     await assert.rejects(client.login(), { statusCode: 401, error: 'invalid_code' })
 
     my = makeMy({ codeFor: () => null }) // getAuthCode fails: {error, errorMessage}
-    client = createClient({ baseURL })
+    client = createClient({ appid: DEMO_APPID, baseURL })
     await assert.rejects(client.login(), { statusCode: 0, error: 'wx_login_failed', message: '用户取消操作' })
 
     my = makeMy()
-    client = createClient({ baseURL: `http://127.0.0.1:${await freePort()}` })
+    client = createClient({ appid: DEMO_APPID, baseURL: `http://127.0.0.1:${await freePort()}` })
     my.storage.set(DEFAULT_STORAGE_KEY, 'some-token')
     await assert.rejects(client.request({ url: '/api/x' }), { statusCode: 0, error: 'network_error' })
   })
@@ -757,7 +759,7 @@ describe('wx-gateway mini-program client against the real gateway', { timeout: 2
   it('my passed as platform (not global) is recognised by its getAuthCode', async () => {
     const my = makeMy({ global: false })
     assert.equal(typeof globalThis.my, 'undefined')
-    const client = createClient({ baseURL, platform: my.api })
+    const client = createClient({ appid: DEMO_APPID, baseURL, platform: my.api })
     const body = await client.login()
     assert.deepEqual(my.scopes, ['auth_base'])
     assert.equal(my.storage.get(DEFAULT_STORAGE_KEY), body.token)
@@ -765,19 +767,20 @@ describe('wx-gateway mini-program client against the real gateway', { timeout: 2
 
   it('wecom: true logs in with wx.qy.login, never wx.login; outside the WeCom client it fails clearly', async () => {
     const wecom = makeWecom()
-    let client = createClient({ baseURL, wecom: true })
+    let client = createClient({ appid: DEMO_APPID, baseURL, wecom: true })
     await client.login()
     assert.equal(wecom.qyLogins, 1)
     assert.equal(wecom.wxLogins, undefined)
-    assert.deepEqual(JSON.parse(requestsTo(wecom, '/auth/login')[0].body), { code: wecom.codes[0] })
+    assert.deepEqual(JSON.parse(requestsTo(wecom, '/auth/login')[0].body),
+      { code: wecom.codes[0], appid: DEMO_APPID })
     // the default stays wx.login, even inside the WeCom client
-    client = createClient({ baseURL })
+    client = createClient({ appid: DEMO_APPID, baseURL })
     await client.login()
     assert.equal(wecom.wxLogins, 1)
     assert.equal(wecom.qyLogins, 1)
 
     const wx = makeWx() // plain WeChat: no wx.qy
-    client = createClient({ baseURL, wecom: true })
+    client = createClient({ appid: DEMO_APPID, baseURL, wecom: true })
     await assert.rejects(client.login(), (err) => {
       assert.equal(err.error, 'wx_login_failed')
       assert.match(err.message, /wx\.qy\.login.*WeCom client/)
@@ -785,7 +788,7 @@ describe('wx-gateway mini-program client against the real gateway', { timeout: 2
     })
     assert.equal(wx.logins, 0)
     assert.equal(wx.requests.length, 0)
-    assert.throws(() => createClient({ baseURL, wecom: 'yes' }), TypeError)
+    assert.throws(() => createClient({ appid: DEMO_APPID, baseURL, wecom: 'yes' }), TypeError)
   })
 
   it('uni and Taro giving Alipay\'s authCode instead of code still log in', async () => {
@@ -794,7 +797,7 @@ describe('wx-gateway mini-program client against the real gateway', { timeout: 2
     uni.api.login = (opts) => login(Object.assign({}, opts, {
       success: (res) => opts.success({ authCode: res.code, errMsg: 'login:ok' }),
     }))
-    const body = await createClient({ baseURL, platform: uni.api }).login()
+    const body = await createClient({ appid: DEMO_APPID, baseURL, platform: uni.api }).login()
     assert.equal(JSON.parse(requestsTo(uni, '/auth/login')[0].body).code, uni.codes[0])
     assert.equal(uni.storage.get(DEFAULT_STORAGE_KEY), body.token)
   })
