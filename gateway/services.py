@@ -76,7 +76,7 @@ class Services:
                                     namespace="wecom_access_token", scope=corp_app)
         return cls(
             config=config, pool=c.pool, http=c.http, wechat=wechat, keyring=keyring, sessions=store,
-            tokens=codec, authenticator=Authenticator(codec, store, c.cache), metrics=c.metrics,
+            tokens=codec, authenticator=Authenticator(codec, store, c.cache, config), metrics=c.metrics,
             access_tokens=AccessTokens(c.redis, config.redis.key_prefix, keyring, wechat,
                                        # a refresh may take two WeChat calls (normal, force)
                                        lock_ttl=2 * config.wechat.timeout + 1,
