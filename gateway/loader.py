@@ -463,6 +463,15 @@ class _ConfigReader(Reader):
                 self.fail(f"{key}.secret", "does not apply to platform alipay (its requests "
                                            f"are signed with {key}.private_key)")
                 return False
+            if not missing and (load_rsa_public_key(values["alipay_public_key"]).public_numbers()
+                                == load_rsa_private_key(values["private_key"]).public_key()
+                                .public_numbers()):
+                # A common mix-up in Alipay's console, which shows both public keys side by
+                # side ("应用公钥" and "支付宝公钥"): no reply of Alipay's would then verify.
+                self.fail(f"{key}.alipay_public_key", f"is the public half of {key}.private_key "
+                          "(the app's own key): use Alipay's public key (支付宝公钥) from "
+                          "the console")
+                return False
             return not missing
         if not values["secret"]:
             self.fail(f"{key}.secret", "is required")
