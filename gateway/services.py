@@ -73,7 +73,8 @@ class Services:
         wecom = WeComClient(c.wechat_http, WECOM_API, config.wechat.timeout, c.metrics)
         wecom_tokens = AccessTokens(c.redis, config.redis.key_prefix, keyring, None,
                                     lock_ttl=config.wechat.timeout + 1, fetch=wecom.gettoken,
-                                    namespace="wecom_access_token", scope=corp_app)
+                                    namespace="wecom_access_token", scope=corp_app,
+                                    platform=wecom.platform)
         return cls(
             config=config, pool=c.pool, http=c.http, wechat=wechat, keyring=keyring, sessions=store,
             tokens=codec, authenticator=Authenticator(codec, store, c.cache, config), metrics=c.metrics,

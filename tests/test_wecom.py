@@ -162,7 +162,8 @@ async def test_token_rejected_but_still_handed_out_fails_503_without_looping(
         gw: TestClient, sim: TestServer) -> None:
     assert (await wecom_login(gw)).status == 200
     sim.app[simulator.STATE].reject_access_token(WECOM_APPID)
-    await expect_error(await wecom_login(gw), 503, "wechat_unavailable")
+    body = await expect_error(await wecom_login(gw), 503, "wechat_unavailable")
+    assert "WeCom" in body["message"] and "WeChat" not in body["message"], body
     # one refresh (same token back: WeCom has no forced refresh), no second retry
     assert calls(sim, "wecom_gettoken") == 2
     assert calls(sim, "wecom_jscode2session") == 2
