@@ -123,13 +123,22 @@ class Exchange:
         """A reply that must be a JSON object, whatever its content type says (WeChat and
         QQ label theirs text/plain)."""
         try:
-            reply = json.loads(raw)
+            reply = json.loads(raw, object_pairs_hook=_unique_keys)
         except (ValueError, RecursionError):
             reply = None
         if not isinstance(reply, dict):
             self._log.warning("%s %s reply is not a JSON object", self.platform, name)
             raise WeChatError(f"{self.platform}'s reply was not JSON")
         return reply
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object whose every key is given once: JSON readers disagree about which copy of a
+    repeated one counts, so a reply that repeats ``errcode`` or ``openid`` says two things."""
+    reply = dict(pairs)
+    if len(reply) != len(pairs):
+        raise ValueError("a key is given twice")
+    return reply
 
 
 _NUMBER = re.compile(r"-?[0-9]{1,12}")
