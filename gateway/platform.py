@@ -142,6 +142,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 _NUMBER = re.compile(r"-?[0-9]{1,12}")
+_LIMIT = 10 ** 12
 
 
 def error_number(value: Any) -> int | None:
@@ -155,10 +156,12 @@ def error_number(value: Any) -> int | None:
         return 0
     if isinstance(value, bool):
         return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     if isinstance(value, int):
-        return value
-    if isinstance(value, float):
-        return int(value) if value.is_integer() else None
+        # as many digits as a string may have: a 300-digit code is no platform's, and would be
+        # echoed whole in the error message and the log line
+        return value if abs(value) < _LIMIT else None
     if isinstance(value, str) and _NUMBER.fullmatch(value):
         return int(value)
     return None

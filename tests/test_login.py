@@ -336,6 +336,18 @@ async def test_errcode_is_read_as_a_number_strictly(
     assert await redis.keys(f"{key_prefix}*") == []
 
 
+@pytest.mark.parametrize("errcode", [1e300, 10 ** 40, -(10 ** 40)])
+async def test_an_errcode_beyond_any_platforms_is_not_a_number(
+        with_wechat: Any, scripted: ScriptedWeChat, errcode: Any) -> None:
+    async def answer(request: web.Request) -> web.Response:
+        return text_plain({"errcode": errcode, "errmsg": "x"})
+    scripted.reply = answer
+    gw2 = await with_wechat(scripted.url)
+    resp = await gw2.post("/auth/login", json={"code": fresh()})
+    body = await expect_error(resp, 502, "wechat_error")
+    assert "0000000000000" not in body["message"], body  # not echoed, hundreds of digits long
+
+
 @pytest.mark.parametrize("body,content_type", [
     (b"[1, 2]", "application/json"),
     (b"\"openid\"", "text/plain"),
