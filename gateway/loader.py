@@ -450,6 +450,11 @@ class _ConfigReader(Reader):
         if platform != "wecom" and values["corpid"] is not None:
             self.fail(f"{key}.corpid", f"applies only to platform wecom, not {platform}")
             return False
+        if platform == "wecom" and not re.fullmatch(r"[\x21-\x7e]{1,128}", values["corpid"]):
+            # WeCom's answer must name this corp, and its name becomes X-WX-CorpID
+            self.fail(f"{key}.corpid", "must be 1 to 128 printable ASCII without spaces, as "
+                                       "WeCom's admin console shows it (我的企业 → 企业ID)")
+            return False
         return self.alipay_keys(key, values)
 
     def alipay_keys(self, key: str, values: Mapping[str, Any]) -> bool:

@@ -298,6 +298,9 @@ async def test_decrypt_uses_the_wecom_session_key(gw: TestClient, sim: TestServe
 @pytest.mark.parametrize("app, message", [
     ({"platform": "wecom"}, "is required when platform is wecom"),
     ({"platform": "wecom", "corpid": ""}, "must not be empty"),
+    # it reaches upstreams as X-WX-CorpID: a pasted space or newline would fail every login
+    ({"platform": "wecom", "corpid": CORPID + " "}, "printable ASCII without spaces"),
+    ({"platform": "wecom", "corpid": CORPID + "\n"}, "printable ASCII without spaces"),
     ({"corpid": CORPID}, "applies only to platform wecom, not wechat"),
     ({"platform": "qq", "corpid": CORPID}, "applies only to platform wecom, not qq"),
 ])
