@@ -481,6 +481,11 @@ class _ConfigReader(Reader):
         if not values["secret"]:
             self.fail(f"{key}.secret", "is required")
             return False
+        if not values["secret"].isprintable() or " " in values["secret"]:
+            # never echoed; typically the newline a secret file ends with
+            self.fail(f"{key}.secret", "has a space or control character; no platform's "
+                                       "secret does (a newline from the file it was read from?)")
+            return False
         given = [name for name in keys if values[name] is not None]
         for name in given:
             self.fail(f"{key}.{name}", f"applies only to platform alipay, not {platform}")

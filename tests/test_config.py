@@ -216,6 +216,19 @@ def test_substituted_values_are_not_expanded_again() -> None:
     assert cfg.apps[0].secret == "literal-${OTHER}-$$"
 
 
+@pytest.mark.parametrize("secret", ["0123456789abcdef0123456789abcdef\n",
+                                    " 0123456789abcdef0123456789abcdef", "0123 4567"])
+def test_a_secret_with_a_space_or_newline_is_refused_without_echoing_it(secret: str) -> None:
+    # as a secret file read into ${VAR} often ends: every platform would refuse the secret
+    data = minimal()
+    data["apps"][0]["secret"] = "${S}"
+    with pytest.raises(ConfigError) as raised:
+        parse(data, {"S": secret})
+    (problem,) = raised.value.problems
+    assert problem.startswith("apps[0].secret: has a space or control character"), problem
+    assert secret.strip()[:4] not in problem
+
+
 @pytest.mark.parametrize("where,change", [
     ("apps[0].secret", lambda d: d["apps"][0].update(secret="${X}")),
     ("apps[0].appid", lambda d: d["apps"][0].update(appid="${X}")),
