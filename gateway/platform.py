@@ -167,6 +167,13 @@ def error_number(value: Any) -> int | None:
     return None
 
 
+def said(value: Any, secret: str | None) -> str:
+    """A platform's free text (``errmsg``) for a log line: at most 200 characters, and never
+    the app's secret, which a broken front end may echo back with the request it was sent."""
+    told = str(value)
+    return (told.replace(secret, "[redacted]") if secret else told)[:200]
+
+
 def text(value: Any) -> str | None:
     """A non-empty string from a reply, else None."""
     return value if isinstance(value, str) and value else None

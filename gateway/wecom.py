@@ -19,7 +19,7 @@ from yarl import URL
 
 from .config import App
 from .errors import GatewayError, InvalidCode, RateLimited, WeChatError, WeChatUnavailable
-from .platform import Code2Session, Exchange, error_number, text
+from .platform import Code2Session, Exchange, error_number, said, text
 from .wechat import AccessToken, AccessTokenRejected
 
 __all__ = ["WECOM_API", "WeComClient", "WeComLogin", "corp_app"]
@@ -124,7 +124,8 @@ class WeComClient(Exchange):
             log.warning("WeCom /%s errcode is not a number: %.40r", path, reply.get("errcode"))
             raise WeChatError("WeCom answered an errcode that is not a number")
         if errcode != 0:
-            log.warning("WeCom /%s errcode %d: %s", path, errcode, str(reply.get("errmsg"))[:200])
+            log.warning("WeCom /%s errcode %d: %s", path, errcode,
+                        said(reply.get("errmsg"), app.secret))
             if errcode in rejected:
                 raise AccessTokenRejected(f"WeCom rejected the access_token ({errcode})")
             kind, message = errcodes.get(errcode) or (WeChatError,
