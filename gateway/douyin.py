@@ -56,7 +56,7 @@ class DouyinClient(Exchange):
             raise WeChatError("Douyin answered an err_no that is not a number")
         if err_no != 0:
             log.warning("Douyin jscode2session err_no %d: %s", err_no,
-                        said(reply.get("err_tips"), app.secret))
+                        said(reply.get("err_tips"), app.secret, code))
             kind, message = _LOGIN.get(err_no) or (WeChatError,
                                                    f"Douyin answered err_no {err_no}")
             raise kind(message)

@@ -167,11 +167,16 @@ def error_number(value: Any) -> int | None:
     return None
 
 
-def said(value: Any, secret: str | None) -> str:
-    """A platform's free text (``errmsg``) for a log line: at most 200 characters, and never
-    the app's secret, which a broken front end may echo back with the request it was sent."""
+def said(value: Any, *hidden: str | None) -> str:
+    """A platform's free text (``errmsg``) for a log line: at most 200 characters, and none of
+    ``hidden`` (the app's secret, the code, the access token), which a broken front end may
+    echo back with the request it was sent. Values under 8 characters are no secret's and
+    would only blot out the message."""
     told = str(value)
-    return (told.replace(secret, "[redacted]") if secret else told)[:200]
+    for secret in hidden:
+        if secret and len(secret) >= 8:
+            told = told.replace(secret, "[redacted]")
+    return told[:200]
 
 
 def text(value: Any) -> str | None:

@@ -45,7 +45,7 @@ class QQClient(Exchange):
             raise WeChatError("QQ answered an errcode that is not a number")
         if errcode != 0:
             log.warning("QQ jscode2session errcode %d: %s", errcode,
-                        said(reply.get("errmsg"), app.secret))
+                        said(reply.get("errmsg"), app.secret, code))
             kind, message = _LOGIN.get(errcode) or (WeChatError, f"QQ answered errcode {errcode}")
             raise kind(message)
         openid, session_key = text(reply.get("openid")), text(reply.get("session_key"))

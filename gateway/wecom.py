@@ -125,7 +125,8 @@ class WeComClient(Exchange):
             raise WeChatError("WeCom answered an errcode that is not a number")
         if errcode != 0:
             log.warning("WeCom /%s errcode %d: %s", path, errcode,
-                        said(reply.get("errmsg"), app.secret))
+                        said(reply.get("errmsg"), app.secret,
+                             query.get("access_token"), query.get("js_code")))
             if errcode in rejected:
                 raise AccessTokenRejected(f"WeCom rejected the access_token ({errcode})")
             kind, message = errcodes.get(errcode) or (WeChatError,

@@ -1,4 +1,4 @@
-"""No app secret or Alipay private key reaches a log line or an error body, whatever a broken
+"""No app secret, login code or Alipay private key reaches a log line or an error body, whatever a broken
 platform answers: an error page, a non-JSON body, an errmsg echoing the request, no answer."""
 
 from __future__ import annotations
@@ -67,13 +67,14 @@ async def test_no_secret_is_logged_or_answered_when_the_platform_fails(
             if mode == "unreachable" else f"http://127.0.0.1:{broken.port}")
     broken.app[MODE]["now"] = mode if mode in MODES else "error-page"
     gw = await make_gateway(apps=[{**APPS[platform], "api_base": base}])
+    code = fresh("code-never-logged-")
     with caplog.at_level(logging.DEBUG):
-        resp = await gw.post("/auth/login", json={"code": fresh(),
+        resp = await gw.post("/auth/login", json={"code": code,
                                                   "appid": APPS[platform]["appid"]})
         body = await expect_error(resp, 502, "wechat_error")
     # the fake platform's own server logs its requests: what it logs is the platform's
     ours = [r.getMessage() for r in caplog.records if not r.name.startswith("aiohttp.")]
     written = "\n".join(ours) + repr(body)
     assert ours, "the failure was not logged at all"
-    for secret in NEVER:
+    for secret in (*NEVER, code):
         assert secret not in written, f"{secret[:6]}... written by {platform} on {mode}"
