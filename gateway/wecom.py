@@ -11,6 +11,7 @@ developer.work.weixin.qq.com/document/path/91039). The reply names the user by `
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from typing import Any, Awaitable, Callable, Mapping, Protocol, TypeVar
@@ -137,8 +138,12 @@ class WeComClient(Exchange):
 
 def corp_app(app: App) -> str:
     """Whose token a WeCom app's is, in cache keys: a token of the corp an app was configured
-    with before a reload must not serve it after (it would answer for the other corp)."""
-    return f"{app.corpid}/{app.appid}"
+    with before a reload must not serve it after (it would answer for the other corp), nor
+    one got with another secret: a token is the corp app's whose secret it was got with, and
+    only the app the mini-program is associated with may exchange its codes (a digest, so
+    Redis key names do not hold the secret)."""
+    digest = hashlib.sha256(app.secret.encode()).hexdigest()[:16]
+    return f"{app.corpid}/{app.appid}/{digest}"
 
 
 class WeComLogin:

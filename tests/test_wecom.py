@@ -179,6 +179,31 @@ async def test_a_token_of_the_previously_configured_corp_is_not_reused(
     assert calls(sim, "wecom_gettoken") == 2
 
 
+async def test_a_token_of_the_corp_app_whose_secret_was_replaced_is_not_reused(
+        make_gateway: GatewayFactory, aiohttp_server: Any) -> None:
+    """The secret of another app of the same corp gets a token, of that app: the mini-program
+    is not associated with it. Once the secret is fixed, its token must not be served on."""
+    async def gettoken(request: web.Request) -> web.Response:
+        return web.json_response({"errcode": 0, "errmsg": "ok", "expires_in": 7200,
+                                  "access_token": "token-of-" + request.query["corpsecret"]})
+
+    async def jscode2session(request: web.Request) -> web.Response:
+        if request.query["access_token"] != "token-of-" + WECOM_SECRET:
+            return web.json_response({"errcode": 60011, "errmsg": "no privilege"})
+        return web.json_response({"errcode": 0, "errmsg": "ok", "corpid": CORPID,
+                                  "userid": "zhangsan", "session_key": "c2Vzc2lvbmtleQ=="})
+    app = web.Application()
+    app.router.add_get("/cgi-bin/gettoken", gettoken)
+    app.router.add_get("/cgi-bin/miniprogram/jscode2session", jscode2session)
+    server = await aiohttp_server(app)
+    base = f"http://127.0.0.1:{server.port}"
+    wrong = await make_gateway(apps=[wecom_app(base, secret="secret-of-the-contacts-app")])
+    await expect_error(await wecom_login(wrong), 502, "wechat_error")
+    fixed = await make_gateway(apps=[wecom_app(base)])  # the same Redis, as after a reload
+    resp = await wecom_login(fixed)
+    assert resp.status == 200, await resp.text()
+
+
 @pytest.mark.parametrize("override, says", [
     ({"secret": "wrong-secret"}, "secret"),  # gettoken errcode 40001
     ({"corpid": "ww9999999999999999"}, "corpid"),  # gettoken errcode 40013
