@@ -98,9 +98,12 @@ class Exchange:
                      json_body: Any, form: Mapping[str, str] | None) -> bytes:
         who = self.platform
         try:
+            # No platform's API redirects: following one would send the secret (in the query,
+            # or in the body of a 307/308) to whatever host, scheme included, it names.
             async with self._http.request(
                     method, url.with_query(query) if query else url, json=json_body,
-                    data=form, timeout=self._timeout, auto_decompress=True) as resp:
+                    data=form, timeout=self._timeout, auto_decompress=True,
+                    allow_redirects=False) as resp:
                 raw = bytearray()
                 async for chunk in resp.content.iter_chunked(8192):
                     raw += chunk

@@ -78,3 +78,56 @@ async def test_no_secret_is_logged_or_answered_when_the_platform_fails(
     assert ours, "the failure was not logged at all"
     for secret in (*NEVER, code):
         assert secret not in written, f"{secret[:6]}... written by {platform} on {mode}"
+
+
+@pytest.mark.parametrize("platform", sorted(APPS))
+@pytest.mark.parametrize("status", [302, 307, 308])
+async def test_a_redirect_is_not_followed_with_the_secret(
+        make_gateway: GatewayFactory, aiohttp_server: Any, platform: str, status: int) -> None:
+    """No platform's API redirects; a front end that does (broken, or not the platform's)
+    would otherwise receive the secret again, a 307 or 308 with Douyin's and Alipay's body,
+    at any host it names, over plain HTTP too."""
+    elsewhere: list[str] = []
+
+    async def record(request: web.Request) -> web.Response:
+        elsewhere.append(await echo_request(request))
+        return web.json_response({})
+    catcher = web.Application()
+    catcher.router.add_route("*", "/{tail:.*}", record)
+    caught: TestServer = await aiohttp_server(catcher)
+
+    async def redirect(request: web.Request) -> web.Response:
+        return web.Response(status=status, headers={
+            "Location": f"http://127.0.0.1:{caught.port}{request.path_qs}"})
+    redirecting = web.Application()
+    redirecting.router.add_route("*", "/{tail:.*}", redirect)
+    front: TestServer = await aiohttp_server(redirecting)
+
+    gw = await make_gateway(apps=[{**APPS[platform], "api_base": f"http://127.0.0.1:{front.port}"}])
+    resp = await gw.post("/auth/login", json={"code": fresh(), "appid": APPS[platform]["appid"]})
+    body = await expect_error(resp, 502, "wechat_error")
+    assert str(status) in body["message"]
+    assert elsewhere == []
+
+
+async def test_a_cookie_a_platform_sets_is_not_sent_with_the_next_call(
+        make_gateway: GatewayFactory, aiohttp_server: Any) -> None:
+    """Platform APIs keep no state: a cookie one app's reply set must not ride along with
+    another app's calls, nor grow with every reply of a front end that sets new ones."""
+    cookies: list[str | None] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        cookies.append(request.headers.get("Cookie"))
+        resp = web.json_response({"errcode": 40029, "errmsg": "invalid code"})
+        resp.set_cookie(f"tracker{len(cookies)}", "x" * 100)
+        return resp
+    platform = web.Application()
+    platform.router.add_route("*", "/{tail:.*}", answer)
+    server: TestServer = await aiohttp_server(platform)
+    base = f"http://localhost:{server.port}"  # a name: cookies of IP hosts are never kept
+    gw = await make_gateway(apps=[{**APPS["wechat"], "api_base": base},
+                                  {**APPS["qq"], "api_base": base}])
+    for appid in (APPS["wechat"]["appid"], APPS["qq"]["appid"], APPS["wechat"]["appid"]):
+        resp = await gw.post("/auth/login", json={"code": fresh(), "appid": appid})
+        await expect_error(resp, 401, "invalid_code")
+    assert cookies == [None, None, None]
