@@ -423,7 +423,7 @@ class _ConfigReader(Reader):
                 found.append((host.strip("[]"), int(port)))
         return tuple(found)
 
-    def apps(self, key: str, value: Any, _: Context) -> tuple[App, ...] | None:
+    def apps(self, key: str, value: Any, context: Context) -> tuple[App, ...] | None:
         items = self.items(key, value)
         if items is None:
             return None
@@ -434,6 +434,13 @@ class _ConfigReader(Reader):
         for i, item in enumerate(items):
             values = self.read(f"{key}[{i}]", item, App)
             if values is None or not self.platform_keys(f"{key}[{i}]", values):
+                continue
+            if _is_listen_address(values["api_base"], context.found.get("listen_host"),
+                                  context.found.get("listen_port")):
+                # its login call would come back in, the secret in its query, and go through
+                # a catch-all route to an upstream
+                self.fail(f"{key}[{i}].api_base", "is the gateway's own listen address: set "
+                                                  "the platform's host, or the simulator's")
                 continue
             if any(a.appid == values["appid"] for a in apps):
                 self.fail(f"{key}[{i}].appid", f"duplicate appid {values['appid']!r}")
@@ -829,3 +836,14 @@ def _http_url(r: Reader, key: str, text: str) -> URL | None:
 def _kind(value: Any) -> str:
     return {dict: "a mapping", list: "a list", bool: "a boolean", type(None): "nothing"}.get(
         type(value), type(value).__name__)
+
+
+_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+_ANY = frozenset({"0.0.0.0", "::", ""})
+
+
+def _is_listen_address(url: URL | None, host: str | None, port: int | None) -> bool:
+    """Whether ``url`` is the gateway's own plain listener (as this host reaches it)."""
+    if url is None or port is None or url.port != port:
+        return False
+    return url.host == host or (url.host in _LOOPBACK and (host in _ANY or host in _LOOPBACK))
