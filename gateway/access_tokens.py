@@ -44,7 +44,7 @@ _POLL = 0.05
 _RETRY_PAUSE = 1.0
 FORCE_INTERVAL = 30.0  # WeChat ignores a force_refresh sooner than 30 s after the previous one
 _T = TypeVar("_T")
-_STUCK = "WeChat rejects the access_token it hands out; try again shortly"
+_STUCK = "{} rejects the access_token it hands out; try again shortly"
 
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -64,10 +64,10 @@ class AccessTokens:
                  wechat: WeChatClient | None, lock_ttl: float, force_refresh: bool = True, *,
                  fetch: Callable[[App], Awaitable[AccessToken]] | None = None,
                  namespace: str = "access_token",
-                 scope: Callable[[App], str] | None = None) -> None:
+                 scope: Callable[[App], str] | None = None, platform: str = "WeChat") -> None:
         """WeChat's tokens from ``wechat``; or, with ``wechat`` None, another platform's from
         ``fetch``, kept under ``namespace`` (no forced refresh). ``scope(app)`` names whose
-        token it is in keys (default: the appid)."""
+        token it is in keys (default: the appid); ``platform`` names the platform in errors."""
         if wechat is None and fetch is None:
             raise ValueError("AccessTokens needs the WeChat client or a fetch")
         self._redis = client
@@ -79,6 +79,7 @@ class AccessTokens:
         self._scope = scope if scope is not None else _appid
         self._lock_ttl = lock_ttl
         self._force_refresh = force_refresh
+        self._who = platform
         self._release = client.register_script(_RELEASE)
         self._flights: dict[str, asyncio.Future[str]] = {}
         self._quiet_until: dict[str, float] = {}  # appid → no refresh attempt before this
@@ -91,7 +92,7 @@ class AccessTokens:
         try:
             return await operation(token)
         except AccessTokenRejected:
-            log.info("access_token for %s rejected by WeChat; refreshing", app.appid)
+            log.info("access_token for %s rejected by %s; refreshing", app.appid, self._who)
             return await operation(await self.get(app, rejected=token))
 
     async def get(self, app: App, rejected: str | None = None) -> str:
@@ -101,7 +102,7 @@ class AccessTokens:
             stuck_token, stuck_until = self._stuck.get(app.appid, ("", 0.0))
             if stuck_token == rejected and time.time() < stuck_until:
                 # WeChat handed out this very token a moment ago: do not ask on every call.
-                raise WeChatUnavailable(_STUCK)
+                raise WeChatUnavailable(_STUCK.format(self._who))
         now = time.time()
         if cached is not None and (now < cached.refresh_at
                                    or now < self._quiet_until.get(app.appid, 0)):
@@ -145,7 +146,7 @@ class AccessTokens:
             if cached is not None and cached.token != rejected and time.time() < cached.expires_at:
                 return cached.token
             if time.monotonic() > deadline:
-                raise WeChatUnavailable("timed out waiting for WeChat access_token refresh")
+                raise WeChatUnavailable(f"timed out waiting for {self._who} access_token refresh")
             await asyncio.sleep(_POLL)
 
     async def _fetch(self, app: App, rejected: str | None) -> str:
@@ -163,7 +164,7 @@ class AccessTokens:
                 # WeChat ignores a force within 30 s of another holder's: nothing to retry with.
                 log.warning("WeChat ignored the forced access_token refresh for %s", app.appid)
                 self._stuck[app.appid] = (rejected, time.time() + _RETRY_PAUSE)
-                raise WeChatUnavailable(_STUCK)
+                raise WeChatUnavailable(_STUCK.format(self._who))
         now = time.time()
         entry: dict[str, Any] = {"token": fresh.token, "refresh_at": now + fresh.expires_in * REFRESH_AT,
                  "expires_at": now + fresh.expires_in}
@@ -189,10 +190,10 @@ class AccessTokens:
             return self._wechat
         else:
             reason = f"it was forced less than {FORCE_INTERVAL:.0f}s ago"
-        log.warning("WeChat rejects the access_token for %s that it still hands out, and %s",
-                    app.appid, reason)
+        log.warning("%s rejects the access_token for %s that it still hands out, and %s",
+                    self._who, app.appid, reason)
         self._stuck[app.appid] = (rejected, time.time() + _RETRY_PAUSE)
-        raise WeChatUnavailable(_STUCK)
+        raise WeChatUnavailable(_STUCK.format(self._who))
 
     async def _read(self, app: App) -> _Cached | None:
         sealed: Any = await guarded(lambda: self._redis.get(self._key(app)))

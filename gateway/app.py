@@ -57,7 +57,10 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
                                      connector=aiohttp.TCPConnector(limit=0))
         stack.push_async_callback(http.close)
         # WeChat gets its own small pool, so busy upstreams can never delay a login.
-        wechat_http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64))
+        # Every platform's calls: stateless APIs, so no cookie of one app's reply is kept to
+        # ride along with the next call, another app's included.
+        wechat_http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64),
+                                            cookie_jar=aiohttp.DummyCookieJar())
         stack.push_async_callback(wechat_http.close)
         # The login hook too: a slow user directory must not hold WeChat's pool, nor the
         # reverse. Made even without a hook configured, so a reload may add one.

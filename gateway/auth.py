@@ -35,10 +35,11 @@ def bearer_token(authorization: list[str]) -> str | None:
 
 class Authenticator:
     def __init__(self, codec: TokenCodec, store: SessionStore,
-                 cache: SessionCache | None = None) -> None:
+                 cache: SessionCache | None = None, config: Config | None = None) -> None:
         self.codec = codec
         self.store = store
         self.cache = cache
+        self.config = config
 
     def cached(self, token: str) -> Identity | None:
         """The cache's answer alone: the hot path, without a coroutine's cost."""
@@ -64,6 +65,13 @@ class Authenticator:
             raise Unauthorized("the session has ended (logged out or expired)")
         if session.openid != claims.openid or session.appid != claims.appid:
             raise Unauthorized("token does not match its session")
+        app = self.config.app(session.appid) if self.config is not None else None
+        if app is not None and (session.platform, session.corpid) != (app.platform, app.corpid):
+            # A reload moved the app to another platform or corp: the session's user id is
+            # the old one's, and would reach upstreams under the new platform's name.
+            raise Unauthorized(f"the session was made on platform {session.platform}"
+                               f"{' for corp ' + session.corpid if session.corpid else ''}; "
+                               "the app has moved: log in again")
         identity = Identity(claims, session)
         if cache is not None:
             cache.put(token, identity, epoch)

@@ -16,7 +16,7 @@ from yarl import URL
 
 from .config import App
 from .errors import GatewayError, InvalidCode, WeChatError, WeChatUnavailable
-from .platform import Code2Session, Exchange, error_number, text
+from .platform import Code2Session, Exchange, error_number, said, text
 
 log = logging.getLogger("gateway.douyin")
 API_BASE = URL("https://developer.toutiao.com")
@@ -56,7 +56,7 @@ class DouyinClient(Exchange):
             raise WeChatError("Douyin answered an err_no that is not a number")
         if err_no != 0:
             log.warning("Douyin jscode2session err_no %d: %s", err_no,
-                        str(reply.get("err_tips"))[:200])
+                        said(reply.get("err_tips"), app.secret, code))
             kind, message = _LOGIN.get(err_no) or (WeChatError,
                                                    f"Douyin answered err_no {err_no}")
             raise kind(message)

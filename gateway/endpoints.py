@@ -99,7 +99,7 @@ async def login(request: web.Request) -> web.Response:
                                           functools.partial(request.__setitem__, HOOK_OUTCOME),
                                           platform=app.platform, corpid=reply.corpid)
         new = await s.sessions.create(app.appid, reply.openid, reply.unionid, reply.session_key,
-                                      s.config.session.ttl, user, reply.corpid)
+                                      s.config.session.ttl, user, reply.corpid, app.platform)
         if new is None:  # only now is the openid known: the ban is checked as the session is made
             s.metrics.logins_banned.inc()
             raise UserBlocked("this user is banned from logging in")

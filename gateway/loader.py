@@ -423,7 +423,7 @@ class _ConfigReader(Reader):
                 found.append((host.strip("[]"), int(port)))
         return tuple(found)
 
-    def apps(self, key: str, value: Any, _: Context) -> tuple[App, ...] | None:
+    def apps(self, key: str, value: Any, context: Context) -> tuple[App, ...] | None:
         items = self.items(key, value)
         if items is None:
             return None
@@ -434,6 +434,13 @@ class _ConfigReader(Reader):
         for i, item in enumerate(items):
             values = self.read(f"{key}[{i}]", item, App)
             if values is None or not self.platform_keys(f"{key}[{i}]", values):
+                continue
+            if _is_listen_address(values["api_base"], context.found.get("listen_host"),
+                                  context.found.get("listen_port")):
+                # its login call would come back in, the secret in its query, and go through
+                # a catch-all route to an upstream
+                self.fail(f"{key}[{i}].api_base", "is the gateway's own listen address: set "
+                                                  "the platform's host, or the simulator's")
                 continue
             if any(a.appid == values["appid"] for a in apps):
                 self.fail(f"{key}[{i}].appid", f"duplicate appid {values['appid']!r}")
@@ -450,6 +457,11 @@ class _ConfigReader(Reader):
         if platform != "wecom" and values["corpid"] is not None:
             self.fail(f"{key}.corpid", f"applies only to platform wecom, not {platform}")
             return False
+        if platform == "wecom" and not re.fullmatch(r"[\x21-\x7e]{1,128}", values["corpid"]):
+            # WeCom's answer must name this corp, and its name becomes X-WX-CorpID
+            self.fail(f"{key}.corpid", "must be 1 to 128 printable ASCII without spaces, as "
+                                       "WeCom's admin console shows it (我的企业 → 企业ID)")
+            return False
         return self.alipay_keys(key, values)
 
     def alipay_keys(self, key: str, values: Mapping[str, Any]) -> bool:
@@ -463,9 +475,23 @@ class _ConfigReader(Reader):
                 self.fail(f"{key}.secret", "does not apply to platform alipay (its requests "
                                            f"are signed with {key}.private_key)")
                 return False
+            if not missing and (load_rsa_public_key(values["alipay_public_key"]).public_numbers()
+                                == load_rsa_private_key(values["private_key"]).public_key()
+                                .public_numbers()):
+                # A common mix-up in Alipay's console, which shows both public keys side by
+                # side ("应用公钥" and "支付宝公钥"): no reply of Alipay's would then verify.
+                self.fail(f"{key}.alipay_public_key", f"is the public half of {key}.private_key "
+                          "(the app's own key): use Alipay's public key (支付宝公钥) from "
+                          "the console")
+                return False
             return not missing
         if not values["secret"]:
             self.fail(f"{key}.secret", "is required")
+            return False
+        if not values["secret"].isprintable() or " " in values["secret"]:
+            # never echoed; typically the newline a secret file ends with
+            self.fail(f"{key}.secret", "has a space or control character; no platform's "
+                                       "secret does (a newline from the file it was read from?)")
             return False
         given = [name for name in keys if values[name] is not None]
         for name in given:
@@ -810,3 +836,14 @@ def _http_url(r: Reader, key: str, text: str) -> URL | None:
 def _kind(value: Any) -> str:
     return {dict: "a mapping", list: "a list", bool: "a boolean", type(None): "nothing"}.get(
         type(value), type(value).__name__)
+
+
+_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+_ANY = frozenset({"0.0.0.0", "::", ""})
+
+
+def _is_listen_address(url: URL | None, host: str | None, port: int | None) -> bool:
+    """Whether ``url`` is the gateway's own plain listener (as this host reaches it)."""
+    if url is None or port is None or url.port != port:
+        return False
+    return url.host == host or (url.host in _LOOPBACK and (host in _ANY or host in _LOOPBACK))

@@ -98,9 +98,12 @@ class Exchange:
                      json_body: Any, form: Mapping[str, str] | None) -> bytes:
         who = self.platform
         try:
+            # No platform's API redirects: following one would send the secret (in the query,
+            # or in the body of a 307/308) to whatever host, scheme included, it names.
             async with self._http.request(
                     method, url.with_query(query) if query else url, json=json_body,
-                    data=form, timeout=self._timeout, auto_decompress=True) as resp:
+                    data=form, timeout=self._timeout, auto_decompress=True,
+                    allow_redirects=False) as resp:
                 raw = bytearray()
                 async for chunk in resp.content.iter_chunked(8192):
                     raw += chunk
@@ -123,7 +126,7 @@ class Exchange:
         """A reply that must be a JSON object, whatever its content type says (WeChat and
         QQ label theirs text/plain)."""
         try:
-            reply = json.loads(raw)
+            reply = json.loads(raw, object_pairs_hook=_unique_keys)
         except (ValueError, RecursionError):
             reply = None
         if not isinstance(reply, dict):
@@ -132,7 +135,17 @@ class Exchange:
         return reply
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object whose every key is given once: JSON readers disagree about which copy of a
+    repeated one counts, so a reply that repeats ``errcode`` or ``openid`` says two things."""
+    reply = dict(pairs)
+    if len(reply) != len(pairs):
+        raise ValueError("a key is given twice")
+    return reply
+
+
 _NUMBER = re.compile(r"-?[0-9]{1,12}")
+_LIMIT = 10 ** 12
 
 
 def error_number(value: Any) -> int | None:
@@ -146,13 +159,27 @@ def error_number(value: Any) -> int | None:
         return 0
     if isinstance(value, bool):
         return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     if isinstance(value, int):
-        return value
-    if isinstance(value, float):
-        return int(value) if value.is_integer() else None
+        # as many digits as a string may have: a 300-digit code is no platform's, and would be
+        # echoed whole in the error message and the log line
+        return value if abs(value) < _LIMIT else None
     if isinstance(value, str) and _NUMBER.fullmatch(value):
         return int(value)
     return None
+
+
+def said(value: Any, *hidden: str | None) -> str:
+    """A platform's free text (``errmsg``) for a log line: at most 200 characters, and none of
+    ``hidden`` (the app's secret, the code, the access token), which a broken front end may
+    echo back with the request it was sent. Values under 8 characters are no secret's and
+    would only blot out the message."""
+    told = str(value)
+    for secret in hidden:
+        if secret and len(secret) >= 8:
+            told = told.replace(secret, "[redacted]")
+    return told[:200]
 
 
 def text(value: Any) -> str | None:

@@ -13,7 +13,7 @@ from yarl import URL
 
 from .config import App
 from .errors import GatewayError, InvalidCode, RateLimited, WeChatError, WeChatUnavailable
-from .platform import Code2Session, Exchange, error_number, text
+from .platform import Code2Session, Exchange, error_number, said, text
 
 log = logging.getLogger("gateway.qq")
 API_BASE = URL("https://api.q.qq.com")
@@ -45,7 +45,7 @@ class QQClient(Exchange):
             raise WeChatError("QQ answered an errcode that is not a number")
         if errcode != 0:
             log.warning("QQ jscode2session errcode %d: %s", errcode,
-                        str(reply.get("errmsg"))[:200])
+                        said(reply.get("errmsg"), app.secret, code))
             kind, message = _LOGIN.get(errcode) or (WeChatError, f"QQ answered errcode {errcode}")
             raise kind(message)
         openid, session_key = text(reply.get("openid")), text(reply.get("session_key"))

@@ -73,10 +73,11 @@ class Services:
         wecom = WeComClient(c.wechat_http, WECOM_API, config.wechat.timeout, c.metrics)
         wecom_tokens = AccessTokens(c.redis, config.redis.key_prefix, keyring, None,
                                     lock_ttl=config.wechat.timeout + 1, fetch=wecom.gettoken,
-                                    namespace="wecom_access_token", scope=corp_app)
+                                    namespace="wecom_access_token", scope=corp_app,
+                                    platform=wecom.platform)
         return cls(
             config=config, pool=c.pool, http=c.http, wechat=wechat, keyring=keyring, sessions=store,
-            tokens=codec, authenticator=Authenticator(codec, store, c.cache), metrics=c.metrics,
+            tokens=codec, authenticator=Authenticator(codec, store, c.cache, config), metrics=c.metrics,
             access_tokens=AccessTokens(c.redis, config.redis.key_prefix, keyring, wechat,
                                        # a refresh may take two WeChat calls (normal, force)
                                        lock_ttl=2 * config.wechat.timeout + 1,

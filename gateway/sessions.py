@@ -120,18 +120,22 @@ class Session:
     phone: str | None = None
     user: UserData | None = None  # None: no login hook asked (yet)
     corpid: str | None = None  # WeCom: the user's corp
+    # The app's platform when the user logged in: a reload that moves the app to another
+    # platform must not pass this platform's user id off as the new one's.
+    platform: str = "wechat"
 
 
 # Hash field names: one letter each, which with the binary sealed session_key keeps a session
 # in Redis's compact listpack encoding (MEMORY USAGE about 270 bytes instead of 800+).
 OPENID, UNIONID, APPID, CREATED_AT, EXPIRES_AT, SESSION_KEY, PHONE, CORPID = "ouacekpq"
+PLATFORM = "t"  # absent: wechat (sessions made before platforms were recorded were WeChat's)
 # The login hook's answer: fetched at, user_id, roles (comma-joined), and each claim in a field
 # "m<name>" of its own: Redis keeps a hash compact only while every field and value is at most
 # hash-max-listpack-value (64) bytes, which one field of all claims would soon pass.
 HOOKED, USER_ID, ROLES, CLAIMS = "hirm"
 _B = {name: name.encode() for name in (OPENID, UNIONID, APPID, CREATED_AT, EXPIRES_AT,
                                         SESSION_KEY, PHONE, CORPID, HOOKED, USER_ID, ROLES,
-                                        CLAIMS)}
+                                        CLAIMS, PLATFORM)}
 
 
 def _user_fields(user: UserData) -> dict[str, str | int | bytes]:
@@ -190,13 +194,13 @@ class SessionStore:
 
     async def create(self, appid: str, openid: str, unionid: str | None, session_key: str,
                      ttl: float, user: UserData | None = None,
-                     corpid: str | None = None) -> Session | None:
+                     corpid: str | None = None, platform: str = "wechat") -> Session | None:
         """A new session; None when the user is banned. An empty ``session_key``: the
         platform gives none (Alipay), and none is stored."""
         now = int(time.time())
         tag = _user_tag(appid, openid)
         session = Session(tag + secrets.token_urlsafe(16), openid, unionid, appid, now,
-                          now + math.ceil(ttl), user=user, corpid=corpid)
+                          now + math.ceil(ttl), user=user, corpid=corpid, platform=platform)
         fields: dict[str, str | int | bytes] = {
             OPENID: openid, UNIONID: unionid or "", APPID: appid, CREATED_AT: now,
             EXPIRES_AT: session.expires_at}
@@ -205,6 +209,8 @@ class SessionStore:
                                                            self._context(session.sid, appid))
         if corpid:
             fields[CORPID] = corpid
+        if platform != "wechat":
+            fields[PLATFORM] = platform
         if user is not None:
             fields.update(_user_fields(user))
         args: list[str | int | bytes] = [session.expires_at, now, session.sid]
@@ -227,7 +233,8 @@ class SessionStore:
                        data.get(_B[UNIONID], b"").decode() or None, data[_B[APPID]].decode(),
                        int(data[_B[CREATED_AT]]), expires_at,
                        data.get(_B[PHONE], b"").decode() or None, _user(data),
-                       data.get(_B[CORPID], b"").decode() or None)
+                       data.get(_B[CORPID], b"").decode() or None,
+                       data.get(_B[PLATFORM], b"wechat").decode())
 
     async def renew(self, session: Session, ttl: float) -> Session | None:
         """Give the session a fresh lifetime; None if it no longer exists."""

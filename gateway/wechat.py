@@ -11,7 +11,7 @@ from typing import Any, Mapping
 from .config import App
 from .errors import (GatewayError, InvalidCode, InvalidPhoneCode, RateLimited,
                      SessionKeyExpired, UserBlocked, WeChatError, WeChatUnavailable)
-from .platform import Code2Session, Exchange, error_number, text
+from .platform import Code2Session, Exchange, error_number, said, text
 
 __all__ = ["ACCESS_TOKEN_REJECTED", "AccessToken", "AccessTokenRejected", "Code2Session",
            "WeChatClient"]
@@ -102,9 +102,12 @@ class WeChatClient(Exchange):
         with self.measured(path.rsplit("/", 1)[-1]):
             raw = await self.fetch(method, self.url(app, path), "/" + path, query=query,
                                    json_body=body)
-            return self._read(path, raw, errcodes)
+            sent = {**(query or {}), **(body or {})}
+            return self._read(path, raw, errcodes, (app.secret, *(
+                str(sent[k]) for k in ("access_token", "js_code", "code") if k in sent)))
 
-    def _read(self, path: str, raw: bytes, errcodes: Errcodes) -> dict[str, Any]:
+    def _read(self, path: str, raw: bytes, errcodes: Errcodes,
+              hidden: tuple[str, ...]) -> dict[str, Any]:
         reply = self.json_object(raw, "/" + path)
         errcode = error_number(reply.get("errcode"))
         if errcode is None:
@@ -112,7 +115,7 @@ class WeChatClient(Exchange):
             raise WeChatError("WeChat answered an errcode that is not a number")
         if errcode != 0:
             log.warning("WeChat /%s errcode %d: %s", path, errcode,
-                        str(reply.get("errmsg"))[:200])
+                        said(reply.get("errmsg"), *hidden))
             if errcode in ACCESS_TOKEN_REJECTED:
                 raise AccessTokenRejected(f"WeChat rejected the access_token ({errcode})")
             kind, message = errcodes.get(errcode) or (WeChatError,

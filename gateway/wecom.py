@@ -11,6 +11,7 @@ developer.work.weixin.qq.com/document/path/91039). The reply names the user by `
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from typing import Any, Awaitable, Callable, Mapping, Protocol, TypeVar
@@ -19,7 +20,7 @@ from yarl import URL
 
 from .config import App
 from .errors import GatewayError, InvalidCode, RateLimited, WeChatError, WeChatUnavailable
-from .platform import Code2Session, Exchange, error_number, text
+from .platform import Code2Session, Exchange, error_number, said, text
 from .wechat import AccessToken, AccessTokenRejected
 
 __all__ = ["WECOM_API", "WeComClient", "WeComLogin", "corp_app"]
@@ -124,7 +125,9 @@ class WeComClient(Exchange):
             log.warning("WeCom /%s errcode is not a number: %.40r", path, reply.get("errcode"))
             raise WeChatError("WeCom answered an errcode that is not a number")
         if errcode != 0:
-            log.warning("WeCom /%s errcode %d: %s", path, errcode, str(reply.get("errmsg"))[:200])
+            log.warning("WeCom /%s errcode %d: %s", path, errcode,
+                        said(reply.get("errmsg"), app.secret,
+                             query.get("access_token"), query.get("js_code")))
             if errcode in rejected:
                 raise AccessTokenRejected(f"WeCom rejected the access_token ({errcode})")
             kind, message = errcodes.get(errcode) or (WeChatError,
@@ -135,8 +138,12 @@ class WeComClient(Exchange):
 
 def corp_app(app: App) -> str:
     """Whose token a WeCom app's is, in cache keys: a token of the corp an app was configured
-    with before a reload must not serve it after (it would answer for the other corp)."""
-    return f"{app.corpid}/{app.appid}"
+    with before a reload must not serve it after (it would answer for the other corp), nor
+    one got with another secret: a token is the corp app's whose secret it was got with, and
+    only the app the mini-program is associated with may exchange its codes (a digest, so
+    Redis key names do not hold the secret)."""
+    digest = hashlib.sha256(app.secret.encode()).hexdigest()[:16]
+    return f"{app.corpid}/{app.appid}/{digest}"
 
 
 class WeComLogin:

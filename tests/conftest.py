@@ -249,15 +249,15 @@ def bearer(token: str) -> dict[str, str]:
 # A WeCom user's session: the app configured as WeCom, the user's corp kept in the session.
 WECOM_CORPID = "wwuser0corp00001"
 WECOM_APPS = [{"appid": APPID, "secret": SECRET, "platform": "wecom",
-               "corpid": "wwconfigured0001"}]
+               "corpid": WECOM_CORPID}]
 
 
 async def make_wecom_session(redis: aioredis.Redis, key_prefix: str, token: str) -> None:
     """The session of ``token`` (a login through a gateway whose app is WeChat's) as a WeCom
     login leaves it: with the user's corpid. A gateway made with ``apps=WECOM_APPS`` on the
     same Redis then serves it as a WeCom user's."""
-    await redis.hset(f"{key_prefix}session:{claims_of(token)['sid']}", sessions.CORPID,
-                     WECOM_CORPID)
+    await redis.hset(f"{key_prefix}session:{claims_of(token)['sid']}",
+                     mapping={sessions.CORPID: WECOM_CORPID, sessions.PLATFORM: "wecom"})
 
 
 def closed_port_url() -> str:

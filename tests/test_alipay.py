@@ -340,6 +340,9 @@ def test_keys_are_taken_as_pem_bare_base64_or_a_file(config_dict: dict[str, Any]
                            "fbuFoA7stPKvoS1LrZEsVnOOGUUjwoa1oU9xsSPjcOWhIerU/VAN4J95GIAXx59ipcl"},
      "apps[0].alipay_public_key: not an RSA public key"),
     ({"secret": "s"}, "apps[0].secret: does not apply to platform alipay"),
+    # the app's own public key where Alipay's belongs: no reply of Alipay's would verify
+    ({"alipay_public_key": public_pem(APP_KEY.public_key())},
+     "apps[0].alipay_public_key: is the public half of apps[0].private_key"),
 ])
 def test_a_bad_or_missing_alipay_key_is_a_config_error_naming_it(
         config_dict: dict[str, Any], change: dict[str, Any], problem: str) -> None:

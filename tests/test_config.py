@@ -216,6 +216,43 @@ def test_substituted_values_are_not_expanded_again() -> None:
     assert cfg.apps[0].secret == "literal-${OTHER}-$$"
 
 
+@pytest.mark.parametrize("listen, api_base", [
+    ("127.0.0.1:8080", "http://127.0.0.1:8080"), ("0.0.0.0:8080", "http://localhost:8080/"),
+    (None, "http://127.0.0.1:8080/"), ("[::]:9000", "http://[::1]:9000"),
+])
+def test_an_app_api_base_that_is_the_gateway_itself_is_refused(listen: str | None,
+                                                                  api_base: str) -> None:
+    # the login call would come back in as a request, its secret in the query, and go through
+    # a catch-all route to an upstream
+    data = minimal()
+    if listen is not None:
+        data["listen"] = listen
+    data["apps"][0]["api_base"] = api_base
+    (problem,) = problems(data)
+    assert problem.startswith("apps[0].api_base: is the gateway's own listen address"), problem
+
+
+def test_an_app_api_base_on_another_port_or_host_is_taken() -> None:
+    for listen, api_base in (("127.0.0.1:8080", "http://127.0.0.1:9100"),
+                             ("127.0.0.1:8080", "http://10.0.0.5:8080")):
+        data = {**minimal(), "listen": listen}
+        data["apps"][0]["api_base"] = api_base
+        assert parse(data).apps[0].api_base is not None
+
+
+@pytest.mark.parametrize("secret", ["0123456789abcdef0123456789abcdef\n",
+                                    " 0123456789abcdef0123456789abcdef", "0123 4567"])
+def test_a_secret_with_a_space_or_newline_is_refused_without_echoing_it(secret: str) -> None:
+    # as a secret file read into ${VAR} often ends: every platform would refuse the secret
+    data = minimal()
+    data["apps"][0]["secret"] = "${S}"
+    with pytest.raises(ConfigError) as raised:
+        parse(data, {"S": secret})
+    (problem,) = raised.value.problems
+    assert problem.startswith("apps[0].secret: has a space or control character"), problem
+    assert secret.strip()[:4] not in problem
+
+
 @pytest.mark.parametrize("where,change", [
     ("apps[0].secret", lambda d: d["apps"][0].update(secret="${X}")),
     ("apps[0].appid", lambda d: d["apps"][0].update(appid="${X}")),

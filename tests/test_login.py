@@ -256,6 +256,26 @@ async def test_reply_without_openid_or_session_key_is_wechat_error(
     assert await redis.keys(f"{key_prefix}*") == []
 
 
+@pytest.mark.parametrize("raw", [
+    '{"errcode": 40029, "errcode": 0, "openid": "o-x", "session_key": "c2s="}',
+    '{"openid": "o-a", "session_key": "c2s=", "openid": "o-b"}',
+    '{"openid": "o-x", "session_key": "c2s=", "x": {"a": 1, "a": 2}}',
+    '{"openid": "o-x", "session_key": "c2s=", "x": ' + "[" * 30000 + "]" * 30000 + "}",
+], ids=["errcode-twice", "openid-twice", "nested-key-twice", "nested-30000-deep"])
+async def test_reply_with_a_key_given_twice_or_nested_too_deep_is_wechat_error(
+        with_wechat: Any, scripted: ScriptedWeChat, redis: Any, key_prefix: str,
+        raw: str) -> None:
+    # Which copy of a key counts differs between JSON readers: a reply that says two things
+    # is not trusted to name the user.
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(text=raw, content_type="text/plain")
+    scripted.reply = answer
+    gw2 = await with_wechat(scripted.url)
+    resp = await gw2.post("/auth/login", json={"code": fresh()})
+    await expect_error(resp, 502, "wechat_error")
+    assert await redis.keys(f"{key_prefix}*") == []
+
+
 @pytest.mark.parametrize("field,value", [
     ("openid", "o-x\r\nX-WX-OpenID: admin"), ("openid", "o-x\n"), ("openid", "o x"),
     ("openid", " o-x"), ("openid", "o-\u00e9"), ("openid", "o-\x00"), ("openid", "o" * 129),
@@ -314,6 +334,18 @@ async def test_errcode_is_read_as_a_number_strictly(
     resp = await gw2.post("/auth/login", json={"code": fresh()})
     await expect_error(resp, status, error)
     assert await redis.keys(f"{key_prefix}*") == []
+
+
+@pytest.mark.parametrize("errcode", [1e300, 10 ** 40, -(10 ** 40)])
+async def test_an_errcode_beyond_any_platforms_is_not_a_number(
+        with_wechat: Any, scripted: ScriptedWeChat, errcode: Any) -> None:
+    async def answer(request: web.Request) -> web.Response:
+        return text_plain({"errcode": errcode, "errmsg": "x"})
+    scripted.reply = answer
+    gw2 = await with_wechat(scripted.url)
+    resp = await gw2.post("/auth/login", json={"code": fresh()})
+    body = await expect_error(resp, 502, "wechat_error")
+    assert "0000000000000" not in body["message"], body  # not echoed, hundreds of digits long
 
 
 @pytest.mark.parametrize("body,content_type", [

@@ -100,7 +100,11 @@ async def test_a_secret_it_was_not_given_is_refused_like_wechat(
         assert (await client.login(fresh(), expect=502)).json()["error"] == "wechat_error"
 
 
-@pytest.mark.parametrize("app", ["wx1234567890abcdef", "wx1234567890abcdef:", ":secret"])
+@pytest.mark.parametrize("app", [
+    "wx1234567890abcdef", "wx1234567890abcdef:", ":secret",
+    # a mistyped platform, or one without a secret, was taken as an appid with a secret
+    "wework:wx1234567890abcdef:secret", "qq:1109876543", "wecom:wx1234567890abcdef",
+])
 async def test_an_app_without_appid_or_secret_is_a_usage_error(launcher: Launcher,
                                                                  app: str) -> None:
     sim = await launcher.run([*SIMULATOR, "--port", str(free_port()), "--app", app],

@@ -162,7 +162,8 @@ async def test_token_rejected_but_still_handed_out_fails_503_without_looping(
         gw: TestClient, sim: TestServer) -> None:
     assert (await wecom_login(gw)).status == 200
     sim.app[simulator.STATE].reject_access_token(WECOM_APPID)
-    await expect_error(await wecom_login(gw), 503, "wechat_unavailable")
+    body = await expect_error(await wecom_login(gw), 503, "wechat_unavailable")
+    assert "WeCom" in body["message"] and "WeChat" not in body["message"], body
     # one refresh (same token back: WeCom has no forced refresh), no second retry
     assert calls(sim, "wecom_gettoken") == 2
     assert calls(sim, "wecom_jscode2session") == 2
@@ -176,6 +177,31 @@ async def test_a_token_of_the_previously_configured_corp_is_not_reused(
     moved = await make_gateway(apps=[wecom_app(sim_url(sim), corpid="ww1111111111111111")])
     assert (await wecom_login(moved)).status == 200
     assert calls(sim, "wecom_gettoken") == 2
+
+
+async def test_a_token_of_the_corp_app_whose_secret_was_replaced_is_not_reused(
+        make_gateway: GatewayFactory, aiohttp_server: Any) -> None:
+    """The secret of another app of the same corp gets a token, of that app: the mini-program
+    is not associated with it. Once the secret is fixed, its token must not be served on."""
+    async def gettoken(request: web.Request) -> web.Response:
+        return web.json_response({"errcode": 0, "errmsg": "ok", "expires_in": 7200,
+                                  "access_token": "token-of-" + request.query["corpsecret"]})
+
+    async def jscode2session(request: web.Request) -> web.Response:
+        if request.query["access_token"] != "token-of-" + WECOM_SECRET:
+            return web.json_response({"errcode": 60011, "errmsg": "no privilege"})
+        return web.json_response({"errcode": 0, "errmsg": "ok", "corpid": CORPID,
+                                  "userid": "zhangsan", "session_key": "c2Vzc2lvbmtleQ=="})
+    app = web.Application()
+    app.router.add_get("/cgi-bin/gettoken", gettoken)
+    app.router.add_get("/cgi-bin/miniprogram/jscode2session", jscode2session)
+    server = await aiohttp_server(app)
+    base = f"http://127.0.0.1:{server.port}"
+    wrong = await make_gateway(apps=[wecom_app(base, secret="secret-of-the-contacts-app")])
+    await expect_error(await wecom_login(wrong), 502, "wechat_error")
+    fixed = await make_gateway(apps=[wecom_app(base)])  # the same Redis, as after a reload
+    resp = await wecom_login(fixed)
+    assert resp.status == 200, await resp.text()
 
 
 @pytest.mark.parametrize("override, says", [
@@ -297,6 +323,9 @@ async def test_decrypt_uses_the_wecom_session_key(gw: TestClient, sim: TestServe
 @pytest.mark.parametrize("app, message", [
     ({"platform": "wecom"}, "is required when platform is wecom"),
     ({"platform": "wecom", "corpid": ""}, "must not be empty"),
+    # it reaches upstreams as X-WX-CorpID: a pasted space or newline would fail every login
+    ({"platform": "wecom", "corpid": CORPID + " "}, "printable ASCII without spaces"),
+    ({"platform": "wecom", "corpid": CORPID + "\n"}, "printable ASCII without spaces"),
     ({"corpid": CORPID}, "applies only to platform wecom, not wechat"),
     ({"platform": "qq", "corpid": CORPID}, "applies only to platform wecom, not qq"),
 ])

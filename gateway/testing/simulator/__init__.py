@@ -103,6 +103,12 @@ def _app_arg(text: str) -> tuple[str, str, str]:
         return rest, "", head
     if head in PLATFORMS and rest.count(":") >= 1:
         platform, (head, sep, rest) = head, rest.partition(":")
+    elif ":" in rest:  # no secret has a colon: this is a platform, and not one we know
+        raise argparse.ArgumentTypeError(
+            f"expected [PLATFORM:]APPID:SECRET, PLATFORM one of {', '.join(PLATFORMS)}; "
+            f"got {text!r}")
+    elif head in PLATFORMS:  # an appid and secret named like a platform: one was left out
+        sep = ""
     if not sep or not head or not rest:
         raise argparse.ArgumentTypeError(f"expected [PLATFORM:]APPID:SECRET, got {text!r}")
     return head, rest, platform
