@@ -34,6 +34,7 @@ _SMALL_BODY = 64 * 1024
 SESSION_RECHECK = 15.0  # seconds between checks that an open WebSocket's session still lives
 # IIS decodes the non-standard %uXXXX escape (e.g. %u0061 for "a"); nothing else does.
 _IIS_ESCAPE = re.compile(r"%u[0-9a-f]{4}")
+_NOT_RELAYED = HOP_BY_HOP | {"x-request-id"}  # response headers the gateway sets itself
 _STRICTNESS: dict[AuthMode, int] = {"public": 0, "optional": 1, "required": 2}
 # a dot or space ending a segment (";params" may follow), in any Unicode spelling NFKC maps
 _TRAILING_DOT = re.compile(r"[. ](?:[/;]|$)|[^\x00-\x7f]")
@@ -250,7 +251,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
         raise NotFound(f"no route for {path}")
     route, access = matched
     request[ROUTE_LABEL] = route.label
-    identity = await _authenticate(request, access)
+    identity = None
+    if access.auth != "public":
+        # A cached identity is checked without a coroutine: only a cache miss awaits Redis.
+        identity = _cached(request, access)
+        identity = (_authorised(request, access, identity) if identity is not None
+                    else await _authenticate(request, access))
     headers = forward_headers(request, identity, services, route, request[REQUEST_ID])
     if websocket.is_upgrade(request):
         if request.content_length or "Transfer-Encoding" in request.headers:
@@ -263,8 +269,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
                if identity is not None else None)
         return await websocket.relay(request, services.http, url, headers, route, end)
 
-    await expectation.answer(request)
-    body = await _request_body(request)
+    if "Expect" in request.headers:
+        await expectation.answer(request)
+    body = await _request_body(request) if request.body_exists else None
     started = time.perf_counter()
     # read_timeout bounds each silence (pool.send until the headers, _relay between reads of
     # the body); the route's timeout, when set, bounds the whole exchange, body included.
@@ -346,15 +353,23 @@ def _has_roles(session: Session, role_limits: tuple[Route, ...]) -> bool:
     return all(any(role in limit.roles for role in roles) for limit in role_limits)
 
 
+def _cached(request: web.Request, access: Access) -> Identity | None:
+    """The session cache's identity for a ``required`` route's token; None otherwise."""
+    if access.auth != "required":
+        return None
+    token = bearer_token(request.headers.getall("Authorization", []))
+    return (request.app[SERVICES].current.authenticator.cached(token)
+            if token is not None else None)
+
+
 async def _authenticate(request: web.Request, access: Access) -> Identity | None:
     if access.auth == "public":
         return None
     authenticator = request.app[SERVICES].current.authenticator
     token = bearer_token(request.headers.getall("Authorization", []))
     if access.auth == "required":
-        hit = authenticator.cached(token) if token is not None else None
-        # fresh: the cache was just asked; a miss goes to Redis (and fills the cache)
-        identity = hit or await authenticator.authenticate(token, fresh=True)
+        # fresh: _cached asked the cache already; a miss goes to Redis (and fills the cache)
+        identity = await authenticator.authenticate(token, fresh=True)
     elif token is None:
         return None
     else:
@@ -363,6 +378,14 @@ async def _authenticate(request: web.Request, access: Access) -> Identity | None
         except Unauthorized:
             return None  # optional: an invalid token just means anonymous
         # StoreUnavailable propagates: a token that cannot be checked is never downgraded.
+    return _authorised(request, access, identity)
+
+
+def _authorised(request: web.Request, access: Access,
+                identity: Identity | None) -> Identity | None:
+    """``identity``, once its app and roles are allowed on the route (raises otherwise)."""
+    if identity is None:
+        return None
     for limit in access.limits:
         if identity.session.appid not in limit.apps:
             raise AppForbidden(f"tokens of {identity.session.appid} are not accepted on "
@@ -384,12 +407,13 @@ def _next_read(deadline: float | None, read_timeout: float) -> float:
 async def _relay(request: web.Request, upstream: pool.Exchange, deadline: float | None,
                  read_timeout: float) -> web.StreamResponse:
     named = connection_tokens(upstream.headers)  # mostly "keep-alive": hop-by-hop already
-    drop = HOP_BY_HOP if named <= HOP_BY_HOP else HOP_BY_HOP | named
-    headers = CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in drop)
-    if any(not v.isascii() and _undecodable(v) for v in headers.values()):
+    drop = _NOT_RELAYED if named <= HOP_BY_HOP else _NOT_RELAYED | named
+    # A list: the response makes its CIMultiDict of it once (it copies whatever it is given).
+    headers = [(k, v) for k, v in upstream.headers.items() if k.lower() not in drop]
+    if any(not v.isascii() and _undecodable(v) for _, v in headers):
         log.warning("upstream for %s sent a header value that is not UTF-8", request[ROUTE_LABEL])
         raise UpstreamUnavailable("the upstream's response has a header value that is not UTF-8")
-    headers["X-Request-ID"] = request[REQUEST_ID]
+    headers.append(("X-Request-ID", request[REQUEST_ID]))  # the gateway's, never the upstream's
     length = upstream.content_length
     if length is not None and length <= _SMALL_BODY and request.method != "HEAD":
         # A small body is read whole (bounded by its Content-Length) and sent with the
