@@ -292,7 +292,14 @@ async def handle(request: web.Request) -> web.StreamResponse:
     request[UPSTREAM_SECONDS] = elapsed = time.perf_counter() - started
     services.metrics.upstream_answered(route.label, elapsed)
     try:
-        return await _relay(request, upstream, deadline, route.read_timeout)
+        answer = _response_headers(request, upstream)
+        length = upstream.content_length
+        if length is not None and length <= _SMALL_BODY and request.method != "HEAD":
+            received = upstream.body
+            if received.is_eof() and received.exception() is None:  # came with the headers
+                return _small_response(request, upstream, answer, received.read_nowait())
+            return await _relay_small(request, upstream, answer, deadline, route.read_timeout)
+        return await _relay(request, upstream, answer, deadline, route.read_timeout)
     finally:
         upstream.release()
 
@@ -404,8 +411,7 @@ def _next_read(deadline: float | None, read_timeout: float) -> float:
     return silence if deadline is None else min(silence, deadline)
 
 
-async def _relay(request: web.Request, upstream: pool.Exchange, deadline: float | None,
-                 read_timeout: float) -> web.StreamResponse:
+def _response_headers(request: web.Request, upstream: pool.Exchange) -> list[tuple[str, str]]:
     named = connection_tokens(upstream.headers)  # mostly "keep-alive": hop-by-hop already
     drop = _NOT_RELAYED if named <= HOP_BY_HOP else _NOT_RELAYED | named
     # A list: the response makes its CIMultiDict of it once (it copies whatever it is given).
@@ -414,30 +420,40 @@ async def _relay(request: web.Request, upstream: pool.Exchange, deadline: float 
         log.warning("upstream for %s sent a header value that is not UTF-8", request[ROUTE_LABEL])
         raise UpstreamUnavailable("the upstream's response has a header value that is not UTF-8")
     headers.append(("X-Request-ID", request[REQUEST_ID]))  # the gateway's, never the upstream's
-    length = upstream.content_length
-    if length is not None and length <= _SMALL_BODY and request.method != "HEAD":
-        # A small body is read whole (bounded by its Content-Length) and sent with the
-        # headers in one write; an upstream failing mid-body still gets an honest 502.
-        try:
-            if upstream.body.is_eof():  # it came with the headers: no wait, no timer
-                body = upstream.body.read_nowait()
-            else:
-                parts = []
-                while True:
-                    async with asyncio.timeout_at(_next_read(deadline, read_timeout)):
-                        chunk = await upstream.body.readany()
-                    if not chunk:
-                        break
-                    parts.append(chunk)
-                body = b"".join(parts)
-        except TimeoutError:
-            raise UpstreamTimeout("the upstream did not finish its response in time") from None
-        except pool.FAILURES:
-            raise UpstreamUnavailable("the upstream broke off its response") from None
-        small = web.Response(status=upstream.status, reason=upstream.reason, body=body,
-                             headers=headers)
-        close_after_upgrade_attempt(request, small)
-        return small
+    return headers
+
+
+def _small_response(request: web.Request, upstream: pool.Exchange,
+                    headers: list[tuple[str, str]], body: bytes) -> web.Response:
+    """A small body goes out with the headers in one write."""
+    small = web.Response(status=upstream.status, reason=upstream.reason, body=body,
+                         headers=headers)
+    close_after_upgrade_attempt(request, small)
+    return small
+
+
+async def _relay_small(request: web.Request, upstream: pool.Exchange,
+                       headers: list[tuple[str, str]], deadline: float | None,
+                       read_timeout: float) -> web.Response:
+    """A small body still on its way is read whole (bounded by its Content-Length): an
+    upstream failing mid-body still gets an honest 502."""
+    parts = []
+    try:
+        while True:
+            async with asyncio.timeout_at(_next_read(deadline, read_timeout)):
+                chunk = await upstream.body.readany()
+            if not chunk:
+                break
+            parts.append(chunk)
+    except TimeoutError:
+        raise UpstreamTimeout("the upstream did not finish its response in time") from None
+    except pool.FAILURES:
+        raise UpstreamUnavailable("the upstream broke off its response") from None
+    return _small_response(request, upstream, headers, b"".join(parts))
+
+
+async def _relay(request: web.Request, upstream: pool.Exchange, headers: list[tuple[str, str]],
+                 deadline: float | None, read_timeout: float) -> web.StreamResponse:
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
                                   headers=headers)
     close_after_upgrade_attempt(request, response)
