@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 import contextlib
+import itertools
 import logging
 import re
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Iterator
 
 import aiohttp
 from aiohttp import web
@@ -26,6 +27,23 @@ from .services import Connections, Live, Services
 log = logging.getLogger("gateway")
 _CATCH_ALL = r"/{tail:[\s\S]*}"  # [\s\S]: also paths with (decoded) newlines, refused later
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+
+
+def _new_request_ids() -> Iterator[str]:
+    """32 hex digits: 80 random bits drawn once per process, then a counter. Unique across
+    processes and restarts as a random id per request would be, without a getrandom call
+    each time."""
+    return map(f"{os.urandom(10).hex()}{{:012x}}".format, itertools.count())
+
+
+def _reseed_request_ids() -> None:
+    global _request_ids
+    _request_ids = _new_request_ids()
+
+
+_request_ids = _new_request_ids()
+# A forked child (multiprocessing, an app embedding the gateway) draws its own random bits.
+os.register_at_fork(after_in_child=_reseed_request_ids)
 _BY_STATUS: dict[int, type[GatewayError]] = {
     404: NotFound, 405: MethodNotAllowed, 413: PayloadTooLarge}
 
@@ -98,7 +116,7 @@ async def pipeline(request: web.Request, handler: endpoints.Handler) -> web.Stre
     """Request id, error mapping and metrics around every request, gateway's or proxied."""
     request[STARTED] = started = time.perf_counter()
     sent = request.headers.get("X-Request-ID", "")
-    request_id = sent if _SANE_REQUEST_ID.match(sent) else os.urandom(16).hex()
+    request_id = sent if sent and _SANE_REQUEST_ID.match(sent) else next(_request_ids)
     request[REQUEST_ID] = request_id
     task = asyncio.current_task()
     in_flight = request.app[IN_FLIGHT]

@@ -59,6 +59,12 @@ def valid_role(role: str) -> bool:
             and "," not in role and role == role.strip())
 
 
-def connection_tokens(headers: MultiMapping[str]) -> set[str]:
+def connection_tokens(headers: MultiMapping[str]) -> frozenset[str]:
     """The options named in ``Connection`` headers, lower-cased."""
-    return {t.strip().lower() for v in headers.getall("Connection", []) for t in v.split(",")}
+    values = headers.getall("Connection", ())
+    if not values:  # most requests (HTTP/1.1 keeps alive unasked), asked several times each
+        return _NO_TOKENS
+    return frozenset([t.strip().lower() for v in values for t in v.split(",")])
+
+
+_NO_TOKENS: frozenset[str] = frozenset()

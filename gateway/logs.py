@@ -111,7 +111,7 @@ class TextFormatter(logging.Formatter):
     @staticmethod
     def _fields(text: str, fields: dict[str, Any] | None) -> str:
         if fields:
-            text += " " + " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+            text += " " + " ".join([f"{k}={v}" for k, v in fields.items() if v is not None])
         return text
 
 

@@ -34,6 +34,7 @@ _SMALL_BODY = 64 * 1024
 SESSION_RECHECK = 15.0  # seconds between checks that an open WebSocket's session still lives
 # IIS decodes the non-standard %uXXXX escape (e.g. %u0061 for "a"); nothing else does.
 _IIS_ESCAPE = re.compile(r"%u[0-9a-f]{4}")
+_NOT_RELAYED = HOP_BY_HOP | {"x-request-id"}  # response headers the gateway sets itself
 _STRICTNESS: dict[AuthMode, int] = {"public": 0, "optional": 1, "required": 2}
 # a dot or space ending a segment (";params" may follow), in any Unicode spelling NFKC maps
 _TRAILING_DOT = re.compile(r"[. ](?:[/;]|$)|[^\x00-\x7f]")
@@ -252,7 +253,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
         raise NotFound(f"no route for {path}")
     route, access = matched
     request[ROUTE_LABEL] = route.label
-    identity = await _authenticate(request, access)
+    identity = None
+    if access.auth != "public":
+        # A cached identity is checked without a coroutine: only a cache miss awaits Redis.
+        identity = _cached(request, access)
+        identity = (_authorised(request, access, identity) if identity is not None
+                    else await _authenticate(request, access))
     headers = forward_headers(request, identity, services, route, request[REQUEST_ID])
     if websocket.is_upgrade(request):
         if request.content_length or "Transfer-Encoding" in request.headers:
@@ -265,8 +271,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
                if identity is not None else None)
         return await websocket.relay(request, services.http, url, headers, route, end)
 
-    await expectation.answer(request)
-    body = await _request_body(request)
+    if "Expect" in request.headers:
+        await expectation.answer(request)
+    body = await _request_body(request) if request.body_exists else None
     started = time.perf_counter()
     # read_timeout bounds each silence (pool.send until the headers, _relay between reads of
     # the body); the route's timeout, when set, bounds the whole exchange, body included.
@@ -287,7 +294,14 @@ async def handle(request: web.Request) -> web.StreamResponse:
     request[UPSTREAM_SECONDS] = elapsed = time.perf_counter() - started
     services.metrics.upstream_answered(route.label, elapsed)
     try:
-        return await _relay(request, upstream, deadline, route.read_timeout)
+        answer = _response_headers(request, upstream)
+        length = upstream.content_length
+        if length is not None and length <= _SMALL_BODY and request.method != "HEAD":
+            received = upstream.body
+            if received.is_eof() and received.exception() is None:  # came with the headers
+                return _small_response(request, upstream, answer, received.read_nowait())
+            return await _relay_small(request, upstream, answer, deadline, route.read_timeout)
+        return await _relay(request, upstream, answer, deadline, route.read_timeout)
     finally:
         upstream.release()
 
@@ -348,15 +362,23 @@ def _has_roles(session: Session, role_limits: tuple[Route, ...]) -> bool:
     return all(any(role in limit.roles for role in roles) for limit in role_limits)
 
 
+def _cached(request: web.Request, access: Access) -> Identity | None:
+    """The session cache's identity for a ``required`` route's token; None otherwise."""
+    if access.auth != "required":
+        return None
+    token = bearer_token(request.headers.getall("Authorization", []))
+    return (request.app[SERVICES].current.authenticator.cached(token)
+            if token is not None else None)
+
+
 async def _authenticate(request: web.Request, access: Access) -> Identity | None:
     if access.auth == "public":
         return None
     authenticator = request.app[SERVICES].current.authenticator
     token = bearer_token(request.headers.getall("Authorization", []))
     if access.auth == "required":
-        hit = authenticator.cached(token) if token is not None else None
-        # fresh: the cache was just asked; a miss goes to Redis (and fills the cache)
-        identity = hit or await authenticator.authenticate(token, fresh=True)
+        # fresh: _cached asked the cache already; a miss goes to Redis (and fills the cache)
+        identity = await authenticator.authenticate(token, fresh=True)
     elif token is None:
         return None
     else:
@@ -365,6 +387,14 @@ async def _authenticate(request: web.Request, access: Access) -> Identity | None
         except Unauthorized:
             return None  # optional: an invalid token just means anonymous
         # StoreUnavailable propagates: a token that cannot be checked is never downgraded.
+    return _authorised(request, access, identity)
+
+
+def _authorised(request: web.Request, access: Access,
+                identity: Identity | None) -> Identity | None:
+    """``identity``, once its app and roles are allowed on the route (raises otherwise)."""
+    if identity is None:
+        return None
     for limit in access.limits:
         if identity.session.appid not in limit.apps:
             raise AppForbidden(f"tokens of {identity.session.appid} are not accepted on "
@@ -383,39 +413,49 @@ def _next_read(deadline: float | None, read_timeout: float) -> float:
     return silence if deadline is None else min(silence, deadline)
 
 
-async def _relay(request: web.Request, upstream: pool.Exchange, deadline: float | None,
-                 read_timeout: float) -> web.StreamResponse:
+def _response_headers(request: web.Request, upstream: pool.Exchange) -> list[tuple[str, str]]:
     named = connection_tokens(upstream.headers)  # mostly "keep-alive": hop-by-hop already
-    drop = HOP_BY_HOP if named <= HOP_BY_HOP else HOP_BY_HOP | named
-    headers = CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in drop)
-    if any(not v.isascii() and _undecodable(v) for v in headers.values()):
+    drop = _NOT_RELAYED if named <= HOP_BY_HOP else _NOT_RELAYED | named
+    # A list: the response makes its CIMultiDict of it once (it copies whatever it is given).
+    headers = [(k, v) for k, v in upstream.headers.items() if k.lower() not in drop]
+    if any(not v.isascii() and _undecodable(v) for _, v in headers):
         log.warning("upstream for %s sent a header value that is not UTF-8", request[ROUTE_LABEL])
         raise UpstreamUnavailable("the upstream's response has a header value that is not UTF-8")
-    headers["X-Request-ID"] = request[REQUEST_ID]
-    length = upstream.content_length
-    if length is not None and length <= _SMALL_BODY and request.method != "HEAD":
-        # A small body is read whole (bounded by its Content-Length) and sent with the
-        # headers in one write; an upstream failing mid-body still gets an honest 502.
-        try:
-            if upstream.body.is_eof():  # it came with the headers: no wait, no timer
-                body = upstream.body.read_nowait()
-            else:
-                parts = []
-                while True:
-                    async with asyncio.timeout_at(_next_read(deadline, read_timeout)):
-                        chunk = await upstream.body.readany()
-                    if not chunk:
-                        break
-                    parts.append(chunk)
-                body = b"".join(parts)
-        except TimeoutError:
-            raise UpstreamTimeout("the upstream did not finish its response in time") from None
-        except pool.FAILURES:
-            raise UpstreamUnavailable("the upstream broke off its response") from None
-        small = web.Response(status=upstream.status, reason=upstream.reason, body=body,
-                             headers=headers)
-        close_after_upgrade_attempt(request, small)
-        return small
+    headers.append(("X-Request-ID", request[REQUEST_ID]))  # the gateway's, never the upstream's
+    return headers
+
+
+def _small_response(request: web.Request, upstream: pool.Exchange,
+                    headers: list[tuple[str, str]], body: bytes) -> web.Response:
+    """A small body goes out with the headers in one write."""
+    small = web.Response(status=upstream.status, reason=upstream.reason, body=body,
+                         headers=headers)
+    close_after_upgrade_attempt(request, small)
+    return small
+
+
+async def _relay_small(request: web.Request, upstream: pool.Exchange,
+                       headers: list[tuple[str, str]], deadline: float | None,
+                       read_timeout: float) -> web.Response:
+    """A small body still on its way is read whole (bounded by its Content-Length): an
+    upstream failing mid-body still gets an honest 502."""
+    parts = []
+    try:
+        while True:
+            async with asyncio.timeout_at(_next_read(deadline, read_timeout)):
+                chunk = await upstream.body.readany()
+            if not chunk:
+                break
+            parts.append(chunk)
+    except TimeoutError:
+        raise UpstreamTimeout("the upstream did not finish its response in time") from None
+    except pool.FAILURES:
+        raise UpstreamUnavailable("the upstream broke off its response") from None
+    return _small_response(request, upstream, headers, b"".join(parts))
+
+
+async def _relay(request: web.Request, upstream: pool.Exchange, headers: list[tuple[str, str]],
+                 deadline: float | None, read_timeout: float) -> web.StreamResponse:
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
                                   headers=headers)
     close_after_upgrade_attempt(request, response)

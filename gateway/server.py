@@ -479,21 +479,26 @@ def dispatcher(app: web.Application, routed: Callable[[web.BaseRequest], Awaitab
     assert verify.resource is not None
     verify_path, verify_match = verify.resource.canonical, _prebuilt_match(app, verify)
 
-    async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
+    # Not a coroutine: it hands on the pipeline's, so a request awaits one frame less.
+    def dispatch(request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
         assert isinstance(request, web.Request)  # the app's request_factory makes them
         if request.version not in (HttpVersion10, HttpVersion11):
-            return _refuse_version(request)
+            return _answered(_refuse_version(request))
         # path_safe: what the router itself matches endpoints on
         path = request.rel_url.path_safe
         if path in endpoint_paths:
             if path == verify_path and "Expect" not in request.headers:
                 request._match_info = verify_match
-                return await pipeline(request, endpoints.verify)
-            return await routed(request)
+                return pipeline(request, endpoints.verify)
+            return routed(request)
         request._match_info = match_info  # what the router would have set; request.app needs it
-        return await pipeline(request, proxy.handle)
+        return pipeline(request, proxy.handle)
 
     return dispatch
+
+
+async def _answered(response: web.StreamResponse) -> web.StreamResponse:
+    return response
 
 
 def _prebuilt_match(app: web.Application, route: web.AbstractRoute) -> UrlMappingMatchInfo:

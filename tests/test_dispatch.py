@@ -4,10 +4,14 @@ and still reaches the metrics."""
 
 from __future__ import annotations
 
+import multiprocessing
+import re
 from typing import Any
 
 import aiohttp
 import pytest
+
+from gateway import app
 
 from checks import expect_error, metric_samples, value
 from conftest import APPID, Upstream
@@ -100,3 +104,39 @@ async def test_verify_skips_the_router_yet_answers_as_the_router_did(
         lambda line: "gateway.access" in line and "/auth/verif" in line, count=10)
     assert len(access) == 10, access
     assert sum("route=/auth/verify" in line and "auth=ok" in line for line in access) == 7
+
+
+async def _request_ids(gw: Any, http: aiohttp.ClientSession, count: int) -> list[str]:
+    ids = []
+    for _ in range(count):
+        async with http.get(f"{gw.url}/public/rid") as resp:
+            assert resp.status == 200
+            ids.append(resp.headers["X-Request-ID"])
+    return ids
+
+
+async def test_generated_request_ids_differ_across_restarts(
+        launch: Launch, config_dict: dict[str, Any], upstream: Upstream) -> None:
+    async with aiohttp.ClientSession() as http:
+        first = await launch(config_dict)
+        await first.wait_healthy(http)
+        before = await _request_ids(first, http, 3)
+        assert await first.stop() == 0
+        second = await launch(config_dict)
+        await second.wait_healthy(http)
+        after = await _request_ids(second, http, 3)
+    assert len(set(before + after)) == 6, (before, after)
+    assert all(re.fullmatch(r"[0-9a-f]{32}", rid) for rid in before + after), (before, after)
+    # what the upstream was told is what the client was told
+    assert [s.header("X-Request-ID")[0] for s in upstream.seen[-6:]] == before + after
+
+
+def _next_request_ids() -> list[str]:
+    return [next(app._request_ids) for _ in range(3)]
+
+
+def test_a_forked_process_draws_its_own_request_ids() -> None:
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        theirs = pool.apply(_next_request_ids)
+    ours = _next_request_ids()
+    assert not set(theirs) & set(ours), (theirs, ours)
