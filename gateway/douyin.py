@@ -10,13 +10,12 @@ JSON with ``err_no``/``err_tips`` and the user nested in ``data``.
 from __future__ import annotations
 
 import logging
-from typing import Mapping
 
 from yarl import URL
 
 from .config import App
-from .errors import GatewayError, InvalidCode, WeChatError, WeChatUnavailable
-from .platform import Code2Session, Exchange, error_number, said, text
+from .errors import InvalidCode, WeChatError, WeChatUnavailable
+from .platform import Code2Session, Errcodes, Exchange, text
 
 log = logging.getLogger("gateway.douyin")
 API_BASE = URL("https://developer.toutiao.com")
@@ -24,7 +23,7 @@ API_BASE = URL("https://developer.toutiao.com")
 # code2Session's error table: -1 系统错误, 40014 参数错误, 40015 appid 错误, 40017 secret 错误,
 # 40018 code 错误, 40019 acode (anonymous_code) 错误. A code is single-use and valid 5 minutes
 # (tt.login), so a used or expired one is 40018 too.
-_LOGIN: Mapping[int, tuple[type[GatewayError], str]] = {
+_LOGIN: Errcodes = {
     40018: (InvalidCode, "the login code is invalid"),
     40019: (InvalidCode, "the anonymous login code is invalid"),
     40014: (WeChatError, "Douyin refused the login request's parameters"),
@@ -49,17 +48,8 @@ class DouyinClient(Exchange):
                                "jscode2session", json_body={
                                    "appid": app.appid, "secret": app.secret, "code": code})
         reply = self.json_object(raw, "/api/apps/v2/jscode2session")
-        err_no = error_number(reply.get("err_no"))
-        if err_no is None:
-            log.warning("Douyin jscode2session err_no is not a number: %.40r",
-                        reply.get("err_no"))
-            raise WeChatError("Douyin answered an err_no that is not a number")
-        if err_no != 0:
-            log.warning("Douyin jscode2session err_no %d: %s", err_no,
-                        said(reply.get("err_tips"), app.secret, code))
-            kind, message = _LOGIN.get(err_no) or (WeChatError,
-                                                   f"Douyin answered err_no {err_no}")
-            raise kind(message)
+        self.check(reply, "/api/apps/v2/jscode2session", _LOGIN, hidden=(app.secret, code),
+                   code="err_no", message="err_tips")
         data = reply.get("data")
         user = data if isinstance(data, dict) else {}
         openid, session_key = text(user.get("openid")), text(user.get("session_key"))

@@ -43,6 +43,14 @@ class Code2Session:
                 f"corpid={self.corpid!r})")
 
 
+Errcodes = Mapping[int, tuple[type[GatewayError], str]]
+
+
+class AccessTokenRejected(WeChatError):
+    """The platform refused the access token the call carried; the caller refreshes it and
+    tries once more."""
+
+
 class Login(Protocol):
     """A platform's login: its ``login()`` code in, the user out, or one of our errors."""
 
@@ -121,6 +129,26 @@ class Exchange:
             self._log.warning("%s %s answered HTTP %d", who, name, status)
             raise WeChatError(f"{who} answered HTTP {status}")
         return bytes(raw)
+
+    def check(self, reply: Mapping[str, Any], name: str, errcodes: Errcodes, *,
+              hidden: tuple[str | None, ...] = (), rejected: frozenset[int] = frozenset(),
+              code: str = "errcode", message: str = "errmsg") -> None:
+        """Raise the error the reply's error number (``code``; 0 or absent: none) maps to:
+        ``AccessTokenRejected`` for one of ``rejected``, else ``errcodes``' entry, else
+        WeChatError. The platform's ``message`` is logged without any of ``hidden``."""
+        who, number = self.platform, error_number(reply.get(code))
+        if number is None:
+            self._log.warning("%s %s %s is not a number: %.40r", who, name, code,
+                              reply.get(code))
+            raise WeChatError(f"{who} answered an {code} that is not a number")
+        if number == 0:
+            return
+        self._log.warning("%s %s %s %d: %s", who, name, code, number,
+                          said(reply.get(message), *hidden))
+        if number in rejected:
+            raise AccessTokenRejected(f"{who} rejected the access_token ({number})")
+        kind, text = errcodes.get(number) or (WeChatError, f"{who} answered {code} {number}")
+        raise kind(text)
 
     def json_object(self, raw: bytes, name: str) -> dict[str, Any]:
         """A reply that must be a JSON object, whatever its content type says (WeChat and

@@ -7,20 +7,19 @@ reply labelled text/plain (q.qq.com/wiki/develop/miniprogram/server/open_port/po
 from __future__ import annotations
 
 import logging
-from typing import Mapping
 
 from yarl import URL
 
 from .config import App
-from .errors import GatewayError, InvalidCode, RateLimited, WeChatError, WeChatUnavailable
-from .platform import Code2Session, Exchange, error_number, said, text
+from .errors import InvalidCode, RateLimited, WeChatError, WeChatUnavailable
+from .platform import Code2Session, Errcodes, Exchange, text
 
 log = logging.getLogger("gateway.qq")
 API_BASE = URL("https://api.q.qq.com")
 
 # code2Session's "errcode 的合法值": -1 系统繁忙, 40029 code 无效, 45011 频率限制 (100 a minute
 # per user). QQ documents no "code already used" errcode: a used code is an invalid one.
-_LOGIN: Mapping[int, tuple[type[GatewayError], str]] = {
+_LOGIN: Errcodes = {
     40029: (InvalidCode, "the login code is invalid"),
     45011: (RateLimited, "QQ's login frequency limit was reached; try again shortly"),
     -1: (WeChatUnavailable, "QQ is busy; try again shortly"),
@@ -39,15 +38,7 @@ class QQClient(Exchange):
                                query={"appid": app.appid, "secret": app.secret, "js_code": code,
                                       "grant_type": "authorization_code"})
         reply = self.json_object(raw, "/sns/jscode2session")
-        errcode = error_number(reply.get("errcode"))
-        if errcode is None:
-            log.warning("QQ jscode2session errcode is not a number: %.40r", reply.get("errcode"))
-            raise WeChatError("QQ answered an errcode that is not a number")
-        if errcode != 0:
-            log.warning("QQ jscode2session errcode %d: %s", errcode,
-                        said(reply.get("errmsg"), app.secret, code))
-            kind, message = _LOGIN.get(errcode) or (WeChatError, f"QQ answered errcode {errcode}")
-            raise kind(message)
+        self.check(reply, "/sns/jscode2session", _LOGIN, hidden=(app.secret, code))
         openid, session_key = text(reply.get("openid")), text(reply.get("session_key"))
         if openid is None or session_key is None:
             log.warning("QQ jscode2session reply for appid %s lacks openid/session_key",

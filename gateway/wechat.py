@@ -9,14 +9,13 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from .config import App
-from .errors import (GatewayError, InvalidCode, InvalidPhoneCode, RateLimited,
+from .errors import (InvalidCode, InvalidPhoneCode, RateLimited,
                      SessionKeyExpired, UserBlocked, WeChatError, WeChatUnavailable)
-from .platform import Code2Session, Exchange, error_number, said, text
+from .platform import AccessTokenRejected, Code2Session, Errcodes, Exchange, text
 
 __all__ = ["ACCESS_TOKEN_REJECTED", "AccessToken", "AccessTokenRejected", "Code2Session",
            "WeChatClient"]
 log = logging.getLogger("gateway.wechat")
-Errcodes = Mapping[int, tuple[type[GatewayError], str]]
 
 _BUSY = (WeChatUnavailable, "WeChat is busy; try again shortly")
 # auth.code2Session → the login error table (docs/endpoints.md)
@@ -42,10 +41,6 @@ _TOKEN: Errcodes = {
 }
 # WeChat's answer when the access_token itself is bad: refresh it and try once more.
 ACCESS_TOKEN_REJECTED = frozenset({40001, 42001, 40014})
-
-
-class AccessTokenRejected(WeChatError):
-    """WeChat refused the access_token (40001/42001/40014); the caller refreshes and retries."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,16 +104,5 @@ class WeChatClient(Exchange):
     def _read(self, path: str, raw: bytes, errcodes: Errcodes,
               hidden: tuple[str, ...]) -> dict[str, Any]:
         reply = self.json_object(raw, "/" + path)
-        errcode = error_number(reply.get("errcode"))
-        if errcode is None:
-            log.warning("WeChat /%s errcode is not a number: %.40r", path, reply.get("errcode"))
-            raise WeChatError("WeChat answered an errcode that is not a number")
-        if errcode != 0:
-            log.warning("WeChat /%s errcode %d: %s", path, errcode,
-                        said(reply.get("errmsg"), *hidden))
-            if errcode in ACCESS_TOKEN_REJECTED:
-                raise AccessTokenRejected(f"WeChat rejected the access_token ({errcode})")
-            kind, message = errcodes.get(errcode) or (WeChatError,
-                                                      f"WeChat answered errcode {errcode}")
-            raise kind(message)
+        self.check(reply, "/" + path, errcodes, hidden=hidden, rejected=ACCESS_TOKEN_REJECTED)
         return reply

@@ -19,14 +19,14 @@ from typing import Any, Awaitable, Callable, Mapping, Protocol, TypeVar
 from yarl import URL
 
 from .config import App
-from .errors import GatewayError, InvalidCode, RateLimited, WeChatError, WeChatUnavailable
-from .platform import Code2Session, Exchange, error_number, said, text
-from .wechat import AccessToken, AccessTokenRejected
+from .errors import InvalidCode, RateLimited, WeChatError, WeChatUnavailable
+from .platform import Code2Session, Errcodes, Exchange, text
+from .wechat import AccessToken
 
 __all__ = ["WECOM_API", "WeComClient", "WeComLogin", "corp_app"]
 log = logging.getLogger("gateway.wecom")
 WECOM_API = URL("https://qyapi.weixin.qq.com")
-Errcodes = Mapping[int, tuple[type[GatewayError], str]]
+
 _T = TypeVar("_T")
 
 # WeCom's global return codes ("全局错误码", developer.work.weixin.qq.com/document/path/90313).
@@ -120,19 +120,8 @@ class WeComClient(Exchange):
                     rejected: frozenset[int], query: Mapping[str, str]) -> dict[str, Any]:
         raw = await self.fetch("GET", self.url(app, path), "/" + path, query=query)
         reply = self.json_object(raw, "/" + path)
-        errcode = error_number(reply.get("errcode"))
-        if errcode is None:
-            log.warning("WeCom /%s errcode is not a number: %.40r", path, reply.get("errcode"))
-            raise WeChatError("WeCom answered an errcode that is not a number")
-        if errcode != 0:
-            log.warning("WeCom /%s errcode %d: %s", path, errcode,
-                        said(reply.get("errmsg"), app.secret,
-                             query.get("access_token"), query.get("js_code")))
-            if errcode in rejected:
-                raise AccessTokenRejected(f"WeCom rejected the access_token ({errcode})")
-            kind, message = errcodes.get(errcode) or (WeChatError,
-                                                      f"WeCom answered errcode {errcode}")
-            raise kind(message)
+        self.check(reply, "/" + path, errcodes, rejected=rejected, hidden=(
+            app.secret, query.get("access_token"), query.get("js_code")))
         return reply
 
 
