@@ -79,9 +79,11 @@ async def test_session_hash_in_redis(gw: TestClient, redis: Any, key_prefix: str
     # One-letter fields and a binary sealed key keep a session in the compact encoding.
     assert await redis.object("encoding", key) in (b"ziplist", b"listpack")
     assert await redis.memory_usage(key) <= 320
-    # the index: one more small key per user (a listpack sorted set)
+    # the index: one more small key per user (a listpack sorted set). MEMORY USAGE counts the
+    # allocator's size classes, which moved it from ~140 to 171 bytes once in a full run on the
+    # shared server; a skiplist sorted set would be well over 200.
     assert await redis.object("encoding", user_key(key_prefix, sid)) in (b"ziplist", b"listpack")
-    assert await redis.memory_usage(user_key(key_prefix, sid)) <= 160
+    assert await redis.memory_usage(user_key(key_prefix, sid)) <= 200
 
 
 async def test_every_key_written_starts_with_the_prefix(
