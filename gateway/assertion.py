@@ -72,8 +72,7 @@ class Asserter:
         self._retired = [(jwk, earlier.get(jwk["kid"], until)) for jwk in previous.jwks["keys"]
                          if jwk["kid"] not in kids]
 
-    def assertion(self, session: Session, audience: str, platform: str | None = None) -> str:
-        """``platform``: the session's app's (``None`` once the app is gone from the config)."""
+    def assertion(self, session: Session, audience: str) -> str:
         now = time.time()
         key = (session.sid, audience)
         cached = self._issued.get(key)
@@ -90,8 +89,7 @@ class Asserter:
         if session.unionid:
             claims["unionid"] = session.unionid
         # an openid means nothing without its platform: a Douyin openid is not a WeChat one
-        if platform is not None:
-            claims["platform"] = platform
+        claims["platform"] = session.platform
         if session.corpid:
             claims["corpid"] = session.corpid
         user = session.user

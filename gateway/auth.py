@@ -90,9 +90,7 @@ def identity_headers(identity: Identity, config: Config) -> dict[str, str]:
     headers = {names.openid: session.openid, names.appid: session.appid}
     if session.unionid:
         headers[names.unionid] = session.unionid
-    app = config.app(session.appid)
-    if app is not None:  # else its tokens no longer verify: the app was removed
-        headers[names.platform] = app.platform
+    headers[names.platform] = session.platform  # the app's: checked as the session was read
     if session.corpid:
         headers[names.corpid] = session.corpid
     if session.phone and config.session.store_phone:

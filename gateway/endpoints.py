@@ -185,7 +185,7 @@ async def _ask_hook(request: web.Request, s: Services, hook: LoginHook,
     try:
         user = await hook.ask(current.appid, current.openid, current.unionid, current.phone,
                               functools.partial(request.__setitem__, HOOK_OUTCOME),
-                              platform=app.platform, corpid=current.corpid)
+                              platform=current.platform, corpid=current.corpid)
     except UserBlocked:
         await s.sessions.delete(current.sid)
         s.authenticator.forget(current.sid)
@@ -204,7 +204,7 @@ async def session(request: web.Request) -> web.Response:
         raise InvalidRequest("check must be true or false")
     if check in ("true", "1"):  # ask WeChat whether the session_key is still current
         await userdata.check_session_key(request.app[SERVICES].current, identity)
-    return json_response(_session_body(identity, request.app[SERVICES].current.config))
+    return json_response(_session_body(identity))
 
 
 async def verify(request: web.Request) -> web.Response:
@@ -219,7 +219,7 @@ async def verify(request: web.Request) -> web.Response:
     # and the configuration only, so it is built once per cached identity.
     built = identity.memo.get("verify")
     if built is None or built[0] is not config:
-        first = json_response(_session_body(identity, config))
+        first = json_response(_session_body(identity))
         first.headers.update(identity_headers(identity, config))
         assert isinstance(first.body, bytes)
         built = identity.memo["verify"] = (config, first.body, CIMultiDictProxy(first.headers))
@@ -295,13 +295,10 @@ def _token_body(s: Services, sid: str, openid: str, unionid: str | None, appid: 
             "openid": openid, "unionid": unionid}
 
 
-def _session_body(identity: Identity, config: Config) -> dict[str, Any]:
+def _session_body(identity: Identity) -> dict[str, Any]:
     s = identity.session
     body: dict[str, Any] = {"openid": s.openid, "unionid": s.unionid, "appid": s.appid,
-                            "expires_at": s.expires_at}
-    app = config.app(s.appid)
-    if app is not None:  # else its tokens no longer verify: the app was removed
-        body["platform"] = app.platform
+                            "expires_at": s.expires_at, "platform": s.platform}
     if s.corpid:
         body["corpid"] = s.corpid
     return body

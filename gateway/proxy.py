@@ -227,10 +227,8 @@ def forward_headers(request: web.Request, identity: Identity | None, services: S
             built = identity.memo["headers"] = (config, identity_headers(identity, config))
         out.update(built[1])
         if services.asserter is not None:
-            app = config.app(identity.session.appid)
             out[config.identity_assertion.header] = services.asserter.assertion(
-                identity.session, route.audience or route.origin,
-                app.platform if app is not None else None)
+                identity.session, route.audience or route.origin)
     return out
 
 

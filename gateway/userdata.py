@@ -21,7 +21,7 @@ PHONE_BY_DECRYPTION = frozenset({"qq", "douyin"})
 
 async def phone(s: Services, identity: Identity, body: dict[str, Any]) -> dict[str, Any]:
     code = _string(body, "code", MAX_CODE_LENGTH)
-    platform = _app(s, identity).platform
+    platform = identity.session.platform
     if platform in PHONE_BY_DECRYPTION:
         raise NotOnPlatform(f"phone numbers by code (/auth/phone) are not available on platform "
                             f"{platform}: send getPhoneNumber's encrypted_data and iv to "
@@ -84,8 +84,7 @@ async def _raise_if_stale(s: Services, identity: Identity) -> None:
 
 
 async def _session_key(s: Services, identity: Identity) -> bytes:
-    app = s.config.app(identity.session.appid)
-    if app is not None and app.platform == "alipay":
+    if identity.session.platform == "alipay":
         # Alipay's login gives no session key: its encrypted data (the phone number) is
         # sealed with the AES key set in Alipay's console, which the app's backend holds.
         raise NotOnPlatform("user data decryption and signatures are not available on "
